@@ -1,0 +1,8 @@
+"""patchd: patches fleets safely inside maintenance windows."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("patchd")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"

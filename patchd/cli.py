@@ -1,0 +1,243 @@
+"""The `patchd` command line: argument parsing and the output of each subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from patchd import __version__
+from patchd.config import DEFAULT_CONFIG, DEFAULT_DROPIN_DIR, ConfigError, Settings, load_settings
+from patchd.durations import format_duration
+from patchd.windows import WEEKDAYS, Cron, MonthlyOrdinal, Opening, Window, openings_from
+
+EXIT_CONFIG = 2
+
+_DESCRIPTION = """\
+patchd patches fleets safely: Docker containers, vSphere VMs and ESXi hosts, only inside
+the maintenance windows of its TOML config. Each target is snapshotted, patched, checked
+and rolled back by itself when the check fails; staging groups go before production.
+"""
+
+_CONFIG_HELP = f"""\
+Config is read from {DEFAULT_CONFIG} and then {DEFAULT_DROPIN_DIR}/*.toml in file-name
+order (a later file wins per key; tables merge deeply). Errors are printed as
+FILE: key.path: reason, with exit code 2.
+"""
+
+
+def _config_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("configuration")
+    group.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"main config file (default {DEFAULT_CONFIG}); with -c alone no drop-ins are read",
+    )
+    group.add_argument(
+        "--config-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"drop-in directory whose *.toml files are merged in name order "
+        f"(default {DEFAULT_DROPIN_DIR} when -c is not given)",
+    )
+    return parent
+
+
+def _instant(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO-8601 instant: {text!r} (e.g. 2026-03-29T00:30:00+01:00)"
+        ) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patchd",
+        description=_DESCRIPTION,
+        epilog=_CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"patchd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    config = _config_options()
+
+    check = commands.add_parser(
+        "check-config",
+        parents=[config],
+        help="validate the config and print a one-line summary",
+        description="Read, merge and validate the config. Prints a one-line summary and "
+        "exits 0, or prints every problem found as FILE: key.path: reason and exits 2.",
+    )
+    check.set_defaults(func=cmd_check_config)
+
+    windows = commands.add_parser(
+        "windows",
+        parents=[config],
+        help="show the next openings of each maintenance window",
+        description="Show the next openings of each window, in the window's own zone and in "
+        "UTC. An opening that is in progress at the query instant is listed first and marked "
+        "'now'. Openings cut short by a freeze are marked 'clipped', those wholly inside "
+        "one 'frozen'.",
+    )
+    windows.add_argument(
+        "--next", type=_positive, default=3, metavar="N", help="openings per window (default 3)"
+    )
+    windows.add_argument(
+        "--at",
+        type=_instant,
+        metavar="ISO-8601",
+        help="reason about this instant instead of now; without an offset it is read in "
+        "daemon.timezone",
+    )
+    windows.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    windows.set_defaults(func=cmd_windows)
+
+    version = commands.add_parser(
+        "version", help="print the version", description="Print patchd's version."
+    )
+    version.set_defaults(func=cmd_version)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, args.config_dir)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    print(settings.summary())
+    return 0
+
+
+def describe(window: Window) -> str:
+    """A short human description of a window's schedule."""
+    schedule = window.schedule
+    if isinstance(schedule, Cron):
+        text = f"cron {schedule.expr!r}"
+    elif isinstance(schedule, MonthlyOrdinal):
+        ordinal = "last" if schedule.ordinal == -1 else f"#{schedule.ordinal}"
+        text = f"monthly {ordinal} {WEEKDAYS[schedule.weekday]}"
+        if schedule.offset_days:
+            text += f" {schedule.offset_days:+d}d"
+        text += f" {schedule.start:%H:%M}"
+    else:
+        days = ",".join(WEEKDAYS[d] for d in sorted(schedule.days))
+        text = f"weekly {days} {schedule.start:%H:%M}"
+    text += f", {format_duration(window.duration)}, {window.tz.key}"
+    if window.cutoff:
+        text += f", cutoff {format_duration(window.cutoff)}"
+    return text
+
+
+def _opening_json(opening: Opening, window: Window, at: datetime) -> dict[str, Any]:
+    return {
+        "start": opening.start.astimezone(window.tz).isoformat(),
+        "end": opening.end.astimezone(window.tz).isoformat(),
+        "start_utc": opening.start.isoformat().replace("+00:00", "Z"),
+        "end_utc": opening.end.isoformat().replace("+00:00", "Z"),
+        "status": opening.status,
+        "current": opening.start <= at < opening.end,
+        "frozen_by": list(opening.frozen_by),
+        "open_parts": [
+            {
+                "start_utc": part.start.isoformat().replace("+00:00", "Z"),
+                "end_utc": part.end.isoformat().replace("+00:00", "Z"),
+            }
+            for part in opening.open_parts
+        ],
+    }
+
+
+def cmd_windows(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    at: datetime = args.at or datetime.now(UTC)
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=settings.daemon.timezone)
+    at = at.astimezone(UTC)
+    listing: list[tuple[Window, list[Opening]]] = []
+    for window in settings.windows.values():
+        found: list[Opening] = []
+        for opening in openings_from(window, at, settings.freezes):
+            found.append(opening)
+            if len(found) == args.next:
+                break
+        listing.append((window, found))
+    if args.json:
+        document = {
+            "at": at.isoformat().replace("+00:00", "Z"),
+            "windows": [
+                {
+                    "name": window.name,
+                    "schedule": describe(window),
+                    "timezone": window.tz.key,
+                    "duration": format_duration(window.duration),
+                    "cutoff": format_duration(window.cutoff),
+                    "openings": [_opening_json(o, window, at) for o in found],
+                }
+                for window, found in listing
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    print(f"at {at:%Y-%m-%d %H:%M:%S}Z")
+    for window, found in listing:
+        print(f"\n{window.name}: {describe(window)}")
+        if not found:
+            print("  (never opens again)")
+        for opening in found:
+            local = opening.start.astimezone(window.tz)
+            marks = []
+            if opening.start <= at < opening.end:
+                marks.append("now")
+            if opening.frozen_by:
+                marks.append(f"{opening.status} by {', '.join(opening.frozen_by)}")
+            print(
+                f"  {local:%a %Y-%m-%d %H:%M %Z} ({local:%z})  "
+                f"= {opening.start:%Y-%m-%d %H:%M}Z .. {opening.end:%Y-%m-%d %H:%M}Z"
+                + (f"  [{'; '.join(marks)}]" if marks else "")
+            )
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"patchd {__version__}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as err:
+        for issue in err.issues:
+            print(issue, file=sys.stderr)
+        count = len(err.issues)
+        print(f"config invalid: {count} problem{'' if count == 1 else 's'}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

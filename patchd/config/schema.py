@@ -1,0 +1,114 @@
+"""The shape of each config section as pydantic models: types, defaults, unknown keys.
+
+These models check one table at a time. Rules that span tables (references between
+sections, cycles in `after`) live in `patchd.config.settings`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, Field, HttpUrl, field_validator
+
+from patchd.config.types import STRICT, Duration, Limit, LimitValue, Moment, TimeOfDay, Zone
+
+DEFAULT_METRICS_PORT = 9863
+
+
+class DaemonModel(BaseModel):
+    model_config = STRICT
+
+    state_dir: Path = Path("/var/lib/patchd")
+    metrics_address: str = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
+    log_format: Literal["json", "console", "auto"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    timezone: Zone = ZoneInfo("UTC")
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        split_address(value)
+        return value
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """Split "HOST:PORT" or "[V6]:PORT"; ValueError says what is wrong."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise ValueError(f'expected "HOST:PORT" like "127.0.0.1:9863", got {value!r}')
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range (0-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    return host, port
+
+
+class WindowModel(BaseModel):
+    """One of three forms: `days` (weekly), `monthly` (ordinal weekday) or `cron`."""
+
+    model_config = STRICT
+
+    days: list[str] | None = None
+    monthly: str | None = None
+    cron: str | None = None
+    start: TimeOfDay | None = None
+    offset_days: Annotated[int, Field(ge=-31, le=31)] | None = None
+    duration: Duration
+    timezone: Zone | None = None
+    cutoff: Duration = timedelta(0)
+
+
+class FreezeModel(BaseModel):
+    model_config = STRICT
+
+    start: Moment
+    end: Moment
+    reason: str = ""
+
+
+class SnapshotModel(BaseModel):
+    model_config = STRICT
+
+    keep: Duration = timedelta(0)
+    memory: bool = False
+    quiesce: bool = False
+
+
+class HttpCheckModel(BaseModel):
+    model_config = STRICT
+
+    url: HttpUrl
+    status: Annotated[int, Field(ge=100, le=599)] = 200
+    timeout: Duration = timedelta(seconds=10)
+
+
+class HealthModel(BaseModel):
+    model_config = STRICT
+
+    timeout: Duration = timedelta(minutes=5)
+    stable_for: Duration = timedelta(seconds=30)
+    command: Annotated[list[str], Field(min_length=1)] | None = None
+    http: HttpCheckModel | None = None
+
+
+class GroupModel(BaseModel):
+    model_config = STRICT
+
+    backend: str
+    window: str
+    select: dict[str, object] = Field(default_factory=dict)
+    after: str | None = None
+    soak: Duration = timedelta(0)
+    max_concurrency: LimitValue = Limit(count=1)
+    max_errors: LimitValue = Limit(count=1)
+    snapshot: SnapshotModel = SnapshotModel()
+    health: HealthModel = HealthModel()
+
+
+SECTIONS = ("daemon", "windows", "freezes", "backends", "groups")
