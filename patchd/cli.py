@@ -198,6 +198,7 @@ def cmd_windows(args: argparse.Namespace) -> int:
         }
         print(json.dumps(document, indent=2))
         return 0
+    reasons = {freeze.name: freeze.reason for freeze in settings.freezes}
     print(f"at {at:%Y-%m-%d %H:%M:%S}Z")
     for window, found in listing:
         print(f"\n{window.name}: {describe(window)}")
@@ -210,6 +211,7 @@ def cmd_windows(args: argparse.Namespace) -> int:
                 marks.append("now")
             if opening.frozen_by:
                 marks.append(f"{opening.status} by {', '.join(opening.frozen_by)}")
+                marks.extend(reasons[name] for name in opening.frozen_by if reasons[name])
             print(
                 f"  {local:%a %Y-%m-%d %H:%M %Z} ({local:%z})  "
                 f"= {opening.start:%Y-%m-%d %H:%M}Z .. {opening.end:%Y-%m-%d %H:%M}Z"

@@ -71,6 +71,7 @@ class Freeze:
     name: str
     start: datetime
     end: datetime
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -240,9 +241,7 @@ def next_openings(
     return result
 
 
-def current_opening(
-    window: Window, at: datetime, freezes: Iterable[Freeze] = ()
-) -> Opening | None:
+def current_opening(window: Window, at: datetime, freezes: Iterable[Freeze] = ()) -> Opening | None:
     """The opening whose span holds `at` (the one ending last if several overlap)."""
     found: Opening | None = None
     for opening in openings_from(window, at, freezes):
@@ -253,9 +252,7 @@ def current_opening(
     return found
 
 
-def open_part_at(
-    window: Window, at: datetime, freezes: Iterable[Freeze] = ()
-) -> Interval | None:
+def open_part_at(window: Window, at: datetime, freezes: Iterable[Freeze] = ()) -> Interval | None:
     """The unfrozen part of an opening that holds `at`, or None when the window is shut."""
     best: Interval | None = None
     for opening in openings_from(window, at, freezes):

@@ -8,17 +8,12 @@ name the file the operator has to edit.
 from __future__ import annotations
 
 import re
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from patchd.config.errors import ConfigError, ConfigIssue, KeyPath
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DEFAULT_CONFIG = Path("/etc/patchd/patchd.toml")
 DEFAULT_DROPIN_DIR = Path("/etc/patchd/patchd.d")
@@ -101,7 +96,9 @@ def _merge_into(
         if isinstance(value, dict) and isinstance(target.get(key), dict):
             _merge_into(target[key], value, key_path, file, merged)
         else:
-            for stale in [p for p in merged.origin if p[: len(key_path)] == key_path and p != key_path]:
+            for stale in [
+                p for p in merged.origin if p[: len(key_path)] == key_path and p != key_path
+            ]:
                 del merged.origin[stale]
             target[key] = _copy(value, key_path, file, merged)
 

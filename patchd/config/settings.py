@@ -175,7 +175,9 @@ def build_settings(merged: Merged) -> Settings:
     b = _Builder(merged)
     for key in merged.data:
         if key not in SECTIONS:
-            b.add((key,), f"unknown section{_suggest(key, SECTIONS)} (known: {', '.join(SECTIONS)})")
+            b.add(
+                (key,), f"unknown section{_suggest(key, SECTIONS)} (known: {', '.join(SECTIONS)})"
+            )
 
     daemon_raw = merged.data.get("daemon", {})
     daemon_model = b.validate(DaemonModel, daemon_raw, ("daemon",))
@@ -260,7 +262,9 @@ def _window(b: _Builder, name: str, raw: dict[str, Any], default_tz: ZoneInfo) -
         for index, text in enumerate(model.days):
             day = _weekday(text)
             if day is None:
-                b.add((*path, "days", str(index)), f"unknown day {text!r} (use {', '.join(WEEKDAYS)})")
+                b.add(
+                    (*path, "days", str(index)), f"unknown day {text!r} (use {', '.join(WEEKDAYS)})"
+                )
             else:
                 days.add(day)
         if not model.days:
@@ -273,7 +277,7 @@ def _window(b: _Builder, name: str, raw: dict[str, Any], default_tz: ZoneInfo) -
         if ordinal is None or weekday is None:
             b.add(
                 (*path, "monthly"),
-                f"expected an ordinal weekday like \"2nd tue\" or \"last fri\", got {model.monthly!r}",
+                f'expected an ordinal weekday like "2nd tue" or "last fri", got {model.monthly!r}',
             )
         else:
             schedule = MonthlyOrdinal(ordinal, weekday, start, model.offset_days or 0)
@@ -324,7 +328,7 @@ def _freeze(b: _Builder, name: str, raw: dict[str, Any], tz: ZoneInfo) -> Freeze
     if end <= start:
         b.add((*path, "end"), f"must be after start ({start.isoformat()} >= {end.isoformat()})")
         return None
-    return Freeze(name, start, end)
+    return Freeze(name, start, end, model.reason)
 
 
 def _backend(b: _Builder, name: str, raw: dict[str, Any]) -> BackendSpec | None:
