@@ -1,0 +1,36 @@
+# The two commands: `make test` (everything CI runs) and `make demo`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test lint unit integration lab-up lab-down venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check patchd tests
+	$(VENV)/bin/mypy --strict patchd
+
+lab-up: venv
+	PATCHD_LAB_PYTHON=$(PY) tests/lab/lab.sh up
+
+lab-down:
+	tests/lab/lab.sh down
+
+# Starts the test bed, runs lint and every test, and stops the bed whatever the result.
+test: venv
+	@set -o pipefail; status=0; \
+	PATCHD_LAB_PYTHON=$(PY) tests/lab/lab.sh up || status=$$?; \
+	if [ $$status -eq 0 ]; then \
+		$(MAKE) --no-print-directory lint || status=$$?; \
+		$(PY) -m pytest $(PYTEST_ARGS) || status=$$?; \
+	fi; \
+	if [ -z "$$PATCHD_LAB_KEEP" ]; then tests/lab/lab.sh down || true; fi; \
+	exit $$status

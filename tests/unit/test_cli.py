@@ -1,0 +1,135 @@
+"""The `patchd` command: help texts, `windows` output around DST, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from patchd import __version__
+from patchd.cli import main
+
+DST_CONFIG = """
+[daemon]
+timezone = "Europe/Berlin"
+
+[windows.sunday]
+days = ["sun"]
+start = "02:30"
+duration = "2h"
+
+[windows.nightly]
+cron = "30 1 * * *"
+duration = "1h"
+timezone = "America/New_York"
+
+[freezes.f]
+start = 2026-04-05
+end = 2026-04-05
+reason = "release"
+"""
+
+
+@pytest.fixture
+def dst_config(tmp_path: Path) -> Path:
+    path = tmp_path / "patchd.toml"
+    path.write_text(DST_CONFIG)
+    return path
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    assert main(["windows", "--json", *args]) == 0
+    result: dict[str, object] = json.loads(capsys.readouterr().out)
+    return result
+
+
+def openings(document: dict[str, object], name: str) -> list[dict[str, object]]:
+    windows = document["windows"]
+    assert isinstance(windows, list)
+    [window] = [w for w in windows if w["name"] == name]
+    result: list[dict[str, object]] = window["openings"]
+    return result
+
+
+def test_windows_json_across_spring_forward(
+    dst_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = run_json(capsys, "-c", str(dst_config), "--next", "3", "--at", "2026-03-28T12:00:00Z")
+    sunday = openings(doc, "sunday")
+    assert [o["start_utc"] for o in sunday] == [
+        "2026-03-29T01:00:00Z",  # 02:30 does not exist: opens at 03:00 CEST
+        "2026-04-05T00:30:00Z",
+        "2026-04-12T00:30:00Z",
+    ]
+    assert sunday[0]["start"] == "2026-03-29T03:00:00+02:00"
+    assert sunday[0]["end"] == "2026-03-29T05:00:00+02:00"
+    assert [o["status"] for o in sunday] == ["open", "frozen", "open"]
+    assert sunday[1]["frozen_by"] == ["f"]
+
+
+def test_windows_json_across_fall_back(
+    dst_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = run_json(capsys, "-c", str(dst_config), "--next", "3", "--at", "2026-10-31T12:00:00Z")
+    nightly = openings(doc, "nightly")
+    assert [o["start_utc"] for o in nightly] == [
+        "2026-11-01T05:30:00Z",  # 01:30 EDT, the first of the two 01:30s
+        "2026-11-02T06:30:00Z",
+        "2026-11-03T06:30:00Z",
+    ]
+    assert nightly[0]["start"] == "2026-11-01T01:30:00-04:00"
+    assert nightly[0]["end"] == "2026-11-01T01:30:00-05:00"  # one real hour later
+
+
+def test_windows_marks_the_current_opening(
+    dst_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --at without an offset is read in daemon.timezone (Berlin): 03:30 CEST = 01:30Z.
+    doc = run_json(capsys, "-c", str(dst_config), "--next", "1", "--at", "2026-03-29T03:30")
+    assert doc["at"] == "2026-03-29T01:30:00Z"
+    [current] = openings(doc, "sunday")
+    assert current["current"] is True
+    assert current["start_utc"] == "2026-03-29T01:00:00Z"
+
+
+def test_windows_text_output(dst_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["windows", "-c", str(dst_config), "--at", "2026-04-04T00:00:00Z"]) == 0
+    out = capsys.readouterr().out
+    assert "sunday: weekly sun 02:30, 2h, Europe/Berlin" in out
+    assert "Sun 2026-04-05 02:30 CEST (+0200)  = 2026-04-05 00:30Z .. 2026-04-05 02:30Z" in out
+    assert "[frozen by f; release]" in out
+
+
+def test_windows_rejects_a_bad_instant(dst_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["windows", "-c", str(dst_config), "--at", "tomorrow"])
+    assert info.value.code == 2
+    assert "not an ISO-8601 instant: 'tomorrow'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["check-config"], ["windows"], ["version"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "patchd.cli", *command, "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: patchd")
+    assert len(proc.stdout.splitlines()) > 3
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.strip() == f"patchd {__version__}"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "patchd"
+    proc = subprocess.run([str(script), "version"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("patchd ")
