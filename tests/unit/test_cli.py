@@ -103,7 +103,9 @@ def test_windows_text_output(dst_config: Path, capsys: pytest.CaptureFixture[str
     assert "[frozen by f; release]" in out
 
 
-def test_windows_rejects_a_bad_instant(dst_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_windows_rejects_a_bad_instant(
+    dst_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as info:
         main(["windows", "-c", str(dst_config), "--at", "tomorrow"])
     assert info.value.code == 2
