@@ -1,0 +1,281 @@
+"""The state store: runs, the per-target journal and history, in SQLite (WAL).
+
+Every step of a target is written here BEFORE its side effect (an "intent" row) and after
+it (the outcome), with synchronous=FULL so a crash right after a write cannot lose it.
+On restart, unfinished targets are found by their last journal row.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    grp TEXT NOT NULL,
+    window TEXT,
+    started REAL NOT NULL,
+    finished REAL,
+    status TEXT NOT NULL,
+    total INTEGER NOT NULL DEFAULT 0,
+    succeeded INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS runs_by_group ON runs (grp, started);
+CREATE TABLE IF NOT EXISTS targets (
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    target TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    version_from TEXT,
+    version_to TEXT,
+    snapshot TEXT,
+    error TEXT,
+    updated REAL NOT NULL,
+    PRIMARY KEY (run_id, target)
+);
+CREATE INDEX IF NOT EXISTS targets_by_state ON targets (state);
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    step TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    at REAL NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS journal_by_target ON journal (run_id, target);
+"""
+
+# States a target may rest in when no patchd is working on it.
+FINAL_STATES = frozenset({"committed", "rolled_back", "rollback_failed", "skipped", "pending"})
+
+
+class StoreError(Exception):
+    """The store cannot be read or written; patchd must not touch targets without it."""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: str
+    group: str
+    window: str | None
+    started: datetime
+    finished: datetime | None
+    status: str
+    total: int
+    succeeded: int
+    failed: int
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    run_id: str
+    target: str
+    name: str
+    state: str
+    version_from: str | None
+    version_to: str | None
+    snapshot: Mapping[str, Any] | None
+    error: str | None
+    updated: datetime
+
+
+def _ts(value: datetime) -> float:
+    return value.timestamp()
+
+
+def _dt(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+class Store:
+    """A thread-safe handle on the SQLite state file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except (sqlite3.Error, OSError) as err:
+            raise StoreError(f"cannot open state store {path}: {err}") from err
+        version = self._scalar("SELECT value FROM meta WHERE key = 'schema_version'")
+        if version != str(SCHEMA_VERSION):
+            raise StoreError(f"state store {path} has schema {version}, expected {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                self._db.execute("COMMIT")
+            except sqlite3.Error as err:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"state store {self.path}: {err}") from err
+
+    def _scalar(self, sql: str, *args: object) -> Any:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return None if row is None else row[0]
+
+    # --- runs -----------------------------------------------------------------------------
+
+    def start_run(self, run_id: str, group: str, window: str | None, at: datetime) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO runs (id, grp, window, started, status) VALUES (?, ?, ?, ?, ?)",
+                (run_id, group, window, _ts(at), "running"),
+            )
+
+    def finish_run(
+        self,
+        run_id: str,
+        status: str,
+        at: datetime,
+        total: int,
+        succeeded: int,
+        failed: int,
+        detail: Mapping[str, Any],
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET finished = ?, status = ?, total = ?, succeeded = ?, failed = ?,"
+                " detail = ? WHERE id = ?",
+                (_ts(at), status, total, succeeded, failed, json.dumps(dict(detail)), run_id),
+            )
+
+    def runs(self, group: str | None = None, limit: int = 100) -> list[RunRow]:
+        sql = "SELECT * FROM runs"
+        args: tuple[object, ...] = ()
+        if group is not None:
+            sql += " WHERE grp = ?"
+            args = (group,)
+        sql += " ORDER BY started DESC, rowid DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [
+            RunRow(
+                id=r[0],
+                group=r[1],
+                window=r[2],
+                started=datetime.fromtimestamp(r[3], UTC),
+                finished=_dt(r[4]),
+                status=r[5],
+                total=r[6],
+                succeeded=r[7],
+                failed=r[8],
+                detail=json.loads(r[9]),
+            )
+            for r in rows
+        ]
+
+    def last_run(self, group: str) -> RunRow | None:
+        found = self.runs(group, limit=1)
+        return found[0] if found else None
+
+    # --- targets and the journal ----------------------------------------------------------
+
+    def record(
+        self,
+        run_id: str,
+        target: str,
+        name: str,
+        state: str,
+        at: datetime,
+        *,
+        step: str,
+        phase: str,
+        version_from: str | None = None,
+        version_to: str | None = None,
+        snapshot: Mapping[str, Any] | None = None,
+        error: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append a journal row and set the target's state, in one transaction.
+
+        Fields given as None keep their previous value.
+        """
+        snap = None if snapshot is None else json.dumps(dict(snapshot))
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO journal (run_id, target, step, phase, at, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, target, step, phase, _ts(at), json.dumps(dict(detail or {}))),
+            )
+            db.execute(
+                "INSERT INTO targets (run_id, target, name, state, version_from, version_to,"
+                " snapshot, error, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (run_id, target) DO UPDATE SET"
+                " name = excluded.name, state = excluded.state,"
+                " version_from = COALESCE(excluded.version_from, version_from),"
+                " version_to = COALESCE(excluded.version_to, version_to),"
+                " snapshot = COALESCE(excluded.snapshot, snapshot),"
+                " error = COALESCE(excluded.error, error), updated = excluded.updated",
+                (run_id, target, name, state, version_from, version_to, snap, error, _ts(at)),
+            )
+
+    def targets(self, run_id: str) -> list[TargetRow]:
+        return self._targets("WHERE run_id = ? ORDER BY rowid", (run_id,))
+
+    def unfinished_targets(self) -> list[TargetRow]:
+        """Targets whose last state is not a resting one: a patchd died working on them."""
+        marks = ",".join("?" for _ in FINAL_STATES)
+        return self._targets(f"WHERE state NOT IN ({marks}) ORDER BY updated", tuple(FINAL_STATES))
+
+    def journal(self, run_id: str, target: str) -> list[tuple[str, str, datetime]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT step, phase, at FROM journal WHERE run_id = ? AND target = ? ORDER BY seq",
+                (run_id, target),
+            ).fetchall()
+        return [(r[0], r[1], datetime.fromtimestamp(r[2], UTC)) for r in rows]
+
+    def _targets(self, where: str, args: tuple[object, ...]) -> list[TargetRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT run_id, target, name, state, version_from, version_to, snapshot, error,"
+                f" updated FROM targets {where}",
+                args,
+            ).fetchall()
+        return [
+            TargetRow(
+                run_id=r[0],
+                target=r[1],
+                name=r[2],
+                state=r[3],
+                version_from=r[4],
+                version_to=r[5],
+                snapshot=None if r[6] is None else json.loads(r[6]),
+                error=r[7],
+                updated=datetime.fromtimestamp(r[8], UTC),
+            )
+            for r in rows
+        ]
