@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from functools import cache
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
-from patchd.backends.base import BackendPlugin
+from patchd.backends.base import Backend, BackendPlugin
+
+if TYPE_CHECKING:
+    from patchd.config.settings import BackendSpec
 
 GROUP = "patchd.backends"
 
@@ -22,3 +26,11 @@ def load_plugin(type_name: str) -> type[BackendPlugin]:
         plugin: type[BackendPlugin] = ep.load()
         return plugin
     raise KeyError(type_name)
+
+
+def connect(spec: BackendSpec) -> Backend:
+    """Build the backend instance for a `[backends.NAME]` table (connections open lazily)."""
+    instance = load_plugin(spec.type)(spec.name, spec.config)
+    if not isinstance(instance, Backend):
+        raise TypeError(f"backend type {spec.type!r} does not implement the Backend protocol")
+    return instance

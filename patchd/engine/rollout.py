@@ -1,0 +1,217 @@
+"""One run: a group's targets patched with bounded concurrency and an error budget.
+
+At most `max_concurrency` targets are worked on at once (per partition, such as an ESXi
+cluster); a new one starts as soon as one finishes, in dependency order. No target starts
+once failures reach `max_errors`, once `may_start` says the window (cutoff, freezes) no
+longer allows it, or once `stop` is set; targets that never started are reported pending.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from patchd.backends.base import Backend, Target
+from patchd.config.settings import Group
+from patchd.engine.target import (
+    FAILED_RESULTS,
+    Observer,
+    Probe,
+    TargetContext,
+    TargetOutcome,
+    no_probe,
+    patch_target,
+)
+from patchd.state import Store
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """status: completed | halted (error budget) | window_closed | stopped | failed."""
+
+    run_id: str
+    group: str
+    status: str
+    outcomes: tuple[TargetOutcome, ...]
+    error: str | None = None
+
+    def count(self, *results: str) -> int:
+        return sum(1 for o in self.outcomes if o.result in results)
+
+    @property
+    def failed(self) -> int:
+        return self.count(*FAILED_RESULTS)
+
+    @property
+    def verified(self) -> dict[str, str]:
+        """ref -> version for every target this run patched and committed."""
+        return {
+            o.update.ref: o.update.available
+            for o in self.outcomes
+            if o.result == "success" and o.update is not None
+        }
+
+
+@dataclass
+class RunRequest:
+    run_id: str
+    group: Group
+    backend: Backend
+    store: Store
+    clock: Callable[[], datetime]
+    may_start: Callable[[datetime], bool]
+    observer: Observer
+    window: str | None = None
+    pins: Mapping[str, str] = field(default_factory=dict)
+    probe: Probe = no_probe
+    sleep: Callable[[float], None] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    on_progress: Callable[[TargetOutcome, int, int], None] | None = None
+
+
+def dependency_order(targets: Sequence[Target]) -> list[Target]:
+    """Targets with each one after those it depends on (inside this run); stable."""
+    names = {t.name for t in targets}
+    placed: set[str] = set()
+    ordered: list[Target] = []
+    remaining = list(targets)
+    while remaining:
+        progress = False
+        for target in list(remaining):
+            if all(d in placed or d not in names for d in target.depends_on):
+                ordered.append(target)
+                placed.add(target.name)
+                remaining.remove(target)
+                progress = True
+        if not progress:  # a cycle: keep the rest in discovery order, deps unmet
+            ordered.extend(remaining)
+            break
+    return ordered
+
+
+def partition_limits(group: Group, targets: Iterable[Target]) -> dict[str | None, int]:
+    sizes: dict[str | None, int] = {}
+    for target in targets:
+        sizes[target.partition] = sizes.get(target.partition, 0) + 1
+    return {part: group.max_concurrency.resolve(size) for part, size in sizes.items()}
+
+
+def run_group(request: RunRequest) -> RunResult:
+    """Patch the group's targets; never raises for a target's failure."""
+    req = request
+    group = req.group
+    started = req.clock()
+    req.store.start_run(req.run_id, group.name, req.window, started)
+    try:
+        targets = dependency_order(req.backend.discover(group.select))
+    except Exception as err:
+        return _finish(req, "failed", [], error=f"discovering targets: {err}")
+
+    ctx = TargetContext(
+        run_id=req.run_id,
+        group=group,
+        backend=req.backend,
+        store=req.store,
+        clock=req.clock,
+        observer=req.observer,
+        pins=req.pins,
+        require_pin=group.after is not None,
+        probe=req.probe,
+        stop=req.stop,
+    )
+    if req.sleep is not None:
+        ctx.sleep = req.sleep
+    limits = partition_limits(group, targets)
+    max_errors = group.max_errors.resolve(len(targets))
+    names_in_run = {t.name for t in targets}
+    pending = list(targets)
+    results: dict[str, TargetOutcome] = {}
+    running: dict[Future[TargetOutcome], Target] = {}
+    busy: dict[str | None, int] = dict.fromkeys(limits, 0)
+    failures = 0
+    status = "completed"
+
+    def record(outcome: TargetOutcome) -> None:
+        results[outcome.target.name] = outcome
+        req.observer.outcome(req.run_id, group, outcome)
+        if req.on_progress is not None:
+            req.on_progress(outcome, len(results), len(targets))
+
+    with ThreadPoolExecutor(max_workers=max(1, sum(limits.values()))) as pool:
+        while True:
+            if status == "completed":
+                if req.stop.is_set():
+                    status = "stopped"
+                elif failures >= max_errors:
+                    status = "halted"
+                elif pending and not req.may_start(req.clock()):
+                    status = "window_closed"
+            if status == "completed":
+                for target in list(pending):
+                    if busy[target.partition] >= limits[target.partition]:
+                        continue
+                    deps = [d for d in target.depends_on if d in names_in_run]
+                    broken = [
+                        d
+                        for d in deps
+                        if d in results
+                        and results[d].result != "success"
+                        and results[d].result != "current"
+                    ]
+                    if broken:
+                        pending.remove(target)
+                        record(
+                            TargetOutcome(
+                                target,
+                                "skipped",
+                                error=f"depends on {', '.join(broken)}, which failed",
+                            )
+                        )
+                        continue
+                    if any(d not in results for d in deps):
+                        continue
+                    pending.remove(target)
+                    busy[target.partition] += 1
+                    running[pool.submit(patch_target, ctx, target)] = target
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                target = running.pop(future)
+                busy[target.partition] -= 1
+                outcome = future.result()
+                if outcome.result in FAILED_RESULTS:
+                    failures += 1
+                record(outcome)
+    reason = {
+        "halted": f"error budget spent: {failures} failed (max_errors {max_errors})",
+        "window_closed": "the window closed (or its cutoff or a freeze began)",
+        "stopped": "patchd is stopping",
+        "completed": "dependency cycle",
+    }[status]
+    for target in pending:
+        record(TargetOutcome(target, "pending", error=reason))
+    return _finish(req, status, [results[t.name] for t in targets])
+
+
+def _finish(
+    req: RunRequest, status: str, outcomes: list[TargetOutcome], error: str | None = None
+) -> RunResult:
+    result = RunResult(req.run_id, req.group.name, status, tuple(outcomes), error)
+    req.store.finish_run(
+        req.run_id,
+        status,
+        req.clock(),
+        total=len(outcomes),
+        succeeded=result.count("success"),
+        failed=result.failed,
+        detail={
+            "verified": result.verified,
+            "error": error,
+            "pending": [o.target.name for o in outcomes if o.result == "pending"],
+        },
+    )
+    return result

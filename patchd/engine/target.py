@@ -1,0 +1,216 @@
+"""The per-target state machine: snapshot, apply, verify, commit, or roll back.
+
+Each transition is journaled BEFORE the side effect it announces and after it, and every
+transition checks the state it comes from (an illegal move is a bug, not a branch).
+
+    pending -> snapshotting -> snapshotted -> applying -> applied -> verifying -> verified
+            -> committing -> committed
+    (any state from snapshotting to committing) -> rolling_back -> rolled_back
+                                                                \\-> rollback_failed
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from patchd.backends.base import (
+    Backend,
+    Retained,
+    Snapshot,
+    StepFailed,
+    Target,
+    TransientError,
+    Update,
+)
+from patchd.config.settings import Group
+from patchd.state import Store
+
+R = TypeVar("R")
+
+_WORKING = ("snapshotting", "snapshotted", "applying", "applied", "verifying", "verified")
+TRANSITIONS: Mapping[str, frozenset[str]] = {
+    "snapshotting": frozenset({"pending"}),
+    "snapshotted": frozenset({"snapshotting"}),
+    "applying": frozenset({"snapshotted"}),
+    "applied": frozenset({"applying"}),
+    "verifying": frozenset({"applied"}),
+    "verified": frozenset({"verifying"}),
+    "committing": frozenset({"verified"}),
+    "committed": frozenset({"committing"}),
+    "rolling_back": frozenset({*_WORKING, "committing"}),
+    "rolled_back": frozenset({"rolling_back"}),
+    "rollback_failed": frozenset({"rolling_back"}),
+}
+
+# Outcomes that spend the error budget.
+FAILED_RESULTS = frozenset({"rolled_back", "rollback_failed", "failed"})
+
+
+@dataclass(frozen=True)
+class TargetOutcome:
+    """How one target ended in a run.
+
+    result: success | rolled_back | rollback_failed | failed (nothing was changed) |
+    current (no update) | skipped (not to be patched in this run) | pending (left for
+    the next window).
+    """
+
+    target: Target
+    result: str
+    update: Update | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    retained: Retained | None = None
+
+
+class Observer(Protocol):
+    """Receives every transition and outcome: logs and metrics implement it."""
+
+    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
+        """A target moved to `state`."""
+
+    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
+        """A target reached its end in this run."""
+
+
+class NullObserver:
+    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
+        return None
+
+    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
+        return None
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+Probe = Callable[[Target, Mapping[str, str], Group], None]
+
+
+def no_probe(target: Target, facts: Mapping[str, str], group: Group) -> None:
+    return None
+
+
+@dataclass
+class TargetContext:
+    """What one target's patch needs; built by the rollout for each target."""
+
+    run_id: str
+    group: Group
+    backend: Backend
+    store: Store
+    clock: Callable[[], datetime]
+    observer: Observer
+    pins: Mapping[str, str]
+    require_pin: bool = False
+    probe: Probe = no_probe
+    sleep: Callable[[float], None] = time.sleep
+    retries: int = 3
+    backoff: float = 1.0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class _Journal:
+    def __init__(self, ctx: TargetContext, target: Target) -> None:
+        self.ctx = ctx
+        self.target = target
+        self.state = "pending"
+
+    def move(self, state: str, step: str, phase: str, **fields: Any) -> None:
+        if self.state not in TRANSITIONS[state]:
+            raise IllegalTransition(f"{self.target.name}: {self.state} -> {state}")
+        ctx = self.ctx
+        ctx.store.record(
+            ctx.run_id,
+            self.target.id,
+            self.target.name,
+            state,
+            ctx.clock(),
+            step=step,
+            phase=phase,
+            **fields,
+        )
+        self.state = state
+        ctx.observer.step(ctx.run_id, ctx.group.name, self.target, state, step=step, phase=phase)
+
+
+def _retrying(ctx: TargetContext, call: Callable[[], R]) -> R:
+    """Run a backend call, retrying TransientError with backoff; then it is a failure."""
+    for attempt in range(ctx.retries + 1):
+        try:
+            return call()
+        except TransientError as err:
+            if attempt == ctx.retries:
+                raise StepFailed(f"gave up after {ctx.retries + 1} attempts: {err}") from err
+            ctx.sleep(ctx.backoff * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str | None]:
+    """The update to install, or (None, reason) when the target is to be left alone."""
+    update = _retrying(ctx, lambda: ctx.backend.check_update(target, ctx.pins))
+    if update is None:
+        return None, None
+    if ctx.require_pin and ctx.pins.get(update.ref) != update.available:
+        return None, f"{update.ref} has no version verified by stage {ctx.group.after!r}"
+    return update, None
+
+
+def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
+    """Drive one target to committed, rolled_back or rollback_failed. Never raises."""
+    started = ctx.clock()
+
+    def done(result: str, **kw: Any) -> TargetOutcome:
+        seconds = (ctx.clock() - started).total_seconds()
+        return TargetOutcome(target, result, seconds=seconds, **kw)
+
+    try:
+        update, reason = find_update(ctx, target)
+    except Exception as err:  # fail closed: a target we cannot read is not patched
+        return done("failed", error=f"checking for an update: {err}")
+    if update is None:
+        return done("skipped" if reason else "current", error=reason)
+
+    journal = _Journal(ctx, target)
+    backend = ctx.backend
+    snapshot: Snapshot = backend.plan_snapshot(target, ctx.run_id)
+    journal.move(
+        "snapshotting",
+        "snapshot",
+        "intent",
+        version_from=update.current,
+        version_to=update.available,
+        snapshot=snapshot.data,
+    )
+    try:
+        snapshot = _retrying(ctx, lambda: backend.snapshot(target, snapshot, ctx.group.snapshot))
+        journal.move("snapshotted", "snapshot", "done", snapshot=snapshot.data)
+        journal.move("applying", "apply", "intent")
+        _retrying(ctx, lambda: backend.apply(target, update, snapshot))
+        journal.move("applied", "apply", "done")
+        journal.move("verifying", "verify", "intent")
+        _retrying(ctx, lambda: backend.verify(target, update, ctx.group.health))
+        ctx.probe(target, backend.describe(target), ctx.group)
+        journal.move("verified", "verify", "done")
+        journal.move("committing", "commit", "intent")
+        retained = _retrying(ctx, lambda: backend.commit(target, snapshot, ctx.group.snapshot))
+        journal.move("committed", "commit", "done")
+        return done("success", update=update, retained=retained)
+    except IllegalTransition:
+        raise
+    except Exception as err:
+        failure = f"{journal.state}: {err}"
+    journal.move("rolling_back", "rollback", "intent", error=failure)
+    try:
+        _retrying(ctx, lambda: backend.rollback(target, snapshot))
+    except Exception as err:
+        journal.move("rollback_failed", "rollback", "failed", error=f"{failure}; rollback: {err}")
+        return done("rollback_failed", update=update, error=f"{failure}; rollback: {err}")
+    journal.move("rolled_back", "rollback", "done")
+    return done("rolled_back", update=update, error=failure)
