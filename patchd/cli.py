@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from patchd import __version__
+from patchd import __version__, log, reports
+from patchd.backends import connect
+from patchd.backends.base import Backend
 from patchd.config import DEFAULT_CONFIG, DEFAULT_DROPIN_DIR, ConfigError, Settings, load_settings
 from patchd.durations import format_duration
+from patchd.engine.target import TargetOutcome
+from patchd.log import LogObserver
+from patchd.metrics import Metrics, MetricsObserver
+from patchd.runner import Observers, Runner, RunRefused
+from patchd.state import Store, StoreError
 from patchd.windows import WEEKDAYS, Cron, MonthlyOrdinal, Opening, Window, openings_from
 
 EXIT_CONFIG = 2
+EXIT_REFUSED = 3
 
 _DESCRIPTION = """\
 patchd patches fleets safely: Docker containers, vSphere VMs and ESXi hosts, only inside
@@ -110,6 +120,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     windows.add_argument("--json", action="store_true", help="print JSON instead of a table")
     windows.set_defaults(func=cmd_windows)
+
+    daemon = commands.add_parser(
+        "daemon",
+        parents=[config],
+        help="run as the long-lived service (what systemd starts)",
+        description="Run the daemon: patch each group when its window opens, serve "
+        "metrics on daemon.metrics_address, and log one JSON event per step. SIGHUP reloads "
+        "the config (a broken one is logged and the old one keeps running); SIGTERM lets "
+        "in-flight targets finish or roll back, then exits 0. Speaks sd_notify (READY, "
+        "STATUS, WATCHDOG, STOPPING) when NOTIFY_SOCKET is set.",
+    )
+    daemon.set_defaults(func=cmd_daemon)
+
+    run = commands.add_parser(
+        "run",
+        parents=[config],
+        help="run one group now, in the foreground, with progress",
+        description="Patch one group in the foreground, printing a line per target. Without "
+        "options it runs only if the group's window allows a start now. The stage gate "
+        "(after/soak) always applies. Exit codes: 0 all patched or current, 1 a target "
+        "failed or the run halted or left targets pending, 2 config error, 3 refused.",
+    )
+    run.add_argument("group", metavar="GROUP", help="the [groups.NAME] to run")
+    run.add_argument("--now", action="store_true", help="ignore the window (freezes still apply)")
+    run.add_argument(
+        "--force", action="store_true", help="ignore the window and freezes (implies --now)"
+    )
+    run.set_defaults(func=cmd_run)
+
+    plan = commands.add_parser(
+        "plan",
+        parents=[config],
+        help="show what the next run would do, changing nothing",
+        description="For each group (or one): the targets, their current and available "
+        "versions, the batch each would go in, and the stage gate. Reads only: it never "
+        "pulls an image or changes a target.",
+    )
+    plan.add_argument("group", metavar="GROUP", nargs="?", help="only this group")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.set_defaults(func=cmd_plan)
+
+    status = commands.add_parser(
+        "status",
+        parents=[config],
+        help="groups, last runs, pending targets, next windows",
+        description="Read the state store: each group's last run, the targets it left "
+        "pending, the next window, stage gates, unfinished targets and failed rollbacks.",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    history = commands.add_parser(
+        "history",
+        parents=[config],
+        help="past runs and what happened to each target",
+        description="List past runs, newest first, with each target's end state.",
+    )
+    history.add_argument("--group", metavar="G", help="only runs of this group")
+    history.add_argument(
+        "--limit", type=_positive, default=20, metavar="N", help="at most N runs (default 20)"
+    )
+    history.add_argument("--json", action="store_true", help="print JSON")
+    history.set_defaults(func=cmd_history)
 
     version = commands.add_parser(
         "version", help="print the version", description="Print patchd's version."
@@ -220,6 +293,132 @@ def cmd_windows(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from patchd.daemon import run_daemon
+
+    return run_daemon(args.config, args.config_dir)
+
+
+def _open_store(settings: Settings) -> Store:
+    try:
+        return Store(settings.daemon.state_dir / "patchd.db")
+    except StoreError as err:
+        raise CommandError(str(err)) from None
+
+
+def _group_names(settings: Settings, wanted: str | None) -> list[str]:
+    if wanted is None:
+        return list(settings.groups)
+    if wanted not in settings.groups:
+        known = ", ".join(settings.groups) or "none"
+        raise CommandError(f"unknown group {wanted!r} (known: {known})", EXIT_CONFIG)
+    return [wanted]
+
+
+def _connect_for(settings: Settings, groups: list[str]) -> dict[str, Backend]:
+    return {
+        name: connect(settings.backends[name])
+        for name in {settings.groups[g].backend for g in groups}
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    [group] = _group_names(settings, args.group)
+    log.setup(settings.daemon.log_format, "warning")
+    store = _open_store(settings)
+    backends = _connect_for(settings, [group])
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        print("stopping: no new targets; waiting for those in flight", file=sys.stderr)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def progress(outcome: TargetOutcome, done: int, total: int) -> None:
+        change = ""
+        if outcome.update is not None:
+            change = f" {outcome.update.current[:19]} -> {outcome.update.available[:19]}"
+        error = f": {outcome.error}" if outcome.error else ""
+        print(
+            f"[{done}/{total}] {outcome.target.name}: {outcome.result}{change}"
+            f" ({outcome.seconds:.1f}s){error}",
+            flush=True,
+        )
+
+    metrics = Metrics()
+    runner = Runner(
+        settings=settings,
+        store=store,
+        backends=backends,
+        observer=Observers([LogObserver(), MetricsObserver(metrics, _utcnow)]),
+        clock=_utcnow,
+        on_progress=progress,
+    )
+    try:
+        result = runner.run(group, now=args.now or args.force, force=args.force, stop=stop)
+    except RunRefused as err:
+        print(f"patchd: run of {group} refused: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    finally:
+        for backend in backends.values():
+            backend.close()
+    print(
+        f"run {result.run_id}: {result.status}; {result.count('success')} patched, "
+        f"{result.count('current')} current, {result.failed} failed, "
+        f"{result.count('pending')} pending, {result.count('skipped')} skipped"
+        + (f"; {result.error}" if result.error else "")
+    )
+    ok = result.status == "completed" and not result.failed and not result.count("pending")
+    return 0 if ok else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    groups = _group_names(settings, args.group)
+    store = _open_store(settings)
+    backends = _connect_for(settings, groups)
+    now = _utcnow()
+    try:
+        docs = [reports.plan(settings, store, backends, g, now) for g in groups]
+    finally:
+        for backend in backends.values():
+            backend.close()
+    if args.json:
+        print(json.dumps({"at": now.isoformat(), "groups": docs}, indent=2))
+    else:
+        print("\n\n".join(reports.render_plan(doc) for doc in docs))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    doc = reports.status(settings, _open_store(settings), _utcnow())
+    print(json.dumps(doc, indent=2) if args.json else reports.render_status(doc))
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    if args.group is not None:
+        _group_names(settings, args.group)
+    runs = reports.history(_open_store(settings), args.group, args.limit)
+    print(json.dumps(runs, indent=2) if args.json else reports.render_history(runs))
+    return 0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"patchd {__version__}")
     return 0
@@ -236,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         count = len(err.issues)
         print(f"config invalid: {count} problem{'' if count == 1 else 's'}", file=sys.stderr)
         return EXIT_CONFIG
+    except CommandError as err:
+        print(f"patchd: {err}", file=sys.stderr)
+        return err.code
     except KeyboardInterrupt:
         return 130
     return code

@@ -57,6 +57,15 @@ CREATE TABLE IF NOT EXISTS journal (
     detail TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS journal_by_target ON journal (run_id, target);
+CREATE TABLE IF NOT EXISTS retained (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    backend TEXT NOT NULL,
+    target TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    description TEXT NOT NULL,
+    data TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 """
 
 # States a target may rest in when no patchd is working on it.
@@ -65,6 +74,17 @@ FINAL_STATES = frozenset({"committed", "rolled_back", "rollback_failed", "skippe
 
 class StoreError(Exception):
     """The store cannot be read or written; patchd must not touch targets without it."""
+
+
+@dataclass(frozen=True)
+class RetainedRow:
+    id: int
+    backend: str
+    target: str
+    run_id: str
+    description: str
+    data: Mapping[str, Any]
+    expires: datetime
 
 
 @dataclass(frozen=True)
@@ -279,3 +299,41 @@ class Store:
             )
             for r in rows
         ]
+
+    # --- things kept after a commit, to remove when they expire ---------------------------
+
+    def retain(
+        self,
+        backend: str,
+        target: str,
+        run_id: str,
+        description: str,
+        data: Mapping[str, Any],
+        expires: datetime,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO retained (backend, target, run_id, description, data, expires)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (backend, target, run_id, description, json.dumps(dict(data)), _ts(expires)),
+            )
+
+    def retained(self, due_by: datetime | None = None) -> list[RetainedRow]:
+        """Everything retained, oldest expiry first; only what expires by `due_by` if given."""
+        sql = "SELECT id, backend, target, run_id, description, data, expires FROM retained"
+        args: tuple[object, ...] = ()
+        if due_by is not None:
+            sql += " WHERE expires <= ?"
+            args = (_ts(due_by),)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY expires", args).fetchall()
+        return [
+            RetainedRow(
+                r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), datetime.fromtimestamp(r[6], UTC)
+            )
+            for r in rows
+        ]
+
+    def released(self, retained_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM retained WHERE id = ?", (retained_id,))

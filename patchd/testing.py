@@ -124,12 +124,14 @@ class FakeBackend:
 
     def discover(self, select: BaseModel) -> Sequence[Target]:
         self._enter("discover", None)
-        assert isinstance(select, FakeSelect)
+        # Any selector with `labels` and `names` works, so configs written for Docker do too.
+        labels: dict[str, str] = getattr(select, "labels", {})
+        names: list[str] = getattr(select, "names", [])
         found = []
         for item in sorted(self.targets.values(), key=lambda t: t.name):
-            if any(item.labels.get(k) != v for k, v in select.labels.items()):
+            if any(item.labels.get(k) != v for k, v in labels.items()):
                 continue
-            if select.names and not any(fnmatch.fnmatch(item.name, p) for p in select.names):
+            if names and not any(fnmatch.fnmatch(item.name, p) for p in names):
                 continue
             found.append(
                 Target(

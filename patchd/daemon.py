@@ -1,0 +1,383 @@
+"""The long-running process: signals, reload, sd_notify, metrics endpoint, scheduling.
+
+The main thread only waits for signals (and pets the systemd watchdog). APScheduler fires
+one-shot date jobs at the instants the window module computed — the next time each window
+allows a start — so `patchd windows` and the daemon never disagree, and an idle daemon
+sleeps until the next window edge. Runs go to a bounded thread pool.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
+from prometheus_client import start_http_server
+
+from patchd import __version__, log
+from patchd.backends import connect
+from patchd.backends.base import Backend
+from patchd.config import BackendSpec, ConfigError, Settings, load_settings
+from patchd.engine.target import TargetOutcome
+from patchd.metrics import Metrics, MetricsObserver, WindowCollector, next_start
+from patchd.notify import Notifier, watchdog_interval
+from patchd.runner import Observers, Runner, RunRefused
+from patchd.state import Store, StoreError
+from patchd.windows import may_start
+
+# How long in-flight targets get to finish (or roll back) after SIGTERM.
+DEFAULT_GRACE = timedelta(seconds=90)
+RUN_WORKERS = 4
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Daemon:
+    config: Path | None
+    config_dir: Path | None
+    clock: Callable[[], datetime] = utcnow
+    notifier: Notifier = field(default_factory=Notifier)
+    grace: timedelta = DEFAULT_GRACE
+    connector: Callable[[BackendSpec], Backend] = connect
+
+    def __post_init__(self) -> None:
+        self.log = log.get("patchd.daemon")
+        self.metrics = Metrics()
+        self.stop = threading.Event()
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._lock = threading.RLock()
+        self._runs: dict[str, Future[None]] = {}
+        self._progress: dict[str, tuple[int, int]] = {}
+        self.scheduler = BackgroundScheduler(timezone=UTC)
+        self.pool = ThreadPoolExecutor(max_workers=RUN_WORKERS, thread_name_prefix="run")
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load config and state, serve metrics, arm the schedule, tell systemd READY."""
+        settings = load_settings(self.config, self.config_dir)
+        log.setup(settings.daemon.log_format, settings.daemon.log_level)
+        self.settings = settings
+        self.store = Store(settings.daemon.state_dir / "patchd.db")
+        self.backends = self._connect(settings)
+        self.metrics.reload(True, self.clock().timestamp())
+        self.metrics.registry.register(WindowCollector(lambda: self.settings, self.clock))
+        self.metrics_server, _ = start_http_server(
+            settings.daemon.metrics_port,
+            settings.daemon.metrics_host,
+            registry=self.metrics.registry,
+        )
+        self.scheduler.start()
+        self._arm()
+        self.log.info(
+            "started",
+            version=__version__,
+            files=[str(p) for p in settings.files],
+            metrics=f"{settings.daemon.metrics_host}:{settings.daemon.metrics_port}",
+        )
+        self.notifier.ready(self.status_line())
+        self._run_open_windows()
+
+    def serve(self) -> int:
+        """Wait for signals until told to stop; returns the exit code."""
+        signal.signal(signal.SIGHUP, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        interval = watchdog_interval()
+        if interval is not None:
+            self.notifier.watchdog()
+        while not self.stop.is_set():
+            self._wake.wait(interval.total_seconds() if interval else None)
+            self._wake.clear()
+            if interval is not None:
+                self.notifier.watchdog()
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
+        return self.shutdown()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self.stop.set()
+        self._wake.set()
+
+    def shutdown(self) -> int:
+        self.log.info("stopping", grace_seconds=self.grace.total_seconds())
+        self.notifier.stopping("stopping: letting in-flight targets finish")
+        self.stop.set()
+        self.scheduler.shutdown(wait=False)
+        deadline = self.clock() + self.grace
+        with self._lock:
+            runs = list(self._runs.values())
+        for future in runs:
+            left = (deadline - self.clock()).total_seconds()
+            try:
+                future.result(timeout=max(0.0, left))
+            except Exception as err:  # a run that outlives the grace is journaled mid-way
+                self.log.error("run_not_finished_at_shutdown", error=repr(err))
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for backend in self.backends.values():
+            try:
+                backend.close()
+            except Exception as err:
+                self.log.warning("backend_close_failed", backend=backend.name, error=str(err))
+        self.metrics_server.shutdown()
+        self.store.close()
+        self.log.info("stopped")
+        return 0
+
+    def reload(self) -> None:
+        """Swap in a new valid config atomically; keep the old one if the new one is bad."""
+        self.notifier.reloading()
+        try:
+            settings = load_settings(self.config, self.config_dir)
+        except ConfigError as err:
+            self.metrics.reload(False, self.clock().timestamp())
+            self.log.error("reload_failed", errors=[str(issue) for issue in err.issues])
+            self.notifier.ready(self.status_line())
+            return
+        old_backends = self.backends
+        with self._lock:
+            self.backends = self._connect(settings, reuse=old_backends, old=self.settings)
+            self.settings = settings
+        for name, backend in old_backends.items():
+            if self.backends.get(name) is not backend and name not in self._busy_backends():
+                backend.close()
+        log.setup(settings.daemon.log_format, settings.daemon.log_level)
+        self.metrics.reload(True, self.clock().timestamp())
+        self._arm()
+        self.log.info("reloaded", files=[str(p) for p in settings.files])
+        self.notifier.ready(self.status_line())
+        self._run_open_windows()
+
+    def _busy_backends(self) -> set[str]:
+        with self._lock:
+            return {
+                self.settings.groups[g].backend for g in self._runs if g in self.settings.groups
+            }
+
+    def _connect(
+        self,
+        settings: Settings,
+        reuse: dict[str, Backend] | None = None,
+        old: Settings | None = None,
+    ) -> dict[str, Backend]:
+        backends: dict[str, Backend] = {}
+        for name, spec in settings.backends.items():
+            if reuse and old and name in reuse and old.backends.get(name) == spec:
+                backends[name] = reuse[name]
+            else:
+                backends[name] = self.connector(spec)
+            self._ping(name, backends[name])
+        return backends
+
+    def _ping(self, name: str, backend: Backend) -> None:
+        try:
+            backend.ping()
+            self.metrics.backend_up.labels(name).set(1)
+        except Exception as err:
+            self.metrics.backend_up.labels(name).set(0)
+            self.log.warning("backend_down", backend=name, error=str(err))
+
+    # --- scheduling -----------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """(Re)create one date job per window at its next start, and the release job."""
+        with self._lock:
+            now = self.clock()
+            settings = self.settings
+            for job in self.scheduler.get_jobs():
+                if job.id.startswith("window:") or job.id == "release":
+                    job.remove()
+            for name, window in settings.windows.items():
+                start = next_start(window, settings.freezes, now)
+                if start is not None:
+                    self.scheduler.add_job(
+                        self._window_fired,
+                        DateTrigger(run_date=start),
+                        args=[name],
+                        id=f"window:{name}",
+                        misfire_grace_time=None,
+                        coalesce=True,
+                    )
+            retained = self.store.retained()
+            if retained:
+                self.scheduler.add_job(
+                    self._release,
+                    DateTrigger(run_date=max(retained[0].expires, now)),
+                    id="release",
+                    misfire_grace_time=None,
+                )
+        self.notifier.status(self.status_line())
+
+    def _window_fired(self, name: str) -> None:
+        self.log.info("window_opened", window=name)
+        self._run_window(name)
+        self._arm()
+
+    def _release(self) -> None:
+        runner = self._runner()
+        try:
+            count = runner.release_expired()
+            self.log.info("released_expired", count=count)
+        except Exception as err:
+            self.log.error("release_failed", error=str(err))
+        self._arm()
+
+    def _run_open_windows(self) -> None:
+        now = self.clock()
+        for name, window in self.settings.windows.items():
+            if may_start(window, now, self.settings.freezes):
+                self._run_window(name)
+
+    def _run_window(self, window: str) -> None:
+        """Start the window's groups; a later stage whose earlier stage runs in the same
+        window waits for it (it is started when that run ends and its soak allows)."""
+        groups = [g for g in self.settings.groups.values() if g.window == window]
+        names = {g.name for g in groups}
+        for group in groups:
+            if group.after is None or group.after not in names:
+                self.start_run(group.name)
+
+    def start_run(self, group: str) -> bool:
+        """Start a run of `group` in the pool unless one is going on already."""
+        if self.stop.is_set():
+            return False
+        with self._lock:
+            if group in self._runs:
+                return False
+            self._runs[group] = self.pool.submit(self._run, group)
+        return True
+
+    def _runner(self) -> Runner:
+        with self._lock:
+            return Runner(
+                settings=self.settings,
+                store=self.store,
+                backends=dict(self.backends),
+                observer=Observers([log.LogObserver(), MetricsObserver(self.metrics, self.clock)]),
+                clock=self.clock,
+            )
+
+    def _run(self, group_name: str) -> None:
+        runner = self._runner()
+        settings = runner.settings
+
+        def progress(outcome: TargetOutcome, done: int, total: int) -> None:
+            self._progress[group_name] = (done, total)
+            self.notifier.status(self.status_line())
+
+        runner.on_progress = progress
+        try:
+            self.metrics.run_in_progress.labels(group_name).set(1)
+            self._ping(
+                settings.groups[group_name].backend,
+                runner.backends[settings.groups[group_name].backend],
+            )
+            result = runner.run(group_name, stop=self.stop)
+        except RunRefused as err:
+            self.log.info("run_refused", group=group_name, reason=str(err))
+            self._recheck_later(group_name)
+            return
+        except Exception as err:
+            self.log.exception("run_crashed", group=group_name, error=str(err))
+            return
+        finally:
+            self.metrics.run_in_progress.labels(group_name).set(0)
+            with self._lock:
+                self._runs.pop(group_name, None)
+                self._progress.pop(group_name, None)
+            self.notifier.status(self.status_line())
+        self._after_run(group_name, result)
+
+    def _after_run(self, group_name: str, result: Any) -> None:
+        m = self.metrics
+        m.runs.labels(group_name, result.status).inc()
+        if result.status == "halted":
+            m.run_halted.labels(group_name).inc()
+        m.targets_pending.labels(group_name).set(result.count("pending"))
+        self.log.info(
+            "run_finished",
+            run_id=result.run_id,
+            group=group_name,
+            status=result.status,
+            succeeded=result.count("success"),
+            failed=result.failed,
+            pending=result.count("pending"),
+            error=result.error,
+        )
+        self._arm()
+        # Later stages in an open window go as soon as their soak allows.
+        for group in self.settings.groups.values():
+            if group.after == group_name:
+                self._recheck_later(group.name)
+
+    def _recheck_later(self, group_name: str) -> None:
+        """Try a later stage again when its soak ends, if its window still allows it then."""
+        settings = self.settings
+        group = settings.groups.get(group_name)
+        if group is None or group.after is None or self.stop.is_set():
+            return
+        last = self.store.last_run(group.after)
+        if last is None or last.finished is None or last.status != "completed" or last.failed:
+            return
+        at = max(last.finished + group.soak, self.clock())
+        if may_start(settings.windows[group.window], at, settings.freezes):
+            self.scheduler.add_job(
+                self.start_run,
+                DateTrigger(run_date=at + timedelta(seconds=1)),
+                args=[group_name],
+                id=f"stage:{group_name}",
+                replace_existing=True,
+                misfire_grace_time=None,
+            )
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        with self._lock:
+            running = dict(self._progress)
+            busy = list(self._runs)
+        if busy:
+            parts = []
+            for group in busy:
+                done, total = running.get(group, (0, 0))
+                parts.append(f"{group} {done}/{total}" if total else f"{group} starting")
+            return "patching: " + ", ".join(parts)
+        now = self.clock()
+        upcoming = []
+        for name, window in self.settings.windows.items():
+            start = next_start(window, self.settings.freezes, now)
+            if start is not None:
+                upcoming.append((start, name))
+        if not upcoming:
+            return "idle; no window opens again"
+        start, name = min(upcoming)
+        return f"idle; next window {name} at {start:%Y-%m-%d %H:%M}Z"
+
+
+def run_daemon(config: Path | None, config_dir: Path | None) -> int:
+    daemon = Daemon(config, config_dir)
+    try:
+        daemon.start()
+    except ConfigError:
+        raise
+    except (OSError, StoreError) as err:
+        print(f"patchd: cannot start: {err}", file=sys.stderr)
+        return 1
+    return daemon.serve()

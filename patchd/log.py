@@ -1,0 +1,115 @@
+"""Structured logging: structlog set up for JSON lines or a console, with secret redaction.
+
+Every event is one line with its fields (run_id, group, target, step, ...). Strings
+registered with `redact()` (passwords read from files or credentials) are replaced by
+"***" in every field of every event before it is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from patchd.backends.base import Target
+from patchd.config.settings import Group
+from patchd.engine.target import TargetOutcome
+
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+def redact(secret: str) -> None:
+    """Never let `secret` reach a log line."""
+    if secret:
+        with _secrets_lock:
+            _secrets.add(secret)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        for secret in _secrets:
+            value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _redact_processor(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    if not _secrets:
+        return event
+    return {key: _scrub(value) for key, value in event.items()}
+
+
+def setup(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog once per process (and again on reload)."""
+    out = stream or sys.stderr
+    console = log_format == "console" or (log_format == "auto" and out.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if console
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _redact_processor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.ERROR)),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(name: str = "patchd") -> Any:
+    return structlog.get_logger(name)
+
+
+class LogObserver:
+    """Logs every engine transition and outcome as one structured event."""
+
+    def __init__(self) -> None:
+        self.log = get("patchd.engine")
+
+    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
+        self.log.info(
+            "target_step", run_id=run_id, group=group, target=target.name, state=state, **fields
+        )
+
+    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
+        fields: dict[str, Any] = {
+            "run_id": run_id,
+            "group": group.name,
+            "backend": group.backend,
+            "target": outcome.target.name,
+            "result": outcome.result,
+            "seconds": round(outcome.seconds, 3),
+        }
+        if outcome.update is not None:
+            fields.update(
+                ref=outcome.update.ref,
+                version_from=outcome.update.current,
+                version_to=outcome.update.available,
+            )
+        if outcome.error:
+            fields["error"] = outcome.error
+        if outcome.result == "rollback_failed":
+            self.log.error("target_rollback_failed", **fields)
+        elif outcome.result in ("rolled_back", "failed"):
+            self.log.warning("target_failed", **fields)
+        else:
+            self.log.info("target_done", **fields)

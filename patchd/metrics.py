@@ -1,0 +1,173 @@
+"""Every metric patchd exports, named patchd_<subsystem>_<thing>_<unit>.
+
+Metric names and labels are a contract with dashboards and alert rules: add freely,
+rename never. Each Metrics object has its own registry, so tests can make fresh ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from patchd import __version__
+from patchd.backends.base import Target
+from patchd.config.settings import Group, Settings
+from patchd.engine.target import TargetOutcome
+from patchd.windows import Freeze, Window, may_start, openings_from
+
+# Patches take seconds (containers) to an hour (hosts).
+_DURATION_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build_info = Info("patchd_build", "patchd version", registry=r)
+        self.build_info.info({"version": __version__})
+        self.config_reload_ok = Gauge(
+            "patchd_config_last_reload_successful",
+            "1 if the last config load or reload succeeded, 0 if it failed",
+            registry=r,
+        )
+        self.config_reload_time = Gauge(
+            "patchd_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully",
+            registry=r,
+        )
+        self.update_available = Gauge(
+            "patchd_target_update_available",
+            "1 if the target has an update patchd has not installed yet",
+            ["backend", "group", "target"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "patchd_target_last_success_timestamp_seconds",
+            "When the target was last patched successfully",
+            ["backend", "group", "target"],
+            registry=r,
+        )
+        self.operations = Counter(
+            "patchd_patch_operations",
+            "Targets that reached an end in a run, by result",
+            ["backend", "group", "result"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "patchd_patch_duration_seconds",
+            "Time from a target's start to its end (success or rollback)",
+            ["backend"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.run_halted = Counter(
+            "patchd_run_halted",
+            "Runs halted because their error budget (max_errors) was spent",
+            ["group"],
+            registry=r,
+        )
+        self.runs = Counter(
+            "patchd_runs",
+            "Runs finished, by status",
+            ["group", "status"],
+            registry=r,
+        )
+        self.run_in_progress = Gauge(
+            "patchd_run_in_progress",
+            "1 while a run of the group is going on",
+            ["group"],
+            registry=r,
+        )
+        self.targets_pending = Gauge(
+            "patchd_group_targets_pending",
+            "Targets left for a later window by the group's last run",
+            ["group"],
+            registry=r,
+        )
+        self.target_state = Gauge(
+            "patchd_target_step_timestamp_seconds",
+            "When the target last changed state in a run",
+            ["group", "target"],
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "patchd_backend_up",
+            "1 if the backend's service answered its last check",
+            ["backend"],
+            registry=r,
+        )
+
+    def reload(self, ok: bool, at: float) -> None:
+        self.config_reload_ok.set(1 if ok else 0)
+        if ok:
+            self.config_reload_time.set(at)
+
+
+class MetricsObserver:
+    """Feeds engine transitions and outcomes into Metrics."""
+
+    def __init__(self, metrics: Metrics, clock: Any) -> None:
+        self.metrics = metrics
+        self.clock = clock
+
+    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
+        self.metrics.target_state.labels(group, target.name).set(self.clock().timestamp())
+
+    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
+        m = self.metrics
+        name = outcome.target.name
+        if outcome.result in ("current", "pending"):
+            if outcome.result == "current":
+                m.update_available.labels(group.backend, group.name, name).set(0)
+            return
+        m.operations.labels(group.backend, group.name, outcome.result).inc()
+        if outcome.update is not None:
+            m.duration.labels(group.backend).observe(outcome.seconds)
+        if outcome.result == "success":
+            m.update_available.labels(group.backend, group.name, name).set(0)
+            m.last_success.labels(group.backend, group.name, name).set(self.clock().timestamp())
+        elif outcome.update is not None:
+            m.update_available.labels(group.backend, group.name, name).set(1)
+
+
+def next_start(window: Window, freezes: tuple[Freeze, ...], after: datetime) -> datetime | None:
+    """The first instant after `after` at which the window starts allowing starts."""
+    for opening in openings_from(window, after, freezes):
+        for part in opening.open_parts:
+            if after < part.start < part.end - window.cutoff:
+                return part.start
+    return None
+
+
+class WindowCollector(Collector):
+    """Window gauges computed at scrape time, so they are right without any polling."""
+
+    def __init__(self, settings: Callable[[], Settings], clock: Callable[[], datetime]) -> None:
+        self.settings = settings
+        self.clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        settings = self.settings()
+        now = self.clock()
+        is_open = GaugeMetricFamily(
+            "patchd_window_open",
+            "1 while the window allows a target to start (open, unfrozen, before its cutoff)",
+            labels=["window"],
+        )
+        next_open = GaugeMetricFamily(
+            "patchd_window_next_open_timestamp_seconds",
+            "When the window next starts allowing starts",
+            labels=["window"],
+        )
+        for name, window in settings.windows.items():
+            is_open.add_metric([name], 1 if may_start(window, now, settings.freezes) else 0)
+            start = next_start(window, settings.freezes, now)
+            if start is not None:
+                next_open.add_metric([name], start.timestamp())
+        yield is_open
+        yield next_open

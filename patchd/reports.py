@@ -1,0 +1,243 @@
+"""What `patchd plan`, `status` and `history` show: built as JSON-able data, then text."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from patchd.backends.base import Backend
+from patchd.config.settings import Settings
+from patchd.engine import dependency_order, stage_gate
+from patchd.engine.rollout import partition_limits
+from patchd.state import Store
+from patchd.windows import current_opening, may_start, next_openings
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def plan(
+    settings: Settings,
+    store: Store,
+    backends: Mapping[str, Backend],
+    group_name: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """What the next run of a group would do. Reads only: no pull, no change."""
+    group = settings.groups[group_name]
+    window = settings.windows[group.window]
+    backend = backends[group.backend]
+    gate = stage_gate(group, store, now)
+    upcoming = next_openings(window, now, 1, settings.freezes)
+    doc: dict[str, Any] = {
+        "group": group.name,
+        "backend": group.backend,
+        "window": group.window,
+        "window_allows_start_now": may_start(window, now, settings.freezes),
+        "next_opening": _iso(upcoming[0].start) if upcoming else None,
+        "stage_gate": {"open": gate.open, "reason": gate.reason, "pins": gate.pins},
+        "max_concurrency": str(group.max_concurrency),
+        "max_errors": str(group.max_errors),
+        "targets": [],
+    }
+    try:
+        targets = dependency_order(backend.discover(group.select))
+    except Exception as err:
+        doc["error"] = f"discovering targets: {err}"
+        return doc
+    limits = partition_limits(group, targets)
+    doc["max_errors_resolved"] = group.max_errors.resolve(len(targets))
+    slots: dict[str | None, int] = {}
+    for target in targets:
+        entry: dict[str, Any] = {"name": target.name, "id": target.id, "kind": target.kind}
+        try:
+            update = backend.check_update(target, gate.pins)
+        except Exception as err:
+            entry.update(action="error", error=str(err))
+            doc["targets"].append(entry)
+            continue
+        if update is None:
+            entry["action"] = "none (current)"
+        elif group.after is not None and gate.pins.get(update.ref) != update.available:
+            entry.update(action="skip", reason=f"{update.ref} not verified by {group.after!r}")
+        else:
+            index = slots.get(target.partition, 0)
+            slots[target.partition] = index + 1
+            entry.update(
+                action="patch",
+                ref=update.ref,
+                current=update.current,
+                available=update.available,
+                batch=index // limits[target.partition] + 1,
+            )
+        if target.depends_on:
+            entry["depends_on"] = list(target.depends_on)
+        doc["targets"].append(entry)
+    return doc
+
+
+def render_plan(doc: Mapping[str, Any]) -> str:
+    gate = doc["stage_gate"]
+    lines = [
+        f"group {doc['group']} (backend {doc['backend']}, window {doc['window']}, "
+        f"max_concurrency {doc['max_concurrency']}, max_errors {doc['max_errors']})",
+        f"  window: {'allows a start now' if doc['window_allows_start_now'] else 'shut now'}; "
+        f"next opening {doc['next_opening'] or 'never'}",
+        f"  stage gate: {'open' if gate['open'] else 'SHUT'}: {gate['reason']}",
+    ]
+    if "error" in doc:
+        lines.append(f"  ERROR {doc['error']}")
+    for t in doc["targets"]:
+        if t["action"] == "patch":
+            lines.append(
+                f"  batch {t['batch']}: {t['name']}  {t['ref']}  "
+                f"{t['current'][:19]} -> {t['available'][:19]}"
+            )
+        else:
+            detail = t.get("reason") or t.get("error") or ""
+            lines.append(f"  {t['action']}: {t['name']}" + (f"  ({detail})" if detail else ""))
+    if not doc["targets"] and "error" not in doc:
+        lines.append("  no targets match the group's selectors")
+    return "\n".join(lines)
+
+
+def status(settings: Settings, store: Store, now: datetime) -> dict[str, Any]:
+    groups = []
+    for group in settings.groups.values():
+        window = settings.windows[group.window]
+        last = store.last_run(group.name)
+        upcoming = next_openings(window, now, 1, settings.freezes)
+        current = current_opening(window, now, settings.freezes)
+        gate = stage_gate(group, store, now)
+        groups.append(
+            {
+                "group": group.name,
+                "backend": group.backend,
+                "window": group.window,
+                "window_open": current is not None and current.part_at(now) is not None,
+                "next_opening": _iso(upcoming[0].start) if upcoming else None,
+                "after": group.after,
+                "stage_gate": {"open": gate.open, "reason": gate.reason},
+                "last_run": None
+                if last is None
+                else {
+                    "id": last.id,
+                    "status": last.status,
+                    "started": _iso(last.started),
+                    "finished": _iso(last.finished),
+                    "total": last.total,
+                    "succeeded": last.succeeded,
+                    "failed": last.failed,
+                },
+                "pending": list(last.detail.get("pending", [])) if last else [],
+            }
+        )
+    unfinished = [
+        {"run_id": t.run_id, "target": t.name, "state": t.state, "since": _iso(t.updated)}
+        for t in store.unfinished_targets()
+    ]
+    needs_person = []
+    for run in store.runs(limit=1000):
+        for row in store.targets(run.id):
+            if row.state == "rollback_failed":
+                needs_person.append({"run_id": run.id, "target": row.name, "error": row.error})
+    retained = [
+        {
+            "backend": r.backend,
+            "target": r.target,
+            "what": r.description,
+            "expires": _iso(r.expires),
+        }
+        for r in store.retained()
+    ]
+    return {
+        "at": _iso(now),
+        "groups": groups,
+        "unfinished": unfinished,
+        "rollback_failed": needs_person,
+        "retained": retained,
+    }
+
+
+def render_status(doc: Mapping[str, Any]) -> str:
+    lines = []
+    for g in doc["groups"]:
+        last = g["last_run"]
+        run_text = (
+            "never run"
+            if last is None
+            else f"last run {last['id']} {last['status']}: {last['succeeded']}/{last['total']} "
+            f"patched, {last['failed']} failed, started {last['started']}"
+        )
+        lines.append(f"{g['group']}: {run_text}")
+        window_text = "open now" if g["window_open"] else f"next opening {g['next_opening']}"
+        lines.append(f"  window {g['window']}: {window_text}")
+        if g["after"]:
+            state = "open" if g["stage_gate"]["open"] else "shut"
+            lines.append(f"  after {g['after']}: gate {state}: {g['stage_gate']['reason']}")
+        if g["pending"]:
+            lines.append(f"  pending: {', '.join(g['pending'])}")
+    if doc["unfinished"]:
+        lines.append("unfinished targets (a patchd stopped while working on them):")
+        lines.extend(
+            f"  {u['target']} in run {u['run_id']}: {u['state']}" for u in doc["unfinished"]
+        )
+    if doc["rollback_failed"]:
+        lines.append("ROLLBACK FAILED, needs a person:")
+        lines.extend(
+            f"  {r['target']} in run {r['run_id']}: {r['error']}" for r in doc["rollback_failed"]
+        )
+    if doc["retained"]:
+        lines.append("kept after commit:")
+        lines.extend(f"  {r['target']}: {r['what']} until {r['expires']}" for r in doc["retained"])
+    return "\n".join(lines) if lines else "no groups configured"
+
+
+def history(store: Store, group: str | None, limit: int) -> list[dict[str, Any]]:
+    runs = []
+    for run in store.runs(group, limit=limit):
+        runs.append(
+            {
+                "id": run.id,
+                "group": run.group,
+                "window": run.window,
+                "status": run.status,
+                "started": _iso(run.started),
+                "finished": _iso(run.finished),
+                "total": run.total,
+                "succeeded": run.succeeded,
+                "failed": run.failed,
+                "error": run.detail.get("error"),
+                "targets": [
+                    {
+                        "target": t.name,
+                        "state": t.state,
+                        "from": t.version_from,
+                        "to": t.version_to,
+                        "error": t.error,
+                    }
+                    for t in store.targets(run.id)
+                ],
+            }
+        )
+    return runs
+
+
+def render_history(runs: list[dict[str, Any]]) -> str:
+    if not runs:
+        return "no runs recorded"
+    lines = []
+    for run in runs:
+        lines.append(
+            f"{run['started']} {run['group']} run {run['id']}: {run['status']}, "
+            f"{run['succeeded']}/{run['total']} patched, {run['failed']} failed"
+        )
+        if run["error"]:
+            lines.append(f"  error: {run['error']}")
+        for t in run["targets"]:
+            change = f" {(t['from'] or '')[:19]} -> {(t['to'] or '')[:19]}" if t["to"] else ""
+            error = f"  ({t['error']})" if t["error"] else ""
+            lines.append(f"  {t['target']}: {t['state']}{change}{error}")
+    return "\n".join(lines)

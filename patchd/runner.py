@@ -1,0 +1,151 @@
+"""Starting one run of a group for real: gates, the per-group lock, retained items.
+
+Shared by `patchd run` and the daemon, so both apply the same rules: the window (unless
+`--now`), freezes (unless `--force`), the stage gate (always), and one run of a group at a
+time across processes (a lock file in the state directory).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from patchd import health
+from patchd.backends.base import Backend, Target
+from patchd.config.settings import Group, Settings
+from patchd.engine import RunRequest, RunResult, run_group, stage_gate
+from patchd.engine.target import Observer, TargetOutcome
+from patchd.state import Store
+from patchd.windows import in_freeze, may_start
+
+
+class RunRefused(Exception):
+    """The run may not start now; the message says why."""
+
+
+class Observers:
+    """Fans engine events out to several observers."""
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self.observers = list(observers)
+
+    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
+        for observer in self.observers:
+            observer.step(run_id, group, target, state, **fields)
+
+    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
+        for observer in self.observers:
+            observer.outcome(run_id, group, outcome)
+
+
+def new_run_id(now: datetime) -> str:
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+@contextmanager
+def group_lock(settings: Settings, group: str) -> Iterator[None]:
+    """Hold the group's lock file, or raise RunRefused if another run holds it."""
+    locks = settings.daemon.state_dir / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / f"{group}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunRefused(f"group {group!r} is already being run") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Runner:
+    settings: Settings
+    store: Store
+    backends: dict[str, Backend]
+    observer: Observer
+    clock: Callable[[], datetime]
+    on_progress: Callable[[TargetOutcome, int, int], None] | None = None
+
+    def gate(self, group: Group, now: bool, force: bool) -> Callable[[datetime], bool]:
+        settings = self.settings
+        window = settings.windows[group.window]
+        if force:
+            return lambda at: True
+        if now:
+            return lambda at: in_freeze(at, settings.freezes) is None
+        return lambda at: may_start(window, at, settings.freezes)
+
+    def run(
+        self,
+        group_name: str,
+        *,
+        now: bool = False,
+        force: bool = False,
+        stop: threading.Event | None = None,
+    ) -> RunResult:
+        """One run of the group; RunRefused when a gate is shut before it starts."""
+        group = self.settings.groups[group_name]
+        at = self.clock()
+        may = self.gate(group, now, force)
+        if not may(at):
+            freeze = in_freeze(at, self.settings.freezes)
+            if freeze is not None:
+                raise RunRefused(
+                    f"freeze {freeze.name!r} is in force until {freeze.end:%Y-%m-%d %H:%M}Z"
+                )
+            raise RunRefused(
+                f"window {group.window!r} does not allow a start now (closed or past its cutoff)"
+            )
+        stage = stage_gate(group, self.store, at)
+        if not stage.open:
+            raise RunRefused(stage.reason)
+        backend = self.backends[group.backend]
+        with group_lock(self.settings, group.name):
+            result = run_group(
+                RunRequest(
+                    run_id=new_run_id(at),
+                    group=group,
+                    backend=backend,
+                    store=self.store,
+                    clock=self.clock,
+                    may_start=may,
+                    observer=self.observer,
+                    window=group.window,
+                    pins=stage.pins,
+                    probe=health.probe,
+                    stop=stop or threading.Event(),
+                    on_progress=self.on_progress,
+                )
+            )
+        finished = self.clock()
+        for outcome in result.outcomes:
+            if outcome.retained is not None:
+                self.store.retain(
+                    group.backend,
+                    outcome.target.name,
+                    result.run_id,
+                    outcome.retained.description,
+                    outcome.retained.data,
+                    finished + outcome.retained.keep,
+                )
+        return result
+
+    def release_expired(self) -> int:
+        """Remove what commits kept and whose time is up; returns how many were released."""
+        count = 0
+        for row in self.store.retained(due_by=self.clock()):
+            backend = self.backends.get(row.backend)
+            if backend is None:
+                continue  # that backend left the config; keep the record for a person
+            backend.release(row.data)
+            self.store.released(row.id)
+            count += 1
+        return count

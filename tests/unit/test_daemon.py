@@ -1,0 +1,127 @@
+"""The daemon in-process with FakeBackend: scheduling a window, reload, metrics, shutdown.
+
+The daemon as a real process (signals, sd_notify, Docker) is tested in tests/integration.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from patchd.daemon import Daemon
+from patchd.metrics import next_start
+from patchd.notify import Notifier
+from patchd.state import Store
+from patchd.testing import FakeBackend
+from patchd.windows import Cron, Weekly, Window
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def config_text(state: Path, start: datetime, broken: bool = False) -> str:
+    day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][start.weekday()]
+    return f"""
+[daemon]
+state_dir = "{state}"
+metrics_address = "127.0.0.1:0"
+log_format = "json"
+
+[windows.soon]
+days = ["{day}"]
+start = "{start:%H:%M:%S}"
+duration = "1h"
+
+[backends.d]
+type = "docker"
+
+[groups.web]
+backend = "d"
+window = "{"nope" if broken else "soon"}"
+max_concurrency = 2
+"""
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    backend = FakeBackend("d")
+    for i in range(3):
+        backend.add(f"c{i}")
+    backend.publish("app", "v2")
+    return backend
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, fake: FakeBackend) -> Iterator[Daemon]:
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+    path = tmp_path / "patchd.toml"
+    path.write_text(config_text(tmp_path / "state", start))
+    d = Daemon(path, None, connector=lambda spec: fake, notifier=Notifier(""))
+    d.start()
+    yield d
+    if not d.stop.is_set():
+        d.shutdown()
+
+
+def test_window_opening_after_start_patches_the_group(daemon: Daemon, fake: FakeBackend) -> None:
+    assert daemon.status_line().startswith("idle; next window soon at")
+    assert [c for c in fake.calls if c[0] == "apply"] == []  # nothing before the window
+    wait_for(lambda: {t.version for t in fake.targets.values()} == {"v2"})
+    wait_for(
+        lambda: (
+            daemon.store.last_run("web") is not None
+            and daemon.store.last_run("web").status == "completed"
+        )
+    )  # type: ignore[union-attr]
+    port = daemon.metrics_server.server_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    assert 'patchd_patch_operations_total{backend="d",group="web",result="success"} 3.0' in text
+    assert 'patchd_window_open{window="soon"} 1.0' in text
+    assert "patchd_config_last_reload_successful 1.0" in text
+    assert 'patchd_backend_up{backend="d"} 1.0' in text
+
+
+def test_broken_reload_keeps_the_old_config(daemon: Daemon, tmp_path: Path) -> None:
+    old = daemon.settings
+    path = tmp_path / "patchd.toml"
+    path.write_text(config_text(tmp_path / "state", datetime.now(UTC), broken=True))
+    daemon.reload()
+    assert daemon.settings is old
+    assert daemon.metrics.config_reload_ok._value.get() == 0  # type: ignore[attr-defined]
+    path.write_text(config_text(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2)))
+    daemon.reload()
+    assert daemon.settings is not old
+    assert daemon.metrics.config_reload_ok._value.get() == 1  # type: ignore[attr-defined]
+
+
+def test_shutdown_waits_for_in_flight_targets(daemon: Daemon, fake: FakeBackend) -> None:
+    fake.step_time = 1
+    fake.sleep = time.sleep
+    assert daemon.start_run("web") or True
+    wait_for(lambda: fake.in_flight > 0)
+    assert daemon.shutdown() == 0
+    store = Store(daemon.settings.daemon.state_dir / "patchd.db")
+    run = store.last_run("web")
+    assert run is not None and run.status == "stopped"
+    assert [row.state for row in store.targets(run.id)] == ["committed", "committed"]
+    assert run.detail["pending"] == ["c2"]
+    assert store.unfinished_targets() == []
+    assert all(t.version in ("v1", "v2") for t in fake.targets.values())
+
+
+def test_next_start_skips_the_cutoff_and_respects_open_windows() -> None:
+    w = Window("w", Cron("0 * * * *"), timedelta(minutes=30), UTC, timedelta(minutes=10))  # type: ignore[arg-type]
+    at = datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
+    assert next_start(w, (), at) == datetime(2026, 1, 1, 1, 0, tzinfo=UTC)
+    weekly = Window("x", Weekly(frozenset({0}), datetime.min.time()), timedelta(hours=1), UTC)  # type: ignore[arg-type]
+    assert next_start(weekly, (), at) == datetime(2026, 1, 5, 0, 0, tzinfo=UTC)

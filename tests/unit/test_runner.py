@@ -1,0 +1,180 @@
+"""Runner (gates, lock, retained items) and the plan/status/history reports, on FakeBackend."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from patchd import reports
+from patchd.config import Settings, load_settings
+from patchd.engine import NullObserver
+from patchd.runner import Runner, RunRefused, group_lock
+from patchd.state import Store
+from patchd.testing import FakeBackend
+
+CONFIG = """
+[daemon]
+state_dir = "{state}"
+
+[windows.sat]
+days = ["sat"]
+start = "02:00"
+duration = "4h"
+cutoff = "1h"
+
+[freezes.f]
+start = 2026-12-12T00:00:00Z
+end = 2026-12-13T00:00:00Z
+
+[backends.d]
+type = "docker"
+
+[groups.staging]
+backend = "d"
+window = "sat"
+select = {{ labels = {{ tier = "staging" }} }}
+snapshot = {{ keep = "1h" }}
+
+[groups.prod]
+backend = "d"
+window = "sat"
+after = "staging"
+soak = "30m"
+max_concurrency = "50%"
+select = {{ labels = {{ tier = "prod" }} }}
+"""
+
+OPEN = datetime(2026, 11, 28, 2, 30, tzinfo=UTC)  # Saturday, inside the window
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    path = tmp_path / "patchd.toml"
+    path.write_text(CONFIG.format(state=tmp_path / "state"))
+    return load_settings(path)
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    backend = FakeBackend("d")
+    backend.add("s1", labels={"tier": "staging"})
+    for i in range(4):
+        backend.add(f"p{i}", labels={"tier": "prod"})
+    backend.publish("app", "v2")
+    return backend
+
+
+def make_runner(settings: Settings, fake: FakeBackend, clock: Clock) -> Runner:
+    store = Store(settings.daemon.state_dir / "patchd.db")
+    return Runner(settings, store, {"d": fake}, NullObserver(), clock)
+
+
+def test_window_cutoff_and_freeze_gates(settings: Settings, fake: FakeBackend) -> None:
+    clock = Clock(datetime(2026, 11, 27, 12, tzinfo=UTC))  # Friday: closed
+    runner = make_runner(settings, fake, clock)
+    with pytest.raises(RunRefused, match="does not allow a start now"):
+        runner.run("staging")
+    clock.now = OPEN.replace(hour=5, minute=10)  # inside the last hour: cutoff
+    with pytest.raises(RunRefused, match="cutoff"):
+        runner.run("staging")
+    clock.now = datetime(2026, 12, 12, 2, 30, tzinfo=UTC)  # a Saturday in the freeze
+    with pytest.raises(RunRefused, match="freeze 'f'"):
+        runner.run("staging", now=True)
+    result = runner.run("staging", force=True)
+    assert result.status == "completed"
+
+
+def test_stage_promotion_through_the_runner(settings: Settings, fake: FakeBackend) -> None:
+    clock = Clock(OPEN)
+    runner = make_runner(settings, fake, clock)
+    with pytest.raises(RunRefused, match="has not run yet"):
+        runner.run("prod")
+    assert runner.run("staging").status == "completed"
+    fake.publish("app", "v3")
+    with pytest.raises(RunRefused, match="soaking"):
+        runner.run("prod")
+    clock.now = OPEN + timedelta(minutes=31)
+    result = runner.run("prod")
+    assert [o.result for o in result.outcomes] == ["success"] * 4
+    assert {fake.targets[f"p{i}"].version for i in range(4)} == {"v2"}
+
+
+def test_retained_items_are_recorded_and_released_when_due(
+    settings: Settings, fake: FakeBackend
+) -> None:
+    clock = Clock(OPEN)
+    runner = make_runner(settings, fake, clock)
+    runner.run("staging")
+    [row] = runner.store.retained()
+    assert row.target == "s1"
+    assert row.expires == OPEN + timedelta(hours=1)
+    assert runner.release_expired() == 0
+    assert fake.targets["s1"].snapshots
+    clock.now = OPEN + timedelta(hours=1)
+    assert runner.release_expired() == 1
+    assert not fake.targets["s1"].snapshots
+    assert runner.store.retained() == []
+
+
+def test_one_run_per_group_at_a_time(settings: Settings, fake: FakeBackend) -> None:
+    runner = make_runner(settings, fake, Clock(OPEN))
+    with group_lock(settings, "staging"), pytest.raises(RunRefused, match="already"):
+        runner.run("staging")
+
+
+def test_plan_changes_nothing_and_shows_batches(settings: Settings, fake: FakeBackend) -> None:
+    clock = Clock(OPEN)
+    runner = make_runner(settings, fake, clock)
+    runner.run("staging")
+    clock.now = OPEN + timedelta(hours=1)
+    fake.calls.clear()
+    doc = reports.plan(settings, runner.store, {"d": fake}, "prod", clock.now)
+    assert doc["stage_gate"]["open"] is True
+    assert doc["stage_gate"]["pins"] == {"app": "v2"}
+    assert [(t["name"], t["action"], t.get("batch")) for t in doc["targets"]] == [
+        ("p0", "patch", 1),
+        ("p1", "patch", 1),
+        ("p2", "patch", 2),
+        ("p3", "patch", 2),
+    ]
+    assert {step for step, _ in fake.calls} == {"discover", "check_update"}
+    assert "batch 2: p3  app  v1 -> v2" in reports.render_plan(doc)
+    json.dumps(doc)
+
+
+def test_status_and_history(settings: Settings, fake: FakeBackend) -> None:
+    clock = Clock(OPEN)
+    runner = make_runner(settings, fake, clock)
+    fake.unhealthy.add("v2")
+    runner.run("staging")
+    doc = reports.status(settings, runner.store, clock.now)
+    staging = next(g for g in doc["groups"] if g["group"] == "staging")
+    assert staging["last_run"]["failed"] == 1
+    assert staging["window_open"] is True
+    prod = next(g for g in doc["groups"] if g["group"] == "prod")
+    assert prod["stage_gate"]["open"] is False
+    assert "staging: last run" in reports.render_status(doc)
+    runs = reports.history(runner.store, "staging", 10)
+    assert runs[0]["targets"] == [
+        {
+            "target": "s1",
+            "state": "rolled_back",
+            "from": "v1",
+            "to": "v2",
+            "error": runs[0]["targets"][0]["error"],
+        }
+    ]
+    assert "unhealthy on v2" in runs[0]["targets"][0]["error"]
+    assert "s1: rolled_back v1 -> v2" in reports.render_history(runs)
+    json.dumps(doc)
