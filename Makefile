@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test lint unit integration lab-up lab-down venv
+.PHONY: test demo lint lab-up lab-down venv
 
 venv: $(VENV)/.installed
 
@@ -34,3 +34,9 @@ test: venv
 	fi; \
 	if [ -z "$$PATCHD_LAB_KEEP" ]; then tests/lab/lab.sh down || true; fi; \
 	exit $$status
+
+# The demo: starts the test bed and patches a small fleet with config/lab.toml.
+# The test bed stays up afterwards for a look around; `make lab-down` stops it.
+demo: venv
+	PATCHD_LAB_PYTHON=$(PY) tests/lab/lab.sh up
+	$(PY) tests/lab/demo.py

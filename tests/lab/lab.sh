@@ -29,6 +29,7 @@ PACKAGES=(docker.io docker-registry busybox-static golang-go golang-github-vmwar
 
 BASE_IMAGE_RAW=patchd-lab/busybox-base:latest
 BASE_IMAGE=patchd-lab/busybox:latest
+IMAGE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 DOCKERD_TIMEOUT=20
 REGISTRY_TIMEOUT=20
@@ -137,7 +138,8 @@ pid_alive() {
 
 # pid_has_arg PID ARG: ARG is one of the process's exact command-line arguments.
 pid_has_arg() {
-    [[ -r /proc/$1/cmdline ]] && tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null | grep -qxF -- "$2"
+    # No grep -q: with pipefail an early exit of grep could fail the pipeline (SIGPIPE).
+    [[ -r /proc/$1/cmdline ]] && tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null | grep -xF -- "$2" >/dev/null
 }
 
 read_pid() { [[ -s $1 ]] && tr -dc '0-9' <"$1"; }
@@ -219,15 +221,15 @@ ensure_packages() {
     local t0 aptlog=$LAB_DIR/apt.log
     t0=$(now)
     log "installing missing Debian packages: ${missing[*]}"
-    "${sudo[@]}" apt-get update >"$aptlog" 2>&1 || die packages "apt-get update failed" "$aptlog"
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${PACKAGES[@]}" >>"$aptlog" 2>&1 ||
+    "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 update >"$aptlog" 2>&1 || die packages "apt-get update failed" "$aptlog"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y "${PACKAGES[@]}" >>"$aptlog" 2>&1 ||
         die packages "apt-get install ${PACKAGES[*]} failed" "$aptlog"
     log "packages installed in $(since "$t0")"
 }
 
 # --- dockerd -----------------------------------------------------------------------
 
-docker_ping() { curl -sf --max-time 2 --unix-socket "$DK_SOCK" http://d/_ping | grep -qx OK; }
+docker_ping() { [[ $(curl -sf --max-time 2 --unix-socket "$DK_SOCK" http://d/_ping) == OK ]]; }
 
 start_dockerd() {
     STEP=dockerd
@@ -252,12 +254,13 @@ start_dockerd() {
         --containerd-plugins-namespace "$DK_NAMESPACE-plugins" \
         --cgroup-parent "/$DK_CGROUP" \
         --shutdown-timeout 5 \
-        </dev/null >>"$DK_LOG" 2>&1 &
+        </dev/null >>"$DK_LOG" 2>&1 9>&- &
     pid=$!
     wait_for "$DOCKERD_TIMEOUT" "$pid" docker_ping || rc=$?
     case $rc in
         0) ;;
-        1) die dockerd "no answer on $DK_SOCK/_ping after ${DOCKERD_TIMEOUT}s" "$DK_LOG" ;;
+        1) stop_pid dockerd "$pid"
+           die dockerd "no answer on $DK_SOCK/_ping after ${DOCKERD_TIMEOUT}s (stopped it)" "$DK_LOG" ;;
         *) die dockerd "dockerd (pid $pid) exited during start" "$DK_LOG" ;;
     esac
     log "dockerd: pid $pid ready on $DK_HOST in $(since "$t0")"
@@ -297,6 +300,11 @@ stop_dockerd() {
     done
     unmount_under "$DK_EXEC" "$DK_DATA"
     remove_cgroups
+    # The exec-root holds only runtime state; clear it unless something is still mounted.
+    if { [[ -z ${pid:-} ]] || ! pid_alive "$pid"; } &&
+        ! awk '{ print $5 }' /proc/self/mountinfo | grep -F -- "$DK_RUN/" >/dev/null; then
+        rm -rf --one-file-system "$DK_EXEC"
+    fi
 }
 
 cgroup_dirs() {
@@ -312,7 +320,10 @@ kill_cgroup_procs() {
     while read -r d; do
         while read -r f; do
             while read -r p; do
-                if [[ -n $p ]]; then kill -KILL "$p" 2>/dev/null || true; fi
+                if [[ -n $p ]]; then
+                    log "killing leftover container process $p (cgroup $DK_CGROUP)"
+                    kill -KILL "$p" 2>/dev/null || true
+                fi
             done <"$f"
         done < <(find "$d" -name cgroup.procs 2>/dev/null)
     done < <(cgroup_dirs)
@@ -366,23 +377,23 @@ build_images() {
         done
         tar -C "$rootfs" --numeric-owner --owner=0 --group=0 -cf "$DK_BUILD/base.tar" . ||
             die images "could not pack the busybox tarball"
-        docker_cli import --change 'ENV PATH=/bin' --change 'CMD ["/bin/sh"]' \
+        docker_cli import --change "ENV PATH=$IMAGE_PATH" --change 'CMD ["/bin/sh"]' \
             "$DK_BUILD/base.tar" "$BASE_IMAGE_RAW" >>"$blog" 2>&1 ||
             die images "docker import of $BASE_IMAGE_RAW failed" "$blog"
     fi
     ctx=$DK_BUILD/ctx
     rm -rf "$ctx"
     mkdir -p "$ctx"
+    # One RUN step and no metadata steps (ENV and CMD come from the import): the legacy
+    # builder commits a full vfs copy per step; 2 RUNs + ENV + CMD took 5 s, this 2 s.
+    # (/bin/sh is one of the imported symlinks.) No LABEL: containers would inherit it.
     cat >"$ctx/Dockerfile" <<EOF
 FROM $BASE_IMAGE_RAW
-RUN ["/bin/busybox", "--install", "-s", "/bin"]
-RUN mkdir -p /tmp /var/tmp /root /home /etc /usr/bin /usr/sbin /sbin \\
+RUN /bin/busybox --install -s /bin \\
+ && mkdir -p /tmp /var/tmp /root /home /etc /usr/bin /usr/sbin /sbin \\
  && chmod 1777 /tmp /var/tmp \\
  && printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >/etc/passwd \\
  && printf 'root:x:0:\nnogroup:x:65534:\n' >/etc/group
-ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-LABEL org.patchd.lab="base"
-CMD ["/bin/sh"]
 EOF
     docker_cli build --network none -t "$BASE_IMAGE" "$ctx" >>"$blog" 2>&1 ||
         die images "docker build of $BASE_IMAGE failed" "$blog"
@@ -430,7 +441,7 @@ http:
 EOF
         rm -f "$REG_ADDR"
         printf '=== %s: starting docker-registry on %s\n' "$(date -Is)" "$addr" >>"$REG_LOG"
-        setsid docker-registry serve "$REG_CONF" </dev/null >>"$REG_LOG" 2>&1 &
+        setsid docker-registry serve "$REG_CONF" </dev/null >>"$REG_LOG" 2>&1 9>&- &
         pid=$!
         printf '%s\n' "$pid" >"$REG_PID"
         rc=0
@@ -441,7 +452,7 @@ EOF
             log "registry: pid $pid ready on $addr in $(since "$t0")"
             return 0
         fi
-        if (( rc == 2 )) && tail -n 5 "$REG_LOG" | grep -q 'address already in use'; then
+        if (( rc == 2 )) && tail -n 5 "$REG_LOG" | grep 'address already in use' >/dev/null; then
             log "registry: port $port was taken meanwhile; trying another"
             continue
         fi
@@ -492,11 +503,14 @@ build_vcsim() {
 }
 
 soap_probe() {
-    curl -sf --max-time 3 -X POST -H 'Content-Type: text/xml; charset=utf-8' \
-        -H 'SOAPAction: urn:vim25/6.5' --data-binary @- "http://$1/sdk" <<'EOF' | grep -q RetrieveServiceContentResponse
+    local out
+    out=$(curl -sf --max-time 3 -X POST -H 'Content-Type: text/xml; charset=utf-8' \
+        -H 'SOAPAction: urn:vim25/6.5' --data-binary @- "http://$1/sdk" <<'EOF'
 <?xml version="1.0" encoding="UTF-8"?>
 <soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:vim25="urn:vim25"><soapenv:Body><vim25:RetrieveServiceContent><vim25:_this type="ServiceInstance">ServiceInstance</vim25:_this></vim25:RetrieveServiceContent></soapenv:Body></soapenv:Envelope>
 EOF
+    ) || return 1
+    [[ $out == *RetrieveServiceContentResponse* ]]
 }
 
 # pyvmomi_login HOST PORT: 0 = login worked, 1 = failed, 3 = no pyVmomi in LAB_PYTHON.
@@ -540,12 +554,12 @@ start_vcsim() {
         rm -f "$VC_ADDR" "$VC_OUT"
         printf '=== %s: starting vcsim on %s\n' "$(date -Is)" "$addr" >>"$VC_LOG"
         # TMPDIR: the model's datastore directories go there (removed on SIGTERM).
-        TMPDIR=$VC_DIR/tmp setsid "$VC_BIN" -listen "$addr" </dev/null >"$VC_OUT" 2>>"$VC_LOG" &
+        TMPDIR=$VC_DIR/tmp setsid "$VC_BIN" -listen "$addr" </dev/null >"$VC_OUT" 2>>"$VC_LOG" 9>&- &
         pid=$!
         printf '%s\n' "$pid" >"$VC_PID"
         rc=0
         wait_for "$VCSIM_TIMEOUT" "$pid" soap_probe "$addr" || rc=$?
-        if (( rc == 2 )) && tail -n 20 "$VC_LOG" | grep -q 'address already in use'; then
+        if (( rc == 2 )) && tail -n 20 "$VC_LOG" | grep 'address already in use' >/dev/null; then
             log "vcsim: port $port was taken meanwhile; trying another"
             continue
         fi
@@ -573,8 +587,12 @@ start_vcsim() {
 # --- commands ----------------------------------------------------------------------
 
 lock_lab() {
+    # Services started below get `9>&-`: none of them may inherit (and so hold) the lock.
     exec 9>"$LAB_DIR/.lock"
-    flock -w 600 9 || die setup "another lab.sh holds $LAB_DIR/.lock"
+    if ! flock -n 9; then
+        log "waiting for another lab.sh holding $LAB_DIR/.lock (up to 300 s)"
+        flock -w 300 9 || die setup "another lab.sh still holds $LAB_DIR/.lock after 300 s"
+    fi
 }
 
 write_env() {
@@ -623,6 +641,7 @@ cmd_down() {
     stop_service registry "$REG_PID" "$REG_CONF"
     stop_dockerd
     rm -f "$DK_SOCK"
+    [[ $DK_RUN == "$LAB_DIR"/* ]] || rmdir "$DK_RUN" 2>/dev/null || true
     log "down"
 }
 

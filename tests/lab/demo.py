@@ -1,0 +1,161 @@
+"""The demo behind `make demo`: patch a small fleet on the local test bed with config/lab.toml.
+
+1. builds a web image v1, pushes it to the lab registry as patchd-demo/web:stable;
+2. starts 2 staging and 4 production containers from it;
+3. publishes v2 under the same tag;
+4. shows `patchd plan`, then starts `patchd daemon` and waits while it patches staging,
+   soaks, and promotes to production exactly the digest staging verified;
+5. shows the containers, `patchd history` and the daemon's metrics, and stops the daemon.
+
+Expects the test bed to be up (`tests/lab/lab.sh up`; `make demo` does it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import docker
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "config" / "lab.toml"
+PATCHD = [sys.executable, "-m", "patchd.cli"]
+LABEL = "patchd.demo"
+METRICS = "http://127.0.0.1:9863/metrics"
+
+
+def lab_env() -> dict[str, str]:
+    lab_dir = Path(os.environ.get("PATCHD_LAB_DIR", "/tmp/patchd-lab"))
+    env: dict[str, str] = {}
+    for line in (lab_dir / "lab.env").read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def say(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def build(client: Any, base: str, tag: str, version: str) -> str:
+    dockerfile = f"""
+FROM {base}
+RUN mkdir -p /www && echo "patchd demo web {version}" > /www/index.html
+LABEL org.opencontainers.image.version="{version}"
+HEALTHCHECK --interval=1s --timeout=2s --retries=2 CMD test -f /www/index.html
+CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
+"""
+    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
+    for line in client.images.push(tag, stream=True, decode=True):
+        if "error" in line:
+            raise SystemExit(f"push failed: {line['error']}")
+    digest: str = client.images.get_registry_data(tag).id
+    return digest
+
+
+def patchd(*args: str) -> None:
+    print(f"$ patchd {' '.join(args)}", flush=True)
+    subprocess.run([*PATCHD, *args], check=False)
+
+
+def last_run(group: str) -> dict[str, Any] | None:
+    out = subprocess.run(
+        [*PATCHD, "history", "-c", str(CONFIG), "--group", group, "--limit", "1", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    runs: list[dict[str, Any]] = json.loads(out)
+    return runs[0] if runs else None
+
+
+def main() -> int:
+    env = lab_env()
+    client = docker.DockerClient(base_url=env["PATCHD_LAB_DOCKER_HOST"])
+    tag = f"{env['PATCHD_LAB_REGISTRY']}/patchd-demo/web:stable"
+
+    say("clearing the previous demo")
+    for container in client.containers.list(all=True, filters={"label": LABEL}):
+        container.remove(force=True)
+    state = Path("/tmp/patchd-lab/state")
+    for path in state.glob("patchd.db*"):
+        path.unlink()
+
+    say(f"building v1 and pushing {tag}")
+    v1 = build(client, env["PATCHD_LAB_BASE_IMAGE"], tag, "v1")
+    print(f"v1 = {v1}")
+    for tier, count in (("staging", 2), ("production", 4)):
+        for i in range(1, count + 1):
+            client.containers.run(
+                tag,
+                name=f"demo-{tier}-{i}",
+                detach=True,
+                init=True,
+                network_mode="none",
+                labels={LABEL: "web", "tier": tier},
+                environment={"TIER": tier},
+                restart_policy={"Name": "unless-stopped"},
+            )
+    print("started demo-staging-1..2 and demo-production-1..4 on v1")
+
+    say("publishing v2 under the same tag")
+    v2 = build(client, env["PATCHD_LAB_BASE_IMAGE"], tag, "v2")
+    print(f"v2 = {v2}")
+
+    say("what patchd would do (plan changes nothing)")
+    patchd("check-config", "-c", str(CONFIG))
+    patchd("plan", "-c", str(CONFIG))
+
+    say("starting patchd daemon; the lab window is open, so it patches at once")
+    daemon = subprocess.Popen([*PATCHD, "daemon", "-c", str(CONFIG)])
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            run = last_run("demo-production")
+            if run is not None and run["finished"]:
+                break
+            if daemon.poll() is not None:
+                raise SystemExit(f"patchd daemon exited with {daemon.returncode}")
+            time.sleep(1)
+        else:
+            raise SystemExit("production was not patched within 180 s")
+
+        say("containers now")
+        for container in sorted(client.containers.list(filters={"label": LABEL}), key=lambda c: c.name):
+            digest = container.image.attrs.get("RepoDigests", ["?"])[0].split("@")[-1]
+            health = container.attrs["State"].get("Health", {}).get("Status", "-")
+            print(f"{container.name:22} {digest[:19]}  {container.status} ({health})")
+
+        say("history")
+        patchd("history", "-c", str(CONFIG))
+
+        say("metrics (selected)")
+        text = urllib.request.urlopen(METRICS, timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith(
+                ("patchd_patch_operations_total", "patchd_runs_total", "patchd_window_open",
+                 "patchd_backend_up", "patchd_config_last_reload_successful")
+            ):
+                print(line)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=120)
+    production = last_run("demo-production")
+    ok = production is not None and production["status"] == "completed" and not production["failed"]
+    verified = production is not None and all(t["to"] == v2 for t in production["targets"])
+    say(f"demo {'OK' if ok and verified else 'FAILED'}: production runs {v2[:19]}")
+    return 0 if ok and verified else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
