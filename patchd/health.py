@@ -1,4 +1,4 @@
-"""Post-patch probes that work for any backend: `health.command` and `health.http`.
+"""Post-patch probes for any backend: `health.command`, `health.http` and `health.tcp`.
 
 The backend checks its own signals first (a container's HEALTHCHECK, VMware Tools); these
 probes run after, on the patchd host. Both fail closed: an error running the probe is a
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import time
 import urllib.error
@@ -86,6 +87,20 @@ def wait_for_http(url: str, status: int, timeout: float, deadline: float) -> Non
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
+def wait_for_tcp(host: str, port: int, timeout: float, deadline: float) -> None:
+    """Poll until a TCP connection to host:port succeeds; StepFailed at `deadline`."""
+    last = "no answer"
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return
+        except OSError as err:
+            last = err.strerror or str(err)
+        if time.monotonic() >= deadline:
+            raise StepFailed(f"tcp check {host}:{port}: {last}")
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
 def probe(target: Target, facts: Mapping[str, str], group: Group) -> None:
     """Run the group's command and HTTP probes against a patched target."""
     health = group.health
@@ -100,3 +115,8 @@ def probe(target: Target, facts: Mapping[str, str], group: Group) -> None:
             health.http.timeout.total_seconds(),
             deadline,
         )
+    if health.tcp is not None:
+        host = health.tcp.host or facts.get("ip", "")
+        if not host:
+            raise StepFailed("tcp check: no host given and the target reports no ip")
+        wait_for_tcp(host, health.tcp.port, health.tcp.timeout.total_seconds(), deadline)

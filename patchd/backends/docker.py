@@ -1,16 +1,67 @@
-"""Docker Engine backend (`type = "docker"`): its connection keys and container selectors."""
+"""Docker Engine backend (`type = "docker"`): patches containers by recreating them.
+
+A target is a container, identified by its NAME (stable across a recreate). One patch:
+
+- check_update: the registry's manifest digest for the container's configured image
+  reference (`Config.Image`, e.g. `registry:5000/app:stable`) against the `RepoDigests`
+  entry of that repository on the image the container runs. Never pulls.
+- snapshot: stop the container and rename it `NAME.patchd-RUN` (it and its image stay).
+- apply: pull `repository@digest`, tag it locally as the configured reference, and create
+  a container under the original name with the old one's user-set configuration
+  (`docker_recreate`) from that reference, then start it. Creating from the reference
+  rather than from `repository@digest` keeps `Config.Image` as configured, so the new
+  container inspects identical to the old one except for the image (and tools that read
+  `Config.Image`, such as compose, keep working). The tag and the create happen under a
+  per-reference lock, and the created container's image id is checked against the
+  pulled one, so concurrent patches of one reference cannot pick up each other's tag.
+- verify: the container's own HEALTHCHECK, or else running without a restart for
+  `stable_for`.
+- commit: remove the renamed container; the old image is kept for `rollback_retention`
+  and removed by `release` when no container uses it and it has no tag.
+- rollback: from any partial state, put the renamed container back under its name and
+  start it. A container is never removed unless the old one is there to replace it.
+
+Containers are selected only while running or restarting: a stopped container cannot
+be verified, and starting it is not patchd's to decide. `--rm` containers are refused
+at snapshot (stopping would delete them).
+
+Known limit: a renamed container with restart policy `always` is started again if the
+Docker daemon itself restarts during the patch (the engine's rule for that policy); the
+next rollback or commit settles it.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import re
+import threading
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, FilePath, field_validator, model_validator
 
+from patchd.backends.base import (
+    Retained,
+    RollbackFailed,
+    Snapshot,
+    StepFailed,
+    Target,
+    Update,
+)
+from patchd.backends.docker_engine import Engine, message, not_found, status_code, transient
+from patchd.backends.docker_recreate import create_request, parse_ref, repo_digests
+from patchd.config.schema import HealthModel, SnapshotModel
 from patchd.config.types import STRICT, Duration
 
 _SCHEMES = ("unix://", "tcp://", "ssh://")
+ENABLE_LABEL = "patchd.enable"
+DEPENDS_LABEL = "patchd.depends_on"
+SNAPSHOT_INFIX = ".patchd-"
+_SNAPSHOT_NAME = re.compile(r"\.patchd-[A-Za-z0-9_.-]+$")
+_SELECTABLE = ("running", "restarting")
+_ROLLBACK_ATTEMPTS = 3
 
 
 class DockerConfig(BaseModel):
@@ -23,6 +74,10 @@ class DockerConfig(BaseModel):
     tls_ca: FilePath | None = None
     tls_cert: FilePath | None = None
     tls_key: FilePath | None = None
+    # How long the image a container ran before a patch is kept after the commit.
+    rollback_retention: Duration = timedelta(days=7)
+    # How long a rollback waits for the restored container to be healthy again.
+    rollback_timeout: Duration = timedelta(minutes=5)
 
     @field_validator("url")
     @classmethod
@@ -55,7 +110,306 @@ class DockerSelect(BaseModel):
 
 
 class DockerBackend:
-    """The Docker backend plugin."""
+    """The Docker backend plugin: one `[backends.NAME]` table, one Docker engine."""
 
     config_model: ClassVar[type[BaseModel]] = DockerConfig
     select_model: ClassVar[type[BaseModel]] = DockerSelect
+
+    def __init__(self, name: str, config: Any) -> None:
+        self.name = name
+        self.config: DockerConfig = (
+            config if isinstance(config, DockerConfig) else DockerConfig.model_validate(config)
+        )
+        self.engine = Engine(
+            self.config.url, self.config.timeout.total_seconds(), self.config.tls_files
+        )
+        self._lock = threading.Lock()
+        self._ref_locks: dict[str, threading.Lock] = {}
+
+    @property
+    def api(self) -> Any:
+        return self.engine.api
+
+    def ping(self) -> None:
+        with self.engine.step(f"docker {self.config.url}"):
+            self.api.ping()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # --- selection and update detection ------------------------------------------------
+
+    def discover(self, select: BaseModel) -> Sequence[Target]:
+        assert isinstance(select, DockerSelect)
+        filters = {"label": [f"{k}={v}" for k, v in select.labels.items()]} if select.labels else {}
+        with self.engine.step("listing containers"):
+            listed = self.api.containers(all=True, filters=filters)
+        found = []
+        for item in listed:
+            name = str((item.get("Names") or ["/"])[0]).lstrip("/")
+            labels = {str(k): str(v) for k, v in (item.get("Labels") or {}).items()}
+            if item.get("State") not in _SELECTABLE or _SNAPSHOT_NAME.search(name):
+                continue
+            if labels.get(ENABLE_LABEL, "").strip().lower() == "false":
+                continue
+            if any(labels.get(k) != v for k, v in select.labels.items()):
+                continue
+            if select.names and not any(fnmatch.fnmatchcase(name, p) for p in select.names):
+                continue
+            depends = labels.get(DEPENDS_LABEL, "")
+            found.append(
+                Target(
+                    id=name,
+                    name=name,
+                    kind="container",
+                    labels=labels,
+                    depends_on=tuple(d.strip() for d in depends.split(",") if d.strip()),
+                )
+            )
+        return sorted(found, key=lambda t: t.name)
+
+    def _running(self, target: Target) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The target's inspect and that of the image it runs (None if the image is gone)."""
+        attrs = self.engine.container(target.id)
+        if attrs is None:
+            raise StepFailed(f"container {target.id} not found")
+        return attrs, self.engine.image(attrs["Image"])
+
+    def check_update(self, target: Target, pins: Mapping[str, str]) -> Update | None:
+        with self.engine.step(f"checking {target.name} for an update"):
+            attrs, image = self._running(target)
+            ref = str(attrs["Config"]["Image"])
+            parsed = parse_ref(ref)
+            if parsed.digest is not None or ref.startswith("sha256:"):
+                return None  # pinned to one version by its own configuration
+            running = repo_digests(image or {}, parsed.repository)
+            available = pins.get(ref)
+            if available is None:
+                available = str(self.api.inspect_distribution(ref)["Descriptor"]["digest"])
+            if available in running:
+                return None
+            # An image that was built or imported here has no registry digest: the
+            # registry's version is then taken to differ, and the id stands for it.
+            current = running[0] if running else str(attrs["Image"])
+            return Update(ref=ref, current=current, available=available)
+
+    def describe(self, target: Target) -> Mapping[str, str]:
+        with self.engine.step(f"describing {target.name}"):
+            attrs, image = self._running(target)
+        ref = str(attrs["Config"]["Image"])
+        state = attrs.get("State") or {}
+        digests = repo_digests(image or {}, parse_ref(ref).repository)
+        facts = {
+            "name": target.name,
+            "id": str(attrs["Id"]),
+            "image": ref,
+            "image_id": str(attrs["Image"]),
+            "digest": digests[0] if digests else "",
+            "status": str(state.get("Status", "")),
+            "started_at": str(state.get("StartedAt", "")),
+        }
+        health = state.get("Health")
+        if health:
+            facts["health"] = str(health.get("Status", ""))
+        return facts
+
+    # --- the patch ----------------------------------------------------------------------
+
+    def plan_snapshot(self, target: Target, run_id: str) -> Snapshot:
+        # Pure: no engine call. Whatever snapshot() learns (the old container's id) is in
+        # the data it returns; rollback copes with a plan that carries none of it.
+        suffix = re.sub(r"[^A-Za-z0-9_.-]", "-", run_id)
+        return Snapshot(
+            target.id, {"container": target.id, "old_name": f"{target.id}{SNAPSHOT_INFIX}{suffix}"}
+        )
+
+    def snapshot(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> Snapshot:
+        name, old_name = snapshot.data["container"], snapshot.data["old_name"]
+        with self.engine.step(f"snapshot of {name}") as progress:
+            attrs = self.engine.container(old_name)  # a retry after it was taken
+            if attrs is None:
+                attrs = self.engine.container(name)
+                if attrs is None:
+                    raise StepFailed(f"container {name} not found")
+                if (attrs.get("HostConfig") or {}).get("AutoRemove"):
+                    raise StepFailed(
+                        f"{name} was started with --rm: stopping it would delete it, so it"
+                        " cannot be snapshotted; recreate it without --rm to have it patched"
+                    )
+            ref = str(attrs["Config"]["Image"])
+            tagged = self.engine.image(ref)
+            progress.changed = True
+            if (attrs.get("State") or {}).get("Running"):
+                self.api.stop(attrs["Id"])
+            if attrs["Name"].lstrip("/") != old_name:
+                self.api.rename(attrs["Id"], old_name)
+        data = {
+            **snapshot.data,
+            "old_id": attrs["Id"],
+            "image_id": attrs["Image"],
+            "image": ref,
+            "tag_image_id": tagged["Id"] if tagged else None,
+        }
+        return Snapshot(snapshot.target_id, data)
+
+    def _ref_lock(self, ref: str) -> threading.Lock:
+        with self._lock:
+            return self._ref_locks.setdefault(ref, threading.Lock())
+
+    def _bridge_disabled(self, container: Mapping[str, Any]) -> bool:
+        """Whether the engine runs without its default bridge (only asked when it matters)."""
+        config, host = container.get("Config") or {}, container.get("HostConfig") or {}
+        if not config.get("NetworkDisabled") or host.get("NetworkMode") not in (
+            "default",
+            "bridge",
+        ):
+            return False
+        return not any(n.get("Name") == "bridge" for n in self.api.networks(names=["bridge"]))
+
+    def apply(self, target: Target, update: Update, snapshot: Snapshot) -> None:
+        name = snapshot.data["container"]
+        old_id = snapshot.data.get("old_id")
+        if not old_id:
+            raise StepFailed(f"{name}: the snapshot was not taken")
+        ref = parse_ref(update.ref)
+        with self.engine.step(f"apply to {name}") as progress:
+            old = self.engine.container(old_id)
+            if old is None:
+                raise StepFailed(f"{name}: the snapshotted container {old_id[:12]} is gone")
+            image = self.engine.image(old["Image"])
+            if image is None:
+                raise StepFailed(f"{name}: the old image {old['Image']} is gone")
+            taken = self.engine.container(name)
+            if taken is not None and taken["Id"] != old_id:
+                raise StepFailed(f"{name}: a container {taken['Id'][:12]} already has the name")
+            request = create_request(
+                old,
+                image.get("Config") or {},
+                update.ref,
+                bridge_disabled=self._bridge_disabled(old),
+            )
+            pulled = self.engine.pull(ref.repository, update.available)
+            with self._ref_lock(update.ref):
+                progress.changed = True
+                self.api.tag(pulled, ref.repository, ref.tag_or_latest)
+                created = self.api.create_container_from_config(request.body, name=name)
+            new_id = created["Id"]
+            new = self.api.inspect_container(new_id)
+            if new["Image"] != pulled:
+                raise StepFailed(f"{name}: created from {new['Image']}, expected {pulled}")
+            for network, endpoint in request.connect:
+                ipam = endpoint.get("IPAMConfig") or {}
+                self.api.connect_container_to_network(
+                    new_id,
+                    network,
+                    aliases=endpoint.get("Aliases"),
+                    links=[tuple(str(li).split(":", 1)) for li in endpoint.get("Links") or []],
+                    ipv4_address=ipam.get("IPv4Address"),
+                    ipv6_address=ipam.get("IPv6Address"),
+                    link_local_ips=ipam.get("LinkLocalIPs"),
+                    driver_opt=endpoint.get("DriverOpts"),
+                )
+            self.api.start(new_id)
+
+    def verify(self, target: Target, update: Update, health: HealthModel) -> None:
+        with self.engine.step(f"verifying {target.name}"):
+            self.engine.await_healthy(
+                target.id,
+                health.timeout.total_seconds(),
+                health.stable_for.total_seconds(),
+                StepFailed,
+            )
+
+    def commit(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> Retained | None:
+        name, old_name = snapshot.data["container"], snapshot.data["old_name"]
+        old_id, image_id = snapshot.data.get("old_id"), snapshot.data.get("image_id")
+        with self.engine.step(f"commit of {name}") as progress:
+            old = self.engine.container(old_name)
+            if old is not None:
+                if old_id and old["Id"] != old_id:
+                    raise StepFailed(f"{old_name} is {old['Id'][:12]}, not {old_id[:12]}")
+                progress.changed = True
+                self.api.remove_container(old["Id"], force=True)
+            new = self.engine.container(name)
+        if not image_id or (new is not None and new["Image"] == image_id):
+            return None
+        ref = snapshot.data.get("image", "")
+        return Retained(
+            data={"backend": self.name, "image_id": image_id, "image": ref, "container": name},
+            keep=self.config.rollback_retention,
+            description=f"image {image_id[:19]} ({ref}) that {name} ran before the patch",
+        )
+
+    def release(self, retained: Mapping[str, Any]) -> None:
+        image_id = retained.get("image_id")
+        if not image_id:
+            return
+        with self.engine.step(f"releasing image {image_id}"):
+            image = self.engine.image(image_id)
+            if image is None or image.get("RepoTags"):
+                return  # gone already, or someone tagged it: theirs to remove
+            try:
+                self.api.remove_image(image_id)
+            except Exception as err:
+                # 409: a container (running or not) or a child image still uses it.
+                if not (not_found(err) or status_code(err) == 409):
+                    raise
+
+    # --- rollback -----------------------------------------------------------------------
+
+    def rollback(self, target: Target, snapshot: Snapshot) -> None:
+        name = snapshot.data.get("container", target.id)
+        for attempt in range(_ROLLBACK_ATTEMPTS):
+            try:
+                self._rollback(snapshot)
+                return
+            except RollbackFailed:
+                raise
+            except Exception as err:
+                # Rollback is idempotent: an engine hiccup is worth another try here
+                # rather than leaving the target to a person.
+                if transient(err) and attempt + 1 < _ROLLBACK_ATTEMPTS:
+                    self.engine.sleep(2.0**attempt)
+                    continue
+                raise RollbackFailed(f"rollback of {name}: {message(err)}") from err
+
+    def _rollback(self, snapshot: Snapshot) -> None:
+        data = snapshot.data
+        name, old_name, old_id = data["container"], data["old_name"], data.get("old_id")
+        old = self.engine.container(old_name)
+        current = self.engine.container(name)
+        if old is not None:
+            if old_id and old["Id"] != old_id:
+                raise RollbackFailed(
+                    f"{old_name} is container {old['Id'][:12]}, not {old_id[:12]} that patchd"
+                    " renamed; nothing was changed"
+                )
+            if current is not None and current["Id"] != old["Id"]:
+                self.api.stop(current["Id"])
+                self.api.remove_container(current["Id"], force=True)
+            self.api.rename(old["Id"], name)
+            restored = old
+        elif current is not None and (not old_id or current["Id"] == old_id):
+            # Not renamed yet (or back already). Without old_id the snapshot was never
+            # reported taken, so apply never ran and `name` is still the original.
+            restored = current
+        else:
+            where = f"container {current['Id'][:12]} is left as is" if current else "nothing is"
+            raise RollbackFailed(
+                f"{name}: the old container ({old_name}) is gone, so it cannot be put back;"
+                f" under {name} {where}"
+            )
+        tag_image = data.get("tag_image_id")
+        ref = data.get("image")
+        parsed = parse_ref(ref or "")
+        if tag_image and parsed.digest is None and self.engine.image(tag_image) is not None:
+            self.api.tag(tag_image, parsed.repository, parsed.tag_or_latest)
+        state = restored.get("State") or {}
+        if not state.get("Running"):
+            self.api.start(restored["Id"])
+        try:
+            self.engine.await_healthy(
+                name, self.config.rollback_timeout.total_seconds(), 0.0, RollbackFailed
+            )
+        except RollbackFailed as err:
+            raise RollbackFailed(f"{name} is back on its old image but {err}") from err

@@ -88,6 +88,15 @@ class HttpCheckModel(BaseModel):
     timeout: Duration = timedelta(seconds=10)
 
 
+class TcpCheckModel(BaseModel):
+    model_config = STRICT
+
+    port: Annotated[int, Field(ge=1, le=65535)]
+    # Default: the target's address as the backend reports it (a VM's guest IP).
+    host: str | None = None
+    timeout: Duration = timedelta(seconds=5)
+
+
 class HealthModel(BaseModel):
     model_config = STRICT
 
@@ -95,6 +104,22 @@ class HealthModel(BaseModel):
     stable_for: Duration = timedelta(seconds=30)
     command: Annotated[list[str], Field(min_length=1)] | None = None
     http: HttpCheckModel | None = None
+    tcp: TcpCheckModel | None = None
+
+
+class PatchModel(BaseModel):
+    """How a backend without images (vSphere) patches a target."""
+
+    model_config = STRICT
+
+    # argv run on the patchd host, no shell; placeholders {name} {moid} {uuid} {ip}
+    # {hostname} are filled per target.
+    command: Annotated[list[str], Field(min_length=1)] | None = None
+    timeout: Duration = timedelta(hours=1)
+    reboot: bool = False
+    # The patch level this group installs; a target that has recorded another level
+    # (or none) has an update available.
+    version: str | None = None
 
 
 class GroupModel(BaseModel):
@@ -109,6 +134,7 @@ class GroupModel(BaseModel):
     max_errors: LimitValue = Limit(count=1)
     snapshot: SnapshotModel = SnapshotModel()
     health: HealthModel = HealthModel()
+    patch: PatchModel = PatchModel()
 
 
 SECTIONS = ("daemon", "windows", "freezes", "backends", "groups")

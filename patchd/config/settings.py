@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -28,6 +28,7 @@ from patchd.config.schema import (
     FreezeModel,
     GroupModel,
     HealthModel,
+    PatchModel,
     SnapshotModel,
     WindowModel,
     split_address,
@@ -86,6 +87,7 @@ class Group:
     max_errors: Limit
     snapshot: SnapshotModel
     health: HealthModel
+    patch: PatchModel = field(default_factory=PatchModel)
 
 
 @dataclass(frozen=True)
@@ -391,6 +393,7 @@ def _group(
         max_errors=model.max_errors,
         snapshot=model.snapshot,
         health=model.health,
+        patch=model.patch,
     )
 
 

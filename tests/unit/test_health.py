@@ -110,3 +110,20 @@ def test_http_probe_unreachable_fails_closed() -> None:
     )
     with pytest.raises(StepFailed, match="http check"):
         probe(TARGET, {}, grp)
+
+
+def test_tcp_probe_uses_the_target_ip_and_fails_closed() -> None:
+    import socket
+
+    from patchd.config.schema import TcpCheckModel
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        probe(TARGET, {"ip": "127.0.0.1"}, group(health=HealthModel(tcp=TcpCheckModel(port=port))))
+    closed = group(health=HealthModel(timeout=timedelta(seconds=1), tcp=TcpCheckModel(port=port)))
+    with pytest.raises(StepFailed, match=r"tcp check 127\.0\.0\.1"):
+        probe(TARGET, {"ip": "127.0.0.1"}, closed)
+    with pytest.raises(StepFailed, match="no ip"):
+        probe(TARGET, {}, closed)

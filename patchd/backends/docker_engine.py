@@ -1,0 +1,203 @@
+"""One Docker engine as the Docker backend sees it: the lazy SDK client, the mapping of
+its errors to the backend contract's, and the reads and waits that several steps share.
+
+The docker SDK has no type hints: its objects stay `Any` inside this module and
+`patchd.backends.docker`, and only plain dicts (inspect output) leave them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from patchd.backends.base import BackendError, StepFailed, TransientError
+
+_POLL = 0.2
+
+
+def status_code(err: BaseException) -> int | None:
+    code = getattr(err, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def is_api_error(err: BaseException) -> bool:
+    import docker.errors
+
+    return isinstance(err, docker.errors.APIError)
+
+
+def transient(err: BaseException) -> bool:
+    """The engine could not be reached, or failed on its side (5xx)."""
+    import docker.errors
+
+    if isinstance(err, TransientError):
+        return True
+    if is_api_error(err):
+        return (status_code(err) or 0) >= 500
+    # requests' errors (connection refused, timeouts) are OSErrors; a bare DockerException
+    # is what the client raises when it cannot learn the engine's API version.
+    return isinstance(err, OSError) or type(err) is docker.errors.DockerException
+
+
+def not_found(err: BaseException) -> bool:
+    return is_api_error(err) and status_code(err) == 404
+
+
+def message(err: BaseException) -> str:
+    explanation = getattr(err, "explanation", None)
+    return str(explanation or err) or type(err).__name__
+
+
+class Progress:
+    """Whether a step has issued a change yet: until then an engine error is transient."""
+
+    changed = False
+
+
+class Engine:
+    """A Docker engine reached at `url`; the client connects on first use."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.tls = tls
+        self.sleep: Callable[[float], None] = time.sleep
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Any:
+        import docker
+        import docker.tls
+
+        kwargs: dict[str, Any] = {
+            "base_url": self.url,
+            "timeout": max(1, round(self.timeout)),
+            "version": "auto",
+        }
+        ca, cert, key = self.tls
+        if ca is not None or cert is not None:
+            kwargs["tls"] = docker.tls.TLSConfig(
+                client_cert=(str(cert), str(key)) if cert is not None else None,
+                ca_cert=str(ca) if ca is not None else None,
+                verify=True,
+            )
+        if self.url.startswith("ssh://"):
+            kwargs["use_ssh_client"] = True  # the ssh command and its config; no paramiko
+        return docker.DockerClient(**kwargs)
+
+    @property
+    def api(self) -> Any:
+        """The low-level docker.APIClient (the high-level models inspect once more per item)."""
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = self._connect()
+                except Exception as err:
+                    raise TransientError(f"docker {self.url}: {message(err)}") from err
+            return self._client.api
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[Progress]:
+        """Map errors: TransientError while nothing changed and the engine is to blame,
+        StepFailed otherwise. Set `changed` on the yielded Progress before a change."""
+        progress = Progress()
+        try:
+            yield progress
+        except BackendError:
+            raise
+        except Exception as err:
+            if not progress.changed and transient(err):
+                raise TransientError(f"{what}: {message(err)}") from err
+            raise StepFailed(f"{what}: {message(err)}") from err
+
+    def container(self, name_or_id: str) -> dict[str, Any] | None:
+        """Inspect a container by exact name or id; None when there is none."""
+        try:
+            found: dict[str, Any] = self.api.inspect_container(name_or_id)
+        except Exception as err:
+            if not_found(err):
+                return None
+            raise
+        # The engine also resolves an id prefix: a name must match exactly.
+        if found["Name"].lstrip("/") != name_or_id and not found["Id"].startswith(name_or_id):
+            return None
+        return found
+
+    def image(self, ref: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self.api.inspect_image(ref)
+        except Exception as err:
+            if not_found(err):
+                return None
+            raise
+        return found
+
+    def pull(self, repository: str, digest: str) -> str:
+        """Pull `repository@digest` and return its image id."""
+        error = None
+        # The engine reports a failed pull inside the progress stream, not as an HTTP error.
+        for event in self.api.pull(repository, tag=digest, stream=True, decode=True):
+            if isinstance(event, dict) and event.get("error"):
+                error = event["error"]
+        image = self.image(f"{repository}@{digest}")
+        if image is None:
+            raise StepFailed(f"pulling {repository}@{digest} failed: {error or 'not found'}")
+        return str(image["Id"])
+
+    def await_healthy(
+        self, name: str, timeout: float, stable_for: float, failure: type[BackendError]
+    ) -> None:
+        """Return once `name` is healthy; raise `failure` as soon as it cannot become so.
+
+        Healthy: its own HEALTHCHECK says so, or (without one) it has been running without
+        a restart for `stable_for` seconds. Exited, restarting, restarted or unhealthy fail
+        at once rather than at the deadline.
+        """
+        deadline = time.monotonic() + timeout
+        baseline: tuple[int, str] | None = None
+        running_since: float | None = None
+        while True:
+            now = time.monotonic()
+            attrs = self.container(name)
+            if attrs is None:
+                raise failure(f"{name}: the container is gone")
+            state = attrs.get("State") or {}
+            if state.get("Status") != "running" or state.get("Restarting"):
+                status = "restarting" if state.get("Restarting") else state.get("Status")
+                raise failure(f"{name} is {status} (exit code {state.get('ExitCode')})")
+            seen = (int(state.get("RestartCount") or 0), str(state.get("StartedAt")))
+            if baseline is None:
+                baseline = seen
+            elif seen != baseline:
+                raise failure(f"{name} restarted (restart count {seen[0]})")
+            check = (attrs.get("Config") or {}).get("Healthcheck") or {}
+            health = state.get("Health")
+            if health and check.get("Test") not in (None, [], ["NONE"]):
+                if health.get("Status") == "healthy":
+                    return
+                if health.get("Status") == "unhealthy":
+                    last = (health.get("Log") or [{}])[-1]
+                    output = str(last.get("Output", "")).strip()[-200:]
+                    raise failure(f"{name} is unhealthy: {output or 'its healthcheck fails'}")
+            else:
+                running_since = now if running_since is None else running_since
+                if now - running_since >= stable_for:
+                    return
+            if now >= deadline:
+                raise failure(f"{name} was not healthy within {timeout:g}s")
+            self.sleep(min(_POLL, max(0.0, deadline - now)))
