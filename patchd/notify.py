@@ -23,11 +23,16 @@ class Notifier:
         return self.address is not None
 
     def send(self, *lines: str) -> bool:
-        """Send one datagram; False (never an exception) if it could not be delivered."""
+        """Send one datagram; False (never an exception, never a wait) if it cannot go now.
+
+        Non-blocking: a reader that does not keep up must not stall a patch run, and a
+        dropped STATUS is replaced by the next one.
+        """
         if self.address is None:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.setblocking(False)
                 sock.sendto("\n".join(lines).encode(), self.address)
             return True
         except OSError:

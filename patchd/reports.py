@@ -53,7 +53,7 @@ def plan(
     for target in targets:
         entry: dict[str, Any] = {"name": target.name, "id": target.id, "kind": target.kind}
         try:
-            update = backend.check_update(target, gate.pins)
+            update = backend.check_update(target, gate.pins, group.patch)
         except Exception as err:
             entry.update(action="error", error=str(err))
             doc["targets"].append(entry)

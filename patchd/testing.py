@@ -25,7 +25,7 @@ from patchd.backends.base import (
     TransientError,
     Update,
 )
-from patchd.config.schema import HealthModel, SnapshotModel
+from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 
 
 class FakeConfig(BaseModel):
@@ -145,7 +145,9 @@ class FakeBackend:
             )
         return found
 
-    def check_update(self, target: Target, pins: Mapping[str, str]) -> Update | None:
+    def check_update(
+        self, target: Target, pins: Mapping[str, str], patch: PatchModel | None = None
+    ) -> Update | None:
         self._enter("check_update", target)
         item = self.targets[target.id]
         wanted = pins.get(item.ref, self.latest.get(item.ref, item.version))
@@ -167,7 +169,9 @@ class FakeBackend:
             item.snapshots[snapshot.data["name"]] = item.version
         return Snapshot(target.id, {**snapshot.data, "version": item.version})
 
-    def apply(self, target: Target, update: Update, snapshot: Snapshot) -> None:
+    def apply(
+        self, target: Target, update: Update, snapshot: Snapshot, patch: PatchModel | None = None
+    ) -> None:
         self._enter("apply", target)
         self._work(target)
         self.targets[target.id].version = update.available

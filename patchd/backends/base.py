@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 if TYPE_CHECKING:  # the config package imports the backends to validate their tables
-    from patchd.config.schema import HealthModel, SnapshotModel
+    from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 
 
 class BackendError(Exception):
@@ -119,7 +119,9 @@ class Backend(Protocol):
     def discover(self, select: BaseModel) -> Sequence[Target]:
         """The targets a group's selectors match, in a stable order. No side effects."""
 
-    def check_update(self, target: Target, pins: Mapping[str, str]) -> Update | None:
+    def check_update(
+        self, target: Target, pins: Mapping[str, str], patch: PatchModel
+    ) -> Update | None:
         """The update available for `target`, or None when it is current.
 
         When `pins` names the target's ref, that version is the one to install (what an
@@ -136,8 +138,12 @@ class Backend(Protocol):
     def snapshot(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> Snapshot:
         """Take the snapshot; returns it with any data learned while taking it."""
 
-    def apply(self, target: Target, update: Update, snapshot: Snapshot) -> None:
-        """Install the update. Raises StepFailed (roll back) or TransientError."""
+    def apply(self, target: Target, update: Update, snapshot: Snapshot, patch: PatchModel) -> None:
+        """Install the update. Raises StepFailed (roll back) or TransientError.
+
+        `snapshot` is always the one `snapshot()` returned, never only the planned one.
+        `patch` is the group's patch settings (backends without images use them).
+        """
 
     def verify(self, target: Target, update: Update, health: HealthModel) -> None:
         """Wait until the patched target is healthy by the backend's own signals.

@@ -6,18 +6,21 @@ A target is a container, identified by its NAME (stable across a recreate). One 
   reference (`Config.Image`, e.g. `registry:5000/app:stable`) against the `RepoDigests`
   entry of that repository on the image the container runs. Never pulls.
 - snapshot: stop the container and rename it `NAME.patchd-RUN` (it and its image stay).
-- apply: pull `repository@digest`, tag it locally as the configured reference, and create
-  a container under the original name with the old one's user-set configuration
-  (`docker_recreate`) from that reference, then start it. Creating from the reference
-  rather than from `repository@digest` keeps `Config.Image` as configured, so the new
-  container inspects identical to the old one except for the image (and tools that read
-  `Config.Image`, such as compose, keep working). The tag and the create happen under a
-  per-reference lock, and the created container's image id is checked against the
-  pulled one, so concurrent patches of one reference cannot pick up each other's tag.
+- apply: pull `repository@digest`, tag it locally as the configured reference, create a
+  container under the original name with the old one's user-set configuration
+  (`docker_recreate`) from that reference, put the tag back where it was, and start the
+  container. Creating from the reference rather than from `repository@digest` keeps
+  `Config.Image` as configured, so the new container inspects identical to the old one
+  except for the image (and tools that read `Config.Image`, such as compose, keep
+  working). Tag, create and tag-back happen under a per-reference lock, and the created
+  container's image id is checked against the pulled one, so concurrent patches of one
+  reference never pick up each other's version; the local tag moves for good only at
+  commit, so a rollback has no tag to undo.
 - verify: the container's own HEALTHCHECK, or else running without a restart for
   `stable_for`.
-- commit: remove the renamed container; the old image is kept for `rollback_retention`
-  and removed by `release` when no container uses it and it has no tag.
+- commit: remove the renamed container and move the local tag to the new image; the old
+  image is kept for `rollback_retention` and removed by `release` when no container
+  uses it and it has no tag.
 - rollback: from any partial state, put the renamed container back under its name and
   start it. A container is never removed unless the old one is there to replace it.
 
@@ -52,7 +55,7 @@ from patchd.backends.base import (
 )
 from patchd.backends.docker_engine import Engine, message, not_found, status_code, transient
 from patchd.backends.docker_recreate import create_request, parse_ref, repo_digests
-from patchd.config.schema import HealthModel, SnapshotModel
+from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 from patchd.config.types import STRICT, Duration
 
 _SCHEMES = ("unix://", "tcp://", "ssh://")
@@ -62,6 +65,7 @@ SNAPSHOT_INFIX = ".patchd-"
 _SNAPSHOT_NAME = re.compile(r"\.patchd-[A-Za-z0-9_.-]+$")
 _SELECTABLE = ("running", "restarting")
 _ROLLBACK_ATTEMPTS = 3
+_DEFAULT_STOP = 10  # seconds; the engine's default stop timeout
 
 
 class DockerConfig(BaseModel):
@@ -175,7 +179,9 @@ class DockerBackend:
             raise StepFailed(f"container {target.id} not found")
         return attrs, self.engine.image(attrs["Image"])
 
-    def check_update(self, target: Target, pins: Mapping[str, str]) -> Update | None:
+    def check_update(
+        self, target: Target, pins: Mapping[str, str], patch: PatchModel | None = None
+    ) -> Update | None:
         with self.engine.step(f"checking {target.name} for an update"):
             attrs, image = self._running(target)
             ref = str(attrs["Config"]["Image"])
@@ -237,10 +243,9 @@ class DockerBackend:
                         " cannot be snapshotted; recreate it without --rm to have it patched"
                     )
             ref = str(attrs["Config"]["Image"])
-            tagged = self.engine.image(ref)
             progress.changed = True
             if (attrs.get("State") or {}).get("Running"):
-                self.api.stop(attrs["Id"])
+                self._stop(attrs)
             if attrs["Name"].lstrip("/") != old_name:
                 self.api.rename(attrs["Id"], old_name)
         data = {
@@ -248,9 +253,14 @@ class DockerBackend:
             "old_id": attrs["Id"],
             "image_id": attrs["Image"],
             "image": ref,
-            "tag_image_id": tagged["Id"] if tagged else None,
         }
         return Snapshot(snapshot.target_id, data)
+
+    def _stop(self, attrs: Mapping[str, Any]) -> None:
+        # Given explicitly, the container's own stop timeout also extends the HTTP
+        # request's; left out, a long one would outlast the client's timeout.
+        grace = (attrs.get("Config") or {}).get("StopTimeout")
+        self.api.stop(attrs["Id"], timeout=_DEFAULT_STOP if grace is None else grace)
 
     def _ref_lock(self, ref: str) -> threading.Lock:
         with self._lock:
@@ -266,7 +276,9 @@ class DockerBackend:
             return False
         return not any(n.get("Name") == "bridge" for n in self.api.networks(names=["bridge"]))
 
-    def apply(self, target: Target, update: Update, snapshot: Snapshot) -> None:
+    def apply(
+        self, target: Target, update: Update, snapshot: Snapshot, patch: PatchModel | None = None
+    ) -> None:
         name = snapshot.data["container"]
         old_id = snapshot.data.get("old_id")
         if not old_id:
@@ -290,9 +302,14 @@ class DockerBackend:
             )
             pulled = self.engine.pull(ref.repository, update.available)
             with self._ref_lock(update.ref):
+                tagged = self.engine.image(update.ref)
                 progress.changed = True
                 self.api.tag(pulled, ref.repository, ref.tag_or_latest)
-                created = self.api.create_container_from_config(request.body, name=name)
+                try:
+                    created = self.api.create_container_from_config(request.body, name=name)
+                finally:
+                    if tagged is not None and tagged["Id"] != pulled:
+                        self.api.tag(tagged["Id"], ref.repository, ref.tag_or_latest)
             new_id = created["Id"]
             new = self.api.inspect_container(new_id)
             if new["Image"] != pulled:
@@ -318,22 +335,32 @@ class DockerBackend:
                 health.timeout.total_seconds(),
                 health.stable_for.total_seconds(),
                 StepFailed,
+                restarts=0,  # apply made it: any restart is a crash
             )
 
     def commit(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> Retained | None:
         name, old_name = snapshot.data["container"], snapshot.data["old_name"]
         old_id, image_id = snapshot.data.get("old_id"), snapshot.data.get("image_id")
         with self.engine.step(f"commit of {name}") as progress:
+            # The old container goes only once its replacement is there.
+            new = self.engine.container(name)
+            if new is None or new["Id"] == old_id:
+                raise StepFailed(f"{name}: no patched container to keep; the old one stays")
             old = self.engine.container(old_name)
             if old is not None:
                 if old_id and old["Id"] != old_id:
                     raise StepFailed(f"{old_name} is {old['Id'][:12]}, not {old_id[:12]}")
                 progress.changed = True
                 self.api.remove_container(old["Id"], force=True)
-            new = self.engine.container(name)
-        if not image_id or (new is not None and new["Image"] == image_id):
+            ref = str(new["Config"]["Image"])
+            parsed = parse_ref(ref)
+            if parsed.digest is None:
+                # What `docker pull` would have done; apply left the tag where it was.
+                with self._ref_lock(ref):
+                    progress.changed = True
+                    self.api.tag(new["Image"], parsed.repository, parsed.tag_or_latest)
+        if not image_id or new["Image"] == image_id:
             return None
-        ref = snapshot.data.get("image", "")
         return Retained(
             data={"backend": self.name, "image_id": image_id, "image": ref, "container": name},
             keep=self.config.rollback_retention,
@@ -346,14 +373,23 @@ class DockerBackend:
             return
         with self.engine.step(f"releasing image {image_id}"):
             image = self.engine.image(image_id)
-            if image is None or image.get("RepoTags"):
+            tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"] if image else []
+            if image is None or tags:
                 return  # gone already, or someone tagged it: theirs to remove
             try:
                 self.api.remove_image(image_id)
             except Exception as err:
-                # 409: a container (running or not) or a child image still uses it.
-                if not (not_found(err) or status_code(err) == 409):
+                if not_found(err):
+                    return
+                if status_code(err) != 409:
                     raise
+                # 409: a container (running or not) or a child image uses it: kept. Or it
+                # is known by digest in several repositories, which only force removes.
+                if "multiple repositories" not in message(err):
+                    return
+                users = self.api.containers(all=True, quiet=True, filters={"ancestor": image_id})
+                if not users:
+                    self.api.remove_image(image_id, force=True)
 
     # --- rollback -----------------------------------------------------------------------
 
@@ -385,7 +421,7 @@ class DockerBackend:
                     " renamed; nothing was changed"
                 )
             if current is not None and current["Id"] != old["Id"]:
-                self.api.stop(current["Id"])
+                self._stop(current)
                 self.api.remove_container(current["Id"], force=True)
             self.api.rename(old["Id"], name)
             restored = old
@@ -399,11 +435,6 @@ class DockerBackend:
                 f"{name}: the old container ({old_name}) is gone, so it cannot be put back;"
                 f" under {name} {where}"
             )
-        tag_image = data.get("tag_image_id")
-        ref = data.get("image")
-        parsed = parse_ref(ref or "")
-        if tag_image and parsed.digest is None and self.engine.image(tag_image) is not None:
-            self.api.tag(tag_image, parsed.repository, parsed.tag_or_latest)
         state = restored.get("State") or {}
         if not state.get("Running"):
             self.api.start(restored["Id"])

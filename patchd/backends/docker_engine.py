@@ -160,16 +160,22 @@ class Engine:
         return str(image["Id"])
 
     def await_healthy(
-        self, name: str, timeout: float, stable_for: float, failure: type[BackendError]
+        self,
+        name: str,
+        timeout: float,
+        stable_for: float,
+        failure: type[BackendError],
+        restarts: int | None = None,
     ) -> None:
         """Return once `name` is healthy; raise `failure` as soon as it cannot become so.
 
         Healthy: its own HEALTHCHECK says so, or (without one) it has been running without
         a restart for `stable_for` seconds. Exited, restarting, restarted or unhealthy fail
-        at once rather than at the deadline.
+        at once rather than at the deadline. `restarts`: the restart count it must keep
+        (0 for a container just created); by default the count first seen.
         """
         deadline = time.monotonic() + timeout
-        baseline: tuple[int, str] | None = None
+        started_at: str | None = None
         running_since: float | None = None
         while True:
             now = time.monotonic()
@@ -180,11 +186,11 @@ class Engine:
             if state.get("Status") != "running" or state.get("Restarting"):
                 status = "restarting" if state.get("Restarting") else state.get("Status")
                 raise failure(f"{name} is {status} (exit code {state.get('ExitCode')})")
-            seen = (int(state.get("RestartCount") or 0), str(state.get("StartedAt")))
-            if baseline is None:
-                baseline = seen
-            elif seen != baseline:
-                raise failure(f"{name} restarted (restart count {seen[0]})")
+            count = int(state.get("RestartCount") or 0)
+            restarts = count if restarts is None else restarts
+            started_at = started_at or str(state.get("StartedAt"))
+            if count != restarts or str(state.get("StartedAt")) != started_at:
+                raise failure(f"{name} restarted (restart count {count})")
             check = (attrs.get("Config") or {}).get("Healthcheck") or {}
             health = state.get("Health")
             if health and check.get("Test") not in (None, [], ["NONE"]):

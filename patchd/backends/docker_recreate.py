@@ -16,7 +16,8 @@ inspected form differs from the create form.
 
 Anonymous volumes (an image's VOLUME, `docker run -v /path`) would be created afresh and
 empty for a new container; they are handed over as explicit volume mounts instead (in
-HostConfig.Mounts, and out of Config.Volumes, which may not name a mounted path), so the
+HostConfig.Mounts, and out of Config.Volumes and source-less Binds, which may not name a
+mounted path), so the
 data stays. That is the one place where the replacement's configuration differs.
 
 Network endpoints keep their user-set aliases, static addresses, links
@@ -162,22 +163,46 @@ def _create_links(links: Any) -> list[str] | None:
     return out
 
 
-def _anonymous_mounts(container: Mapping[str, Any]) -> list[Json]:
-    """Mounts handing over the old container's anonymous volumes to its replacement."""
+_BIND_MODES = frozenset(
+    {"ro", "rw", "z", "Z", "nocopy", "shared", "rshared", "slave", "rslave", "private"}
+)
+
+
+def _bind_parts(bind: str) -> tuple[str | None, str]:
+    """(source or None, destination) of a Binds entry; `/path[:mode]` has no source."""
+    parts = bind.split(":")
+    if len(parts) == 1 or (len(parts) == 2 and set(parts[1].split(",")) <= _BIND_MODES):
+        return None, parts[0]
+    return parts[0], parts[1]
+
+
+def _anonymous_mounts(container: Mapping[str, Any]) -> tuple[list[Json], set[str]]:
+    """Mounts handing the old container's anonymous volumes to its replacement.
+
+    Also returns the source-less Binds entries (`-v /path` through the API) they replace.
+    """
     host = container.get("HostConfig") or {}
     declared = set((container.get("Config") or {}).get("Volumes") or {})
-    covered = {str(b).split(":")[1] for b in host.get("Binds") or [] if ":" in str(b)}
-    covered |= {m.get("Target") for m in host.get("Mounts") or []}
+    sourceless: dict[str, str] = {}
+    covered = {m.get("Target") for m in host.get("Mounts") or []}
+    for bind in host.get("Binds") or []:
+        source, target = _bind_parts(str(bind))
+        if source is None:
+            sourceless[target] = str(bind)
+        else:
+            covered.add(target)
     mounts = []
     for mount in container.get("Mounts") or []:
         target = mount.get("Destination")
-        if mount.get("Type") != "volume" or target not in declared or target in covered:
+        anonymous = target in declared or target in sourceless
+        if mount.get("Type") != "volume" or not anonymous or target in covered:
             continue
         entry: Json = {"Type": "volume", "Source": mount["Name"], "Target": target}
         if not mount.get("RW", True):
             entry["ReadOnly"] = True
         mounts.append(entry)
-    return mounts
+    carried = {m["Target"] for m in mounts}
+    return mounts, {bind for target, bind in sourceless.items() if target in carried}
 
 
 def _endpoint(settings: Mapping[str, Any], container_id: str) -> Json:
@@ -226,13 +251,15 @@ def create_request(
         body.pop("NetworkDisabled", None)
     body["Image"] = ref
     host["Links"] = _create_links(host.get("Links"))
-    carried = _anonymous_mounts(container)
+    carried, replaced_binds = _anonymous_mounts(container)
     if carried:
         host["Mounts"] = [*(host.get("Mounts") or []), *carried]
-        # The engine refuses a path that is both declared and mounted.
+        # The engine refuses a path that is both declared (or bound) and mounted.
         paths = {m["Target"] for m in carried}
         declared = {k: v for k, v in (body.get("Volumes") or {}).items() if k not in paths}
         body["Volumes"] = declared or None
+        binds = [b for b in host.get("Binds") or [] if b not in replaced_binds]
+        host["Binds"] = binds or None
     body["HostConfig"] = host
     networks: Mapping[str, Any] = (container.get("NetworkSettings") or {}).get("Networks") or {}
     primary = _primary_network(mode, networks)

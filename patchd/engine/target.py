@@ -154,7 +154,7 @@ def _retrying(ctx: TargetContext, call: Callable[[], R]) -> R:
 
 def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str | None]:
     """The update to install, or (None, reason) when the target is to be left alone."""
-    update = _retrying(ctx, lambda: ctx.backend.check_update(target, ctx.pins))
+    update = _retrying(ctx, lambda: ctx.backend.check_update(target, ctx.pins, ctx.group.patch))
     if update is None:
         return None, None
     if ctx.require_pin and ctx.pins.get(update.ref) != update.available:
@@ -179,7 +179,10 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
 
     journal = _Journal(ctx, target)
     backend = ctx.backend
-    snapshot: Snapshot = backend.plan_snapshot(target, ctx.run_id)
+    try:
+        snapshot: Snapshot = backend.plan_snapshot(target, ctx.run_id)
+    except Exception as err:  # nothing was changed yet
+        return done("failed", update=update, error=f"planning the snapshot: {err}")
     journal.move(
         "snapshotting",
         "snapshot",
@@ -192,7 +195,7 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         snapshot = _retrying(ctx, lambda: backend.snapshot(target, snapshot, ctx.group.snapshot))
         journal.move("snapshotted", "snapshot", "done", snapshot=snapshot.data)
         journal.move("applying", "apply", "intent")
-        _retrying(ctx, lambda: backend.apply(target, update, snapshot))
+        _retrying(ctx, lambda: backend.apply(target, update, snapshot, ctx.group.patch))
         journal.move("applied", "apply", "done")
         journal.move("verifying", "verify", "intent")
         _retrying(ctx, lambda: backend.verify(target, update, ctx.group.health))

@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from patchd.backends.base import Backend, Snapshot, StepFailed, Target, Update
-from patchd.config.schema import HealthModel, SnapshotModel
+from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 
 RUN = "contract1"
 
@@ -22,6 +22,7 @@ RUN = "contract1"
 class Harness(Protocol):
     backend: Backend
     health: HealthModel
+    patch: PatchModel
 
     def create_fleet(self, count: int) -> list[str]:
         """Start `count` targets on version 1, healthy; return their names."""
@@ -65,15 +66,15 @@ class BackendContract:
         [name] = harness.create_fleet(1)
         target = _by_name(harness.backend.discover(harness.select()), name)
         before = harness.version_of(name)
-        assert harness.backend.check_update(target, {}) is None
+        assert harness.backend.check_update(target, {}, harness.patch) is None
         new_version = harness.publish(healthy=True)
-        update = harness.backend.check_update(target, {})
+        update = harness.backend.check_update(target, {}, harness.patch)
         assert update is not None
         assert update.current == before
         assert update.available == new_version
         assert harness.version_of(name) == before
         # Pinned to the running version: nothing to do.
-        assert harness.backend.check_update(target, {update.ref: before}) is None
+        assert harness.backend.check_update(target, {update.ref: before}, harness.patch) is None
         facts = harness.backend.describe(target)
         assert facts["name"] == name
         assert all(isinstance(v, str) for v in facts.values())
@@ -88,17 +89,17 @@ class BackendContract:
     def _patch(self, harness: Harness, name: str) -> tuple[Target, Snapshot]:
         backend = harness.backend
         target = _by_name(backend.discover(harness.select()), name)
-        update = backend.check_update(target, {})
+        update = backend.check_update(target, {}, harness.patch)
         assert update is not None
         snap = backend.snapshot(target, backend.plan_snapshot(target, RUN), SnapshotModel())
-        backend.apply(target, update, snap)
+        backend.apply(target, update, snap, harness.patch)
         return target, snap
 
     def test_patch_verify_commit(self, harness: Harness) -> None:
         [name] = harness.create_fleet(1)
         new_version = harness.publish(healthy=True)
         target, snap = self._patch(harness, name)
-        update = harness.backend.check_update(target, {})
+        update = harness.backend.check_update(target, {}, harness.patch)
         harness.backend.verify(target, update or _current(harness, target), harness.health)
         harness.backend.commit(target, snap, SnapshotModel())
         assert harness.version_of(name) == new_version

@@ -131,7 +131,9 @@ def main() -> int:
             raise SystemExit("production was not patched within 180 s")
 
         say("containers now")
-        for container in sorted(client.containers.list(filters={"label": LABEL}), key=lambda c: c.name):
+        for container in sorted(
+            client.containers.list(filters={"label": LABEL}), key=lambda c: c.name
+        ):
             digest = container.image.attrs.get("RepoDigests", ["?"])[0].split("@")[-1]
             health = container.attrs["State"].get("Health", {}).get("Status", "-")
             print(f"{container.name:22} {digest[:19]}  {container.status} ({health})")
@@ -143,8 +145,13 @@ def main() -> int:
         text = urllib.request.urlopen(METRICS, timeout=5).read().decode()
         for line in text.splitlines():
             if line.startswith(
-                ("patchd_patch_operations_total", "patchd_runs_total", "patchd_window_open",
-                 "patchd_backend_up", "patchd_config_last_reload_successful")
+                (
+                    "patchd_patch_operations_total",
+                    "patchd_runs_total",
+                    "patchd_window_open",
+                    "patchd_backend_up",
+                    "patchd_config_last_reload_successful",
+                )
             ):
                 print(line)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from patchd.config.schema import HealthModel
+from patchd.config.schema import HealthModel, PatchModel
 from patchd.testing import FakeBackend, FakeSelect
 from tests.contract.suite import BackendContract
 
@@ -15,6 +15,7 @@ class FakeHarness:
         self.backend = FakeBackend()
         self.fake = self.backend
         self.health = HealthModel()
+        self.patch = PatchModel()
 
     def create_fleet(self, count: int) -> list[str]:
         names = [f"t{i}" for i in range(count)]

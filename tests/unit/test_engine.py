@@ -351,3 +351,18 @@ def test_production_skips_what_staging_never_verified(store: Store) -> None:
     assert outcome.result == "skipped"
     assert "no version verified by stage 'staging'" in (outcome.error or "")
     assert production.targets["p1"].version == "v1"
+
+
+def test_a_snapshot_that_cannot_be_planned_fails_the_target_only(store: Store) -> None:
+    backend = fleet(2)
+
+    def refuse(target: Any, run_id: str) -> Any:
+        if target.name == "c00":
+            raise StepFailed("started with --rm: stopping it would delete it")
+        return FakeBackend.plan_snapshot(backend, target, run_id)
+
+    backend.plan_snapshot = refuse  # type: ignore[method-assign]
+    result = run(backend, store, group(max_errors=Limit(count=2)))
+    assert [o.result for o in result.outcomes] == ["failed", "success"]
+    assert "planning the snapshot" in (result.outcomes[0].error or "")
+    assert backend.targets["c00"].version == "v1"

@@ -51,3 +51,13 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     assert watchdog_interval() is None
     monkeypatch.delenv("WATCHDOG_USEC")
     assert watchdog_interval() is None
+
+
+def test_a_full_socket_never_blocks_the_sender(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        notifier = Notifier(str(path))
+        results = [notifier.status(f"line {i}") for i in range(2000)]  # nobody reads
+        assert results[0] is True
+        assert results[-1] is False

@@ -1,0 +1,467 @@
+"""The ESXi host patch flow (`select.kind = "host"`): rolling, per cluster, via maintenance mode.
+
+Each host's Target.partition is its cluster's moid, so the engine works on at most
+`max_concurrency` hosts of one cluster at a time (default 1); the whole flow of a host,
+maintenance mode included, happens while it holds one of those slots.
+
+- check_update: `patch.version` against the host's `patchd.patch_version`, as for VMs
+  (without a version every run patches). Pre-check: connected, not in maintenance mode,
+  and no OTHER host of its cluster in maintenance mode unless this process is patching it
+  right now. A host left in maintenance mode by a failed patch (or by a person) therefore
+  halts the patching of its cluster: the remaining hosts are reported `failed` with the
+  reason, and nothing is changed on them.
+- snapshot: hosts have none; it records the host's state (not in maintenance mode, the
+  recorded patch version) and marks it in flight.
+- apply: enter maintenance mode (`maintenance_timeout`; DRS evacuates the VMs), run
+  `patch.command`, with `patch.reboot` reboot the host and wait for it to reconnect
+  (`reboot_timeout`), then exit maintenance mode.
+- verify: connected and out of maintenance mode, for `health.stable_for`, within
+  `health.timeout`.
+- commit: records the version.
+- rollback: there is nothing to revert to. A failed host is taken OUT OF SERVICE instead:
+  it is left in maintenance mode (put back into it if it had already left), never returned
+  to service broken. When it is safely in maintenance mode, rollback returns and the
+  engine reports the target `rolled_back` with the failure; a person fixes it and exits
+  maintenance mode, which also lets its cluster be patched again. Only if the host cannot
+  be put into maintenance mode (disconnected, evacuation fails) does rollback raise
+  RollbackFailed (`rollback_failed`): then it may be in service in a broken state. A host
+  whose patch never started (the plan only, or a snapshot taken by this process and no
+  apply) is left as it is; after a restart patchd cannot tell, and takes it out of service.
+
+vcsim 0.24.2 cannot show: DRS evacuation (entering maintenance mode there does not move
+VMs), a host reboot (RebootHost_Task is not implemented: with `patch.reboot` the step fails
+there), nor a host disconnecting.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from patchd import log
+from patchd.backends.base import (
+    RollbackFailed,
+    Snapshot,
+    StepFailed,
+    Target,
+    TransientError,
+    Update,
+)
+from patchd.backends.vsphere import attributes, command
+from patchd.backends.vsphere.attributes import VERSION
+from patchd.backends.vsphere.collector import TaskFailed, TaskTimeout, read, retrieve, wait_for_task
+from patchd.backends.vsphere.config import VSphereConfig
+from patchd.backends.vsphere.connection import Session, fault_text, vmomi
+from patchd.backends.vsphere.steps import step
+from patchd.backends.vsphere.vms import PREFIX, REF, UNVERSIONED, Gone, snapshot_name
+from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
+
+CONNECTED = "connected"
+POLL = 0.5
+HOST_PROPS = (
+    "name",
+    "parent",
+    "runtime.connectionState",
+    "runtime.inMaintenanceMode",
+    "summary.runtime.bootTime",
+    "hardware.systemInfo.uuid",
+    "config.network.vnic",
+    "customValue",
+)
+
+
+@dataclass
+class HostState:
+    moid: str
+    ref: Any
+    name: str
+    connection: str
+    in_maintenance: bool
+    cluster: str | None
+    boot_time: datetime | None
+    uuid: str
+    ip: str
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+class HostFlow:
+    """The host half of the vSphere backend."""
+
+    def __init__(self, backend: str, session: Session, config: VSphereConfig) -> None:
+        self.backend = backend
+        self.session = session
+        self.config = config
+        self.log = log.get("patchd.vsphere")
+        self.sleep = time.sleep
+        self._lock = threading.Lock()
+        # Hosts this process is patching now (between snapshot and commit/rollback).
+        self.in_flight: set[str] = set()
+        # (host, snapshot name) whose snapshot this process took / whose apply began.
+        self._snapshotted: set[tuple[str, str]] = set()
+        self._touched: set[tuple[str, str]] = set()
+        self._installed: dict[tuple[str, str], str] = {}
+
+    # --- reading ------------------------------------------------------------------------
+
+    def read(self, moid: str) -> HostState:
+        vim, vmodl = vmomi()
+
+        def work(content: Any) -> HostState:
+            host = vim.HostSystem(moid, self.session.stub)
+            try:
+                found = read(
+                    content.propertyCollector,
+                    [host, content.customFieldsManager],
+                    {vim.HostSystem: HOST_PROPS, vim.CustomFieldsManager: ["field"]},
+                )
+            except vmodl.fault.ManagedObjectNotFound:
+                raise Gone(f"host {moid} no longer exists") from None
+            names: dict[int, str] = {}
+            props: Mapping[str, Any] | None = None
+            for item in found:
+                if isinstance(item.obj, vim.CustomFieldsManager):
+                    names = attributes.field_names(item.get("field"))
+                elif item.moid == moid:
+                    props = item.props
+            if props is None or "name" not in props:
+                raise Gone(f"host {moid} no longer exists")
+            parent = props.get("parent")
+            vnics = props.get("config.network.vnic") or []
+            ips = [str(v.spec.ip.ipAddress) for v in vnics if getattr(v.spec.ip, "ipAddress", None)]
+            return HostState(
+                moid=moid,
+                ref=host,
+                name=str(props["name"]),
+                connection=str(props.get("runtime.connectionState", "")),
+                in_maintenance=bool(props.get("runtime.inMaintenanceMode")),
+                cluster=str(parent._moId)
+                if isinstance(parent, vim.ClusterComputeResource)
+                else None,
+                boot_time=props.get("summary.runtime.bootTime"),
+                uuid=str(props.get("hardware.systemInfo.uuid") or ""),
+                ip=ips[0] if ips else "",
+                attributes=attributes.values(props.get("customValue"), names),
+            )
+
+        return self.session.call(f"reading host {moid}", work)
+
+    def cluster_maintenance(self, cluster: str) -> dict[str, tuple[str, bool]]:
+        """moid -> (name, in maintenance mode) for every host of a cluster (one call)."""
+        vim, vmodl = vmomi()
+
+        pc = vmodl.query.PropertyCollector
+
+        def work(content: Any) -> dict[str, tuple[str, bool]]:
+            obj = vim.ClusterComputeResource(cluster, self.session.stub)
+            traverse = pc.TraversalSpec(
+                name="hosts", path="host", skip=False, type=vim.ComputeResource
+            )
+            spec = pc.FilterSpec(
+                objectSet=[pc.ObjectSpec(obj=obj, skip=True, selectSet=[traverse])],
+                propSet=[
+                    pc.PropertySpec(
+                        type=vim.HostSystem, pathSet=["name", "runtime.inMaintenanceMode"]
+                    )
+                ],
+            )
+            found = retrieve(content.propertyCollector, [spec])
+            return {
+                f.moid: (str(f.get("name", "")), bool(f.get("runtime.inMaintenanceMode")))
+                for f in found
+            }
+
+        return self.session.call(f"reading the hosts of cluster {cluster}", work)
+
+    def facts(self, state: HostState) -> dict[str, str]:
+        return {
+            "name": state.name,
+            "moid": state.moid,
+            "kind": "host",
+            "uuid": state.uuid,
+            "ip": state.ip,
+            "hostname": state.name,
+            "connection_state": state.connection,
+            "in_maintenance": "true" if state.in_maintenance else "false",
+            "cluster": state.cluster or "",
+            "patch_version": state.attributes.get(VERSION, ""),
+        }
+
+    def describe(self, target: Target) -> Mapping[str, str]:
+        with step(self.session, f"describing {target.name}"):
+            return self.facts(self.read(target.id))
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _task(self, what: str, start: Any, timeout: float | None = None) -> Any:
+        task = self.session.call(what, start, mutating=True)
+        limit = self.config.task_timeout.total_seconds() if timeout is None else timeout
+        try:
+            return self.session.call(
+                what, lambda content: wait_for_task(content.propertyCollector, task, what, limit)
+            )
+        except TaskTimeout:
+            try:
+                self.session.call(
+                    f"cancelling {what}", lambda content: task.CancelTask(), mutating=True
+                )
+            except Exception as err:  # it may have finished meanwhile, or not be cancelable
+                self.log.info("vsphere_cancel_failed", task=what, error=fault_text(err))
+            raise
+
+    def _enter_maintenance(self, state: HostState) -> None:
+        limit = self.config.maintenance_timeout.total_seconds()
+        self._task(
+            f"entering maintenance mode on {state.name}",
+            lambda content: state.ref.EnterMaintenanceMode_Task(timeout=int(limit)),
+            timeout=limit + 60,
+        )
+
+    def _others_in_maintenance(self, state: HostState) -> list[str]:
+        if state.cluster is None:
+            return []
+        hosts = self.cluster_maintenance(state.cluster)
+        with self._lock:
+            busy = set(self.in_flight)
+        return sorted(
+            name
+            for moid, (name, in_maintenance) in hosts.items()
+            if in_maintenance and moid != state.moid and moid not in busy
+        )
+
+    def precheck(self, state: HostState) -> None:
+        if state.connection != CONNECTED:
+            raise StepFailed(f"host {state.name} is {state.connection or 'in an unknown state'}")
+        if state.in_maintenance:
+            raise StepFailed(
+                f"host {state.name} is in maintenance mode already: patchd does not take a"
+                " host out of maintenance mode it did not put it in (a failed patch leaves it"
+                " there for a person to look at)"
+            )
+        others = self._others_in_maintenance(state)
+        if others:
+            raise StepFailed(
+                f"host {state.name}: {', '.join(others)} of its cluster is in maintenance mode"
+                " and not being patched by this run: patching of this cluster is halted until"
+                " it is back in service"
+            )
+
+    # --- the flow -----------------------------------------------------------------------
+
+    def check_update(
+        self, target: Target, pins: Mapping[str, str], patch: PatchModel
+    ) -> Update | None:
+        with step(self.session, f"checking {target.name} for an update"):
+            state = self.read(target.id)
+        recorded = state.attributes.get(VERSION, "")
+        wanted = pins.get(REF, patch.version)
+        if wanted is not None and wanted == recorded:
+            return None
+        if patch.command is None and not patch.reboot:
+            raise StepFailed(
+                f"{target.name}: the group sets neither patch.command nor patch.reboot:"
+                " nothing to patch with"
+            )
+        with step(self.session, f"pre-check of {target.name}"):
+            self.precheck(state)
+        return Update(ref=REF, current=recorded, available=wanted or UNVERSIONED)
+
+    def plan_snapshot(self, target: Target, run_id: str) -> Snapshot:
+        return Snapshot(
+            target.id, {"kind": "host", "host": target.id, "name": snapshot_name(run_id)}
+        )
+
+    def snapshot(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> Snapshot:
+        name = str(snapshot.data["name"])
+        key = (target.id, name)
+        with step(self.session, f"recording the state of {target.name}"):
+            state = self.read(target.id)
+            with self._lock:
+                ours = key in self._snapshotted
+            if not ours:
+                self.precheck(state)
+        with self._lock:
+            self._snapshotted.add(key)
+            self.in_flight.add(target.id)
+        data = {
+            **snapshot.data,
+            "taken": True,
+            "in_maintenance": state.in_maintenance,
+            "version_before": state.attributes.get(VERSION, ""),
+        }
+        return Snapshot(snapshot.target_id, data)
+
+    def apply(self, target: Target, update: Update, snapshot: Snapshot, patch: PatchModel) -> None:
+        name = str(snapshot.data["name"])
+        key = (target.id, name)
+        if not snapshot.data.get("taken"):
+            raise StepFailed(f"{target.name}: its state was not recorded before the patch")
+        with step(self.session, f"patching host {target.name}") as progress:
+            state = self.read(target.id)
+            if not state.in_maintenance:
+                others = self._others_in_maintenance(state)
+                if others:
+                    raise StepFailed(
+                        f"host {target.name}: {', '.join(others)} of its cluster is in"
+                        " maintenance mode and not being patched by this run; not entering"
+                        " maintenance mode"
+                    )
+                progress.changed = True
+                with self._lock:
+                    self._touched.add(key)
+                self._enter_maintenance(state)
+                state = self.read(target.id)
+                if not state.in_maintenance:
+                    raise StepFailed(
+                        f"host {target.name} is not in maintenance mode after entering it"
+                    )
+            progress.changed = True
+            with self._lock:
+                self._touched.add(key)
+            if patch.command:
+                values = {
+                    "name": state.name,
+                    "moid": state.moid,
+                    "uuid": state.uuid,
+                    "ip": state.ip,
+                    "hostname": state.name,
+                }
+                argv = command.fill(patch.command, values, target.name)
+                env = command.environment(
+                    self.facts(state),
+                    {
+                        "PATCHD_TARGET_ID": target.id,
+                        "PATCHD_TARGET_NAME": target.name,
+                        "PATCHD_TARGET_KIND": target.kind,
+                        "PATCHD_RUN_ID": name.removeprefix(PREFIX),
+                        "PATCHD_PATCH_VERSION": update.available,
+                    },
+                )
+                command.run(argv, env, patch.timeout.total_seconds(), target.name)
+            if patch.reboot:
+                self._reboot(state)
+            self._task(
+                f"exiting maintenance mode on {target.name}",
+                lambda content: state.ref.ExitMaintenanceMode_Task(
+                    timeout=int(self.config.task_timeout.total_seconds())
+                ),
+            )
+        with self._lock:
+            self._installed[key] = update.available
+
+    def _reboot(self, state: HostState) -> None:
+        self._task(
+            f"rebooting host {state.name}", lambda content: state.ref.RebootHost_Task(force=False)
+        )
+        limit = self.config.reboot_timeout.total_seconds()
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                now = self.read(state.moid)
+                if now.connection == CONNECTED and now.boot_time != state.boot_time:
+                    return
+            except TransientError:
+                pass  # vCenter itself may be busy with the reconnect
+            if time.monotonic() >= deadline:
+                raise StepFailed(
+                    f"host {state.name} did not come back from its reboot within {limit:g}s"
+                )
+            self.sleep(POLL * 4)
+
+    def verify(self, target: Target, update: Update, health: HealthModel) -> None:
+        timeout = health.timeout.total_seconds()
+        stable_for = health.stable_for.total_seconds()
+        deadline = time.monotonic() + timeout
+        good_since: float | None = None
+        with step(self.session, f"verifying host {target.name}"):
+            while True:
+                state = self.read(target.id)
+                now = time.monotonic()
+                if state.connection == CONNECTED and not state.in_maintenance:
+                    good_since = now if good_since is None else good_since
+                    if now - good_since >= stable_for:
+                        return
+                else:
+                    good_since = None
+                if now >= deadline:
+                    where = (
+                        "in maintenance mode" if state.in_maintenance else "out of maintenance mode"
+                    )
+                    raise StepFailed(
+                        f"host {target.name} is {state.connection} and {where}, not connected"
+                        f" and in service for {stable_for:g}s within {timeout:g}s"
+                    )
+                self.sleep(min(POLL, max(0.0, deadline - now)))
+
+    def commit(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> None:
+        name = str(snapshot.data["name"])
+        key = (target.id, name)
+        with self._lock:
+            version = self._installed.get(key)
+        if version is None:
+            raise StepFailed(f"{target.name}: commit without a patch applied by this process")
+        with step(self.session, f"commit of host {target.name}", retry_safe=True):
+            state = self.read(target.id)
+            if version != UNVERSIONED and state.attributes.get(VERSION) != version:
+                self.session.call(
+                    f"recording the patch version of {target.name}",
+                    lambda content: attributes.set_value(content, state.ref, VERSION, version),
+                    mutating=True,
+                )
+        self._forget(key)
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self.in_flight.discard(key[0])
+            self._installed.pop(key, None)
+            self._touched.discard(key)
+            self._snapshotted.discard(key)
+
+    def rollback(self, target: Target, snapshot: Snapshot) -> None:
+        name = str(snapshot.data.get("name", ""))
+        key = (target.id, name)
+        if not snapshot.data.get("taken"):
+            self._forget(key)
+            return
+        try:
+            self._rollback(target, snapshot, key)
+        except (RollbackFailed, TransientError):
+            raise
+        except Exception as err:
+            text = (
+                err if isinstance(err, StepFailed | TaskFailed | TaskTimeout) else fault_text(err)
+            )
+            raise RollbackFailed(
+                self.session.scrub(
+                    f"host {target.name} could not be put into maintenance mode after a failed"
+                    f" patch and may be in service: {text}"
+                )
+            ) from None
+        self._forget(key)
+
+    def _rollback(self, target: Target, snapshot: Snapshot, key: tuple[str, str]) -> None:
+        state = self.read(target.id)
+        with self._lock:
+            untouched = key in self._snapshotted and key not in self._touched
+        if not state.in_maintenance and not untouched:
+            self._enter_maintenance(state)
+            state = self.read(target.id)
+            if not state.in_maintenance:
+                raise StepFailed("it is still out of maintenance mode")
+        before = snapshot.data.get("version_before")
+        if before is not None and state.attributes.get(VERSION, "") != before:
+            self.session.call(
+                f"restoring the patch version of {target.name}",
+                lambda content: attributes.set_value(content, state.ref, VERSION, str(before)),
+                mutating=True,
+            )
+        if state.in_maintenance:
+            self.log.warning(
+                "vsphere_host_left_in_maintenance",
+                backend=self.backend,
+                host=target.name,
+                reason="its patch failed: a person must fix it and exit maintenance mode",
+            )

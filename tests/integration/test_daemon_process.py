@@ -1,0 +1,252 @@
+"""`patchd daemon` as a real process on the real Docker engine and registry.
+
+Covers: a window opening a few seconds after start patches the group; sd_notify READY,
+STATUS, WATCHDOG and STOPPING on a test socket; SIGHUP with a broken config keeps the old
+one; the metrics endpoint passes `promtool check metrics`; SIGTERM in the middle of a run
+leaves every container present, running, on its old or new image, and nothing half-done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ClassVar
+
+import docker
+import pytest
+
+from patchd.state import Store
+from tests.integration.conftest import Lab
+from tests.integration.docker_fleet import Fleet, build_images, fleet, free_port
+
+DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+@pytest.fixture(scope="module")
+def images(lab: Lab, docker_client: docker.DockerClient) -> dict[str, str]:
+    return build_images(docker_client, lab.base_image)
+
+
+@pytest.fixture
+def f(lab: Lab, docker_client: docker.DockerClient, images: dict[str, str]) -> Iterator[Fleet]:
+    with fleet(docker_client, lab.registry, lab.docker_host, images) as the_fleet:
+        yield the_fleet
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        for daemon in Daemon.running:
+            daemon.drain()
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def write_config(path: Path, f: Fleet, state: Path, port: int, start: datetime, group: str) -> None:
+    path.write_text(
+        f"""
+[daemon]
+state_dir = "{state}"
+metrics_address = "127.0.0.1:{port}"
+log_format = "json"
+log_level = "info"
+
+[windows.soon]
+days = ["{DAYS[start.weekday()]}"]
+start = "{start:%H:%M:%S}"
+duration = "1h"
+
+[backends.lab]
+type = "docker"
+url = "{f.docker_host}"
+timeout = "30s"
+
+{group}
+"""
+    )
+
+
+GROUP = """
+[groups.web]
+backend = "lab"
+window = "soon"
+select = {{ labels = {{ "patchd.test" = "{token}" }} }}
+max_concurrency = {concurrency}
+max_errors = 2
+health = {{ timeout = "20s", stable_for = "1s" }}
+"""
+
+
+class Daemon:
+    """A `patchd daemon` subprocess with a notify socket the test reads."""
+
+    running: ClassVar[list[Daemon]] = []
+
+    def __init__(self, config: Path, tmp: Path) -> None:
+        Daemon.running.append(self)
+        self.sock_path = tmp / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.sock_path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self.log = (tmp / "daemon.log").open("w+")
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "WATCHDOG_USEC": "1000000"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "patchd.cli", "daemon", "-c", str(config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except (TimeoutError, BlockingIOError):
+                return self.messages
+
+    def saw(self, text: str) -> bool:
+        return any(text in m for m in self.drain())
+
+    def events(self) -> list[dict[str, Any]]:
+        self.log.flush()
+        self.log.seek(0)
+        found = []
+        for line in self.log.read().splitlines():
+            if line.startswith("{"):
+                found.append(json.loads(line))
+        return found
+
+    def close(self) -> None:
+        Daemon.running.remove(self)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+        self.log.close()
+
+
+def on_version(f: Fleet, names: list[str], digest: str) -> bool:
+    """Every named container exists and runs `digest` (a name is briefly absent mid-patch)."""
+    try:
+        return all(f.digest_of(n) == digest for n in names)
+    except docker.errors.NotFound:
+        return False
+
+
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def test_daemon_patches_when_the_window_opens_and_handles_signals(f: Fleet, tmp_path: Path) -> None:
+    names = [f.name(f"web{i}") for i in range(3)]
+    f.publish("app-v1", "web")
+    for i in range(3):
+        f.run(f"web{i}", "web")
+    f.wait_healthy(*names)
+    v2 = f.publish("app-v2", "web")
+    port = free_port()
+    config = tmp_path / "patchd.toml"
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=6)
+    group = GROUP.format(token=f.token, concurrency=2)
+    write_config(config, f, tmp_path / "state", port, start, group)
+
+    daemon = Daemon(config, tmp_path)
+    try:
+        wait_for(lambda: daemon.saw("READY=1"), 10, "READY=1")
+        assert daemon.saw("STATUS=idle; next window soon at")
+        assert all(f.digest_of(n) != v2 for n in names)  # not before the window
+
+        wait_for(lambda: on_version(f, names, v2), 60, "every container on v2")
+        wait_for(lambda: any(e["event"] == "run_finished" for e in daemon.events()), 30, "run end")
+        [finished] = [e for e in daemon.events() if e["event"] == "run_finished"]
+        assert finished["status"] == "completed"
+        assert finished["succeeded"] == 3
+        assert datetime.now(UTC) >= start
+        assert daemon.saw("WATCHDOG=1")
+        assert daemon.saw("STATUS=patching: web")
+
+        metrics = scrape(port)
+        assert 'patchd_patch_operations_total{backend="lab",group="web",result="success"} 3.0' in (
+            metrics
+        )
+        assert 'patchd_window_open{window="soon"} 1.0' in metrics
+        assert 'patchd_backend_up{backend="lab"} 1.0' in metrics
+        promtool = shutil.which("promtool")
+        assert promtool, "promtool comes with Debian's prometheus package (lab.sh installs it)"
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=metrics, capture_output=True, text=True
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+
+        # A broken config on SIGHUP is logged; the old one keeps running.
+        good = config.read_text()
+        config.write_text(good.replace('window = "soon"', 'window = "nightly"'))
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: any(e["event"] == "reload_failed" for e in daemon.events()), 10, "reload_failed"
+        )
+        [failed] = [e for e in daemon.events() if e["event"] == "reload_failed"]
+        assert any("groups.web.window: unknown window 'nightly'" in x for x in failed["errors"])
+        assert daemon.proc.poll() is None
+        assert "patchd_config_last_reload_successful 0.0" in scrape(port)
+        config.write_text(good)
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "patchd_config_last_reload_successful 1.0" in scrape(port), 10, "reload")
+
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=30) == 0
+        assert daemon.saw("STOPPING=1")
+    finally:
+        daemon.close()
+    assert "Traceback" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_sigterm_during_a_run_loses_no_container(f: Fleet, tmp_path: Path) -> None:
+    names = [f.name(f"svc{i}") for i in range(6)]
+    f.publish("app-v1", "svc")
+    for i in range(6):
+        f.run(f"svc{i}", "svc")
+    f.wait_healthy(*names)
+    v1 = f.digest_of(names[0])
+    v2 = f.publish("app-v2", "svc")
+    config = tmp_path / "patchd.toml"
+    open_now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    group = GROUP.format(token=f.token, concurrency=2)
+    write_config(config, f, tmp_path / "state", free_port(), open_now, group)
+
+    daemon = Daemon(config, tmp_path)
+    try:
+        # Started inside an open window: the run begins at once. Stop it mid-way.
+        wait_for(lambda: any(e.get("state") == "applying" for e in daemon.events()), 30, "a patch")
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=60) == 0
+    finally:
+        daemon.close()
+
+    for name in names:
+        assert f.exists(name), f"{name} is missing"
+        assert f.inspect(name)["State"]["Running"], f"{name} is not running"
+        assert f.digest_of(name) in (v1, v2)
+    assert f.leftovers() == []
+    store = Store(tmp_path / "state" / "patchd.db")
+    assert store.unfinished_targets() == []
+    [run] = store.runs("web")
+    assert run.status == "stopped"
+    states = [t.state for t in store.targets(run.id)]
+    assert states and all(s == "committed" for s in states)
+    assert len(states) < 6, "the stop came too late to leave targets pending"
