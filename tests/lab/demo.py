@@ -19,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -61,6 +62,45 @@ CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
             raise SystemExit(f"push failed: {line['error']}")
     digest: str = client.images.get_registry_data(tag).id
     return digest
+
+
+def follow(daemon: subprocess.Popen[str], log_path: Path) -> threading.Thread:
+    """Copy the daemon's JSON log to a file; print one short line per target and run."""
+
+    def pump() -> None:
+        assert daemon.stdout is not None
+        with log_path.open("w") as log:
+            for line in daemon.stdout:
+                log.write(line)
+                log.flush()
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    print(line, end="")
+                    continue
+                kind = event.get("event")
+                if kind == "target_done":
+                    change = ""
+                    if event.get("version_to"):
+                        change = f" {event['version_from'][:19]} -> {event['version_to'][:19]}"
+                    print(
+                        f"  {event['group']}: {event['target']} {event['result']}{change}"
+                        f" ({event['seconds']}s)",
+                        flush=True,
+                    )
+                elif kind == "run_finished":
+                    print(
+                        f"  {event['group']}: run {event['status']}, {event['succeeded']}"
+                        f" patched, {event['failed']} failed",
+                        flush=True,
+                    )
+                elif kind in ("started", "stopping", "stopped", "run_refused"):
+                    detail = f": {event['reason']}" if "reason" in event else ""
+                    print(f"  daemon {kind}{detail}", flush=True)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
 
 
 def patchd(*args: str) -> None:
@@ -117,7 +157,15 @@ def main() -> int:
     patchd("plan", "-c", str(CONFIG))
 
     say("starting patchd daemon; the lab window is open, so it patches at once")
-    daemon = subprocess.Popen([*PATCHD, "daemon", "-c", str(CONFIG)])
+    log_path = Path(env.get("PATCHD_LAB_DIR", "/tmp/patchd-lab")) / "demo-daemon.log"
+    print(f"(full JSON log: {log_path})")
+    daemon = subprocess.Popen(
+        [*PATCHD, "daemon", "-c", str(CONFIG)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    reader = follow(daemon, log_path)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -157,6 +205,7 @@ def main() -> int:
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
+        reader.join(timeout=5)
     production = last_run("demo-production")
     ok = production is not None and production["status"] == "completed" and not production["failed"]
     verified = production is not None and all(t["to"] == v2 for t in production["targets"])

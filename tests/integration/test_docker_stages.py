@@ -1,0 +1,104 @@
+"""Staged promotion on the real engine: staging, soak, then production gets staging's digest.
+
+The runner is driven with a clock the test moves, so the soak needs no sleeping; the
+containers, images and registry are real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import docker
+import pytest
+
+from patchd.config import load_settings
+from patchd.engine import NullObserver
+from patchd.runner import Runner, RunRefused
+from patchd.state import Store
+from tests.integration.conftest import Lab
+from tests.integration.docker_fleet import Fleet, build_images, fleet
+
+
+@pytest.fixture(scope="module")
+def images(lab: Lab, docker_client: docker.DockerClient) -> dict[str, str]:
+    return build_images(docker_client, lab.base_image)
+
+
+@pytest.fixture
+def f(lab: Lab, docker_client: docker.DockerClient, images: dict[str, str]) -> Iterator[Fleet]:
+    with fleet(docker_client, lab.registry, lab.docker_host, images) as the_fleet:
+        yield the_fleet
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_production_gets_the_digest_staging_verified_after_its_soak(
+    f: Fleet, tmp_path: Path
+) -> None:
+    f.publish("app-v1", "web")
+    for name, tier in (("s1", "staging"), ("p1", "production"), ("p2", "production")):
+        f.run(name, "web", labels={"tier": tier})
+    f.wait_healthy(f.name("s1"), f.name("p1"), f.name("p2"))
+    v1 = f.digest_of(f.name("p1"))
+    v2 = f.publish("app-v2", "web")
+    config = tmp_path / "patchd.toml"
+    select = f'labels = {{ "patchd.test" = "{f.token}", tier = "%s" }}'
+    config.write_text(
+        f"""
+[daemon]
+state_dir = "{tmp_path / "state"}"
+[windows.any]
+cron = "*/5 * * * *"
+duration = "5m"
+[backends.lab]
+type = "docker"
+url = "{f.docker_host}"
+[groups.staging]
+backend = "lab"
+window = "any"
+select = {{ {select % "staging"} }}
+health = {{ timeout = "20s", stable_for = "1s" }}
+[groups.production]
+backend = "lab"
+window = "any"
+after = "staging"
+soak = "2h"
+max_concurrency = 2
+select = {{ {select % "production"} }}
+health = {{ timeout = "20s", stable_for = "1s" }}
+"""
+    )
+    settings = load_settings(config)
+    clock = Clock()
+    backend = f.backend()
+    runner = Runner(
+        settings, Store(tmp_path / "state" / "patchd.db"), {"lab": backend}, NullObserver(), clock
+    )
+    try:
+        with pytest.raises(RunRefused, match="has not run yet"):
+            runner.run("production", now=True)
+        staged = runner.run("staging", now=True)
+        assert [o.result for o in staged.outcomes] == ["success"]
+        assert f.digest_of(f.name("s1")) == v2
+
+        v3 = f.publish("app-v3", "web")  # the tag moves on after staging verified v2
+        with pytest.raises(RunRefused, match="soaking until"):
+            runner.run("production", now=True)
+        assert f.digest_of(f.name("p1")) == v1
+
+        clock.now += timedelta(hours=2, seconds=1)
+        promoted = runner.run("production", now=True)
+        assert [o.result for o in promoted.outcomes] == ["success", "success"]
+        assert f.digest_of(f.name("p1")) == v2 != v3
+        assert f.digest_of(f.name("p2")) == v2
+        assert f.is_healthy(f.name("p1")) and f.is_healthy(f.name("p2"))
+    finally:
+        backend.close()
