@@ -25,10 +25,16 @@ from prometheus_client import start_http_server
 
 from patchd import __version__, log
 from patchd.backends import connect
-from patchd.backends.base import Backend
+from patchd.backends.base import Backend, ListsSnapshots
 from patchd.config import BackendSpec, ConfigError, Settings, load_settings
 from patchd.engine.target import TargetOutcome
-from patchd.metrics import Metrics, MetricsObserver, WindowCollector, next_start
+from patchd.metrics import (
+    Metrics,
+    MetricsObserver,
+    SnapshotAgeCollector,
+    WindowCollector,
+    next_start,
+)
 from patchd.notify import Notifier, watchdog_interval
 from patchd.runner import Observers, Runner, RunRefused
 from patchd.state import Store, StoreError
@@ -61,6 +67,7 @@ class Daemon:
         self._lock = threading.RLock()
         self._runs: dict[str, Future[None]] = {}
         self._progress: dict[str, tuple[int, int]] = {}
+        self._oldest_snapshot: dict[str, datetime | None] = {}
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.pool = ThreadPoolExecutor(max_workers=RUN_WORKERS, thread_name_prefix="run")
 
@@ -75,6 +82,10 @@ class Daemon:
         self.backends = self._connect(settings)
         self.metrics.reload(True, self.clock().timestamp())
         self.metrics.registry.register(WindowCollector(lambda: self.settings, self.clock))
+        self.metrics.registry.register(
+            SnapshotAgeCollector(lambda: dict(self._oldest_snapshot), self.clock)
+        )
+        self._refresh_snapshots()
         self.metrics_server, _ = start_http_server(
             settings.daemon.metrics_port,
             settings.daemon.metrics_host,
@@ -160,6 +171,7 @@ class Daemon:
                 backend.close()
         log.setup(settings.daemon.log_format, settings.daemon.log_level)
         self.metrics.reload(True, self.clock().timestamp())
+        self._refresh_snapshots()
         self._arm()
         self.log.info("reloaded", files=[str(p) for p in settings.files])
         self.notifier.ready(self.status_line())
@@ -193,6 +205,22 @@ class Daemon:
         except Exception as err:
             self.metrics.backend_up.labels(name).set(0)
             self.log.warning("backend_down", backend=name, error=str(err))
+
+    def _refresh_snapshots(self) -> None:
+        """Re-read when each snapshot-keeping backend's oldest patchd snapshot was taken."""
+        with self._lock:
+            backends = dict(self.backends)
+        found: dict[str, datetime | None] = {}
+        for name, backend in backends.items():
+            if not isinstance(backend, ListsSnapshots):
+                continue
+            try:
+                created = [s.created for s in backend.patchd_snapshots() if s.created]
+            except Exception as err:
+                self.log.warning("snapshot_listing_failed", backend=name, error=str(err))
+                continue
+            found[name] = min(created) if created else None
+        self._oldest_snapshot = found
 
     # --- scheduling -----------------------------------------------------------------------
 
@@ -237,6 +265,7 @@ class Daemon:
             self.log.info("released_expired", count=count)
         except Exception as err:
             self.log.error("release_failed", error=str(err))
+        self._refresh_snapshots()
         self._arm()
 
     def _run_open_windows(self) -> None:
@@ -321,6 +350,7 @@ class Daemon:
             pending=result.count("pending"),
             error=result.error,
         )
+        self._refresh_snapshots()
         self._arm()
         # Later stages in an open window go as soon as their soak allows.
         for group in self.settings.groups.values():

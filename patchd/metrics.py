@@ -171,3 +171,25 @@ class WindowCollector(Collector):
                 next_open.add_metric([name], start.timestamp())
         yield is_open
         yield next_open
+
+
+class SnapshotAgeCollector(Collector):
+    """Age of each backend's oldest patchd snapshot, from creation times the daemon refreshes
+    after every run and release (no backend call at scrape time)."""
+
+    def __init__(
+        self, oldest: Callable[[], dict[str, datetime | None]], clock: Callable[[], datetime]
+    ) -> None:
+        self.oldest = oldest
+        self.clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "patchd_snapshot_oldest_age_seconds",
+            "Age of the oldest patchd snapshot on the backend (0 when there is none)",
+            labels=["backend"],
+        )
+        now = self.clock()
+        for backend, created in sorted(self.oldest().items()):
+            family.add_metric([backend], (now - created).total_seconds() if created else 0.0)
+        yield family

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel
@@ -170,3 +170,17 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+class KeptSnapshot(Protocol):
+    @property
+    def created(self) -> datetime | None: ...
+
+
+@runtime_checkable
+class ListsSnapshots(Protocol):
+    """Optional: a backend whose snapshots can outlive a run (vSphere) lists them, so the
+    daemon can export the age of the oldest one."""
+
+    def patchd_snapshots(self) -> Sequence[KeptSnapshot]:
+        """Every patchd snapshot the backend can see, oldest first."""

@@ -125,3 +125,36 @@ def test_next_start_skips_the_cutoff_and_respects_open_windows() -> None:
     assert next_start(w, (), at) == datetime(2026, 1, 1, 1, 0, tzinfo=UTC)
     weekly = Window("x", Weekly(frozenset({0}), datetime.min.time()), timedelta(hours=1), UTC)  # type: ignore[arg-type]
     assert next_start(weekly, (), at) == datetime(2026, 1, 5, 0, 0, tzinfo=UTC)
+
+
+def test_oldest_kept_snapshot_age_is_exported(tmp_path: Path) -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class Kept:
+        created: datetime | None
+
+    class Keeper(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__("d")
+            self.kept = [Kept(datetime.now(UTC) - timedelta(hours=3)), Kept(None)]
+
+        def patchd_snapshots(self) -> list[Kept]:
+            return self.kept
+
+    keeper = Keeper()
+    path = tmp_path / "patchd.toml"
+    path.write_text(config_text(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2)))
+    d = Daemon(path, None, connector=lambda spec: keeper, notifier=Notifier(""))
+    d.start()
+    try:
+        port = d.metrics_server.server_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        [line] = [x for x in text.splitlines() if x.startswith("patchd_snapshot_oldest_age")]
+        assert 3 * 3600 <= float(line.split()[-1]) < 3 * 3600 + 60
+        keeper.kept = []
+        d._refresh_snapshots()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'patchd_snapshot_oldest_age_seconds{backend="d"} 0.0' in text
+    finally:
+        d.shutdown()
