@@ -21,6 +21,7 @@ from patchd.durations import format_duration
 from patchd.engine.target import TargetOutcome
 from patchd.log import LogObserver
 from patchd.metrics import Metrics, MetricsObserver
+from patchd.reconcile import reconcile
 from patchd.runner import Observers, Runner, RunRefused
 from patchd.state import Store, StoreError
 from patchd.windows import WEEKDAYS, Cron, MonthlyOrdinal, Opening, Window, openings_from
@@ -329,6 +330,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.setup(settings.daemon.log_format, "warning")
     store = _open_store(settings)
     backends = _connect_for(settings, [group])
+    for item in reconcile(settings, store, backends, _utcnow):
+        print(
+            f"reconciled {item.target} (run {item.run_id}): {item.was} -> {item.now}"
+            + (f": {item.detail}" if item.detail else ""),
+            file=sys.stderr,
+        )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -36,6 +36,7 @@ from patchd.metrics import (
     next_start,
 )
 from patchd.notify import Notifier, watchdog_interval
+from patchd.reconcile import reconcile
 from patchd.runner import Observers, Runner, RunRefused
 from patchd.state import Store, StoreError
 from patchd.windows import may_start
@@ -80,6 +81,7 @@ class Daemon:
         self.settings = settings
         self.store = Store(settings.daemon.state_dir / "patchd.db")
         self.backends = self._connect(settings)
+        self._reconcile()
         self.metrics.reload(True, self.clock().timestamp())
         self.metrics.registry.register(WindowCollector(lambda: self.settings, self.clock))
         self.metrics.registry.register(
@@ -205,6 +207,19 @@ class Daemon:
         except Exception as err:
             self.metrics.backend_up.labels(name).set(0)
             self.log.warning("backend_down", backend=name, error=str(err))
+
+    def _reconcile(self) -> None:
+        """Finish what a stopped patchd left half-done before anything new starts."""
+        for item in reconcile(self.settings, self.store, self.backends, self.clock):
+            level = self.log.info if item.now == "rolled_back" else self.log.error
+            level(
+                "reconciled",
+                run_id=item.run_id,
+                target=item.target,
+                was=item.was,
+                now=item.now,
+                detail=item.detail,
+            )
 
     def _refresh_snapshots(self) -> None:
         """Re-read when each snapshot-keeping backend's oldest patchd snapshot was taken."""

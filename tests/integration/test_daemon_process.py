@@ -250,3 +250,50 @@ def test_sigterm_during_a_run_loses_no_container(f: Fleet, tmp_path: Path) -> No
     states = [t.state for t in store.targets(run.id)]
     assert states and all(s == "committed" for s in states)
     assert len(states) < 6, "the stop came too late to leave targets pending"
+
+
+def test_kill_9_mid_run_then_restart_reconciles(f: Fleet, tmp_path: Path) -> None:
+    names = [f.name(f"k{i}") for i in range(4)]
+    f.publish("app-v1", "k")
+    for i in range(4):
+        f.run(f"k{i}", "k")
+    f.wait_healthy(*names)
+    v1 = f.digest_of(names[0])
+    v2 = f.publish("app-v2", "k")
+    config = tmp_path / "patchd.toml"
+    open_now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    write_config(
+        config,
+        f,
+        tmp_path / "state",
+        free_port(),
+        open_now,
+        GROUP.format(token=f.token, concurrency=2),
+    )
+    first = Daemon(config, tmp_path)
+    try:
+        wait_for(lambda: any(e.get("state") == "applying" for e in first.events()), 30, "apply")
+        first.proc.kill()  # no chance to clean up
+        first.proc.wait()
+    finally:
+        first.close()
+    store = Store(tmp_path / "state" / "patchd.db")
+    assert store.unfinished_targets(), "the kill came after every target had finished"
+
+    (tmp_path / "second").mkdir()
+    second = Daemon(config, tmp_path / "second")
+    try:
+        wait_for(lambda: any(e["event"] == "reconciled" for e in second.events()), 30, "reconcile")
+        reconciled = [e for e in second.events() if e["event"] == "reconciled"]
+        assert all(e["now"] == "rolled_back" for e in reconciled)
+        # The window is still open: the restarted daemon patches everything.
+        wait_for(lambda: on_version(f, names, v2), 60, "every container on v2")
+        second.proc.send_signal(signal.SIGTERM)
+        assert second.proc.wait(timeout=60) == 0
+    finally:
+        second.close()
+    assert f.leftovers() == []
+    assert Store(tmp_path / "state" / "patchd.db").unfinished_targets() == []
+    runs = Store(tmp_path / "state" / "patchd.db").runs("web")
+    assert [r.status for r in runs][-1] == "interrupted"
+    assert v1 != v2

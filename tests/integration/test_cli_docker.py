@@ -1,0 +1,93 @@
+"""`patchd plan`, `run`, `status` and `history` as processes against the real engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import docker
+import pytest
+
+from tests.integration.conftest import Lab
+from tests.integration.docker_fleet import Fleet, build_images, fleet
+
+DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+@pytest.fixture(scope="module")
+def images(lab: Lab, docker_client: docker.DockerClient) -> dict[str, str]:
+    return build_images(docker_client, lab.base_image)
+
+
+@pytest.fixture
+def f(lab: Lab, docker_client: docker.DockerClient, images: dict[str, str]) -> Iterator[Fleet]:
+    with fleet(docker_client, lab.registry, lab.docker_host, images) as the_fleet:
+        yield the_fleet
+
+
+def patchd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "patchd.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_plan_then_run_now_then_status_and_history(f: Fleet, tmp_path: Path) -> None:
+    names = [f.name(f"w{i}") for i in range(3)]
+    f.publish("app-v1", "w")
+    for i in range(3):
+        f.run(f"w{i}", "w")
+    f.wait_healthy(*names)
+    v1 = f.digest_of(names[0])
+    v2 = f.publish("app-v2-broken", "w")
+    config = tmp_path / "patchd.toml"
+    config.write_text(
+        f"""
+[daemon]
+state_dir = "{tmp_path / "state"}"
+[windows.never-now]
+days = ["{DAYS[(datetime.now(UTC).weekday() + 2) % 7]}"]
+start = "00:00"
+duration = "1h"
+[backends.lab]
+type = "docker"
+url = "{f.docker_host}"
+[groups.web]
+backend = "lab"
+window = "never-now"
+select = {{ labels = {{ "patchd.test" = "{f.token}" }} }}
+max_errors = 1
+health = {{ timeout = "8s", stable_for = "1s" }}
+"""
+    )
+    c = str(config)
+    plan = patchd("plan", "-c", c, "--json")
+    assert plan.returncode == 0, plan.stderr
+    [doc] = json.loads(plan.stdout)["groups"]
+    assert [(t["name"], t["action"], t["available"]) for t in doc["targets"]] == [
+        (n, "patch", v2) for n in names
+    ]
+    assert all(f.digest_of(n) == v1 for n in names)  # plan changed nothing
+
+    refused = patchd("run", "web", "-c", c)  # the window is two days away
+    assert refused.returncode == 3
+    assert "does not allow a start now" in refused.stderr
+
+    run = patchd("run", "web", "-c", c, "--now")
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"[1/3] {names[0]}: rolled_back")
+    assert lines[1] == f"[2/3] {names[1]}: pending (0.0s): " + lines[1].split(": ", 2)[2]
+    assert "halted" in lines[-1]
+    assert all(f.digest_of(n) == v1 and f.is_healthy(n) for n in names)
+
+    status = patchd("status", "-c", c, "--json")
+    [group] = json.loads(status.stdout)["groups"]
+    assert group["last_run"]["status"] == "halted"
+    assert group["pending"] == names[1:]
+    history = patchd("history", "-c", c)
+    assert f"{names[0]}: rolled_back" in history.stdout
+    assert patchd("run", "nope", "-c", c).returncode == 2

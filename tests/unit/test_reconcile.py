@@ -1,0 +1,90 @@
+"""Restart reconciliation: targets left mid-patch are rolled back; runs left running close."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from patchd.backends.base import RollbackFailed
+from patchd.config import load_settings
+from patchd.reconcile import reconcile
+from patchd.runner import group_lock
+from patchd.state import Store
+from patchd.testing import FakeBackend
+
+T0 = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
+CONFIG = """
+[daemon]
+state_dir = "{state}"
+[windows.w]
+days = ["sat"]
+duration = "4h"
+[backends.d]
+type = "docker"
+[groups.web]
+backend = "d"
+window = "w"
+"""
+
+
+def crashed_mid_apply(tmp_path: Path) -> tuple[object, Store, FakeBackend]:
+    path = tmp_path / "patchd.toml"
+    path.write_text(CONFIG.format(state=tmp_path / "state"))
+    settings = load_settings(path)
+    store = Store(settings.daemon.state_dir / "patchd.db")
+    fake = FakeBackend("d")
+    fake.add("c1")
+    fake.add("c2")
+    # What a patchd killed during c1's apply leaves: the journal says "applying", the
+    # snapshot exists, the target already runs the new version.
+    store.start_run("r1", "web", "w", T0)
+    store.record(
+        "r1",
+        "c1",
+        "c1",
+        "snapshotting",
+        T0,
+        step="snapshot",
+        phase="intent",
+        version_from="v1",
+        version_to="v2",
+        snapshot={"name": "patchd-r1"},
+    )
+    fake.targets["c1"].snapshots["patchd-r1"] = "v1"
+    store.record("r1", "c1", "c1", "snapshotted", T0, step="snapshot", phase="done")
+    store.record("r1", "c1", "c1", "applying", T0, step="apply", phase="intent")
+    fake.targets["c1"].version = "v2"
+    store.record("r1", "c2", "c2", "committed", T0, step="commit", phase="done")
+    return settings, store, fake
+
+
+def test_unfinished_target_is_rolled_back_and_the_run_closed(tmp_path: Path) -> None:
+    settings, store, fake = crashed_mid_apply(tmp_path)
+    [item] = reconcile(settings, store, {"d": fake}, lambda: T0)  # type: ignore[arg-type]
+    assert (item.target, item.was, item.now) == ("c1", "applying", "rolled_back")
+    assert fake.targets["c1"].version == "v1"
+    assert fake.targets["c1"].snapshots == {}
+    assert store.unfinished_targets() == []
+    run = store.last_run("web")
+    assert run is not None and run.status == "interrupted"
+    assert (run.succeeded, run.failed) == (1, 1)
+    assert reconcile(settings, store, {"d": fake}, lambda: T0) == []  # type: ignore[arg-type]
+
+
+def test_failed_reconcile_is_reported_and_kept(tmp_path: Path) -> None:
+    settings, store, fake = crashed_mid_apply(tmp_path)
+    fake.failures[("c1", "rollback")] = RollbackFailed("old container is gone")
+    [item] = reconcile(settings, store, {"d": fake}, lambda: T0)  # type: ignore[arg-type]
+    assert item.now == "rollback_failed"
+    assert "old container is gone" in item.detail
+    assert fake.targets["c1"].snapshots  # nothing removed
+    [row] = [r for r in store.targets("r1") if r.target == "c1"]
+    assert row.state == "rollback_failed"
+
+
+def test_a_group_running_elsewhere_is_left_alone(tmp_path: Path) -> None:
+    settings, store, fake = crashed_mid_apply(tmp_path)
+    with group_lock(settings, "web"):  # type: ignore[arg-type]
+        assert reconcile(settings, store, {"d": fake}, lambda: T0) == []  # type: ignore[arg-type]
+    assert fake.targets["c1"].version == "v2"
+    assert store.last_run("web").status == "running"  # type: ignore[union-attr]
