@@ -1,0 +1,68 @@
+"""The README documents every config key (from the schemas and every installed backend's
+models) and every metric (from a real registry with the daemon's collectors)."""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from patchd.backends import installed_types, load_plugin
+from patchd.config.schema import DaemonModel, FreezeModel, GroupModel, WindowModel
+from patchd.metrics import Metrics, SnapshotAgeCollector, WindowCollector
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+DOCUMENTED = set(re.findall(r"`([^`\s]+)`", README))
+
+
+def _nested(annotation: object) -> type[BaseModel] | None:
+    candidates = [annotation, *typing.get_args(annotation)]
+    if isinstance(annotation, types.UnionType):
+        candidates = list(typing.get_args(annotation))
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    found = []
+    for name, field in model.model_fields.items():
+        nested = _nested(field.annotation)
+        if nested is not None and name != "select":
+            found.extend(keys(nested, f"{prefix}{name}."))
+        else:
+            found.append(prefix + name)
+    return found
+
+
+def test_every_config_key_is_documented() -> None:
+    wanted = keys(DaemonModel) + keys(WindowModel) + keys(FreezeModel) + keys(GroupModel)
+    for type_name in installed_types():
+        plugin = load_plugin(type_name)
+        wanted += keys(plugin.config_model) + keys(plugin.select_model)
+    missing = sorted({key for key in wanted if key not in DOCUMENTED})
+    assert not missing, f"config keys missing from README.md: {missing}"
+
+
+def test_every_metric_is_documented() -> None:
+    metrics = Metrics()
+
+    def no_settings() -> typing.Any:
+        return types.SimpleNamespace(windows={}, freezes=())
+
+    registry = metrics.registry
+    registry.register(WindowCollector(no_settings, lambda: datetime.now(UTC)))
+    registry.register(SnapshotAgeCollector(dict, lambda: datetime.now(UTC)))
+    names = set()
+    for family in registry.collect():
+        kind = family.type
+        suffix = {"counter": "_total", "info": "_info"}.get(kind, "")
+        names.add(family.name + suffix)
+    assert "patchd_patch_operations_total" in names
+    missing = sorted(n for n in names if n not in DOCUMENTED)
+    assert not missing, f"metrics missing from README.md: {missing}"
