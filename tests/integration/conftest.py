@@ -21,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import docker
@@ -313,3 +314,23 @@ def vcsim_factory(
             failures.append(f"{vc.url}: exit {rc}\n{_tail(vc.log.read_text(), 20)}")
     if failures:
         pytest.fail("vcsim did not stop cleanly:\n" + "\n".join(failures), pytrace=False)
+
+
+# --- Docker fleets shared by the Docker tests ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def images(lab: Lab, docker_client: docker.DockerClient) -> dict[str, str]:
+    """The test image variants (tests/integration/docker_fleet.py), built once a session."""
+    from tests.integration.docker_fleet import build_images
+
+    return build_images(docker_client, lab.base_image)
+
+
+@pytest.fixture
+def f(lab: Lab, docker_client: docker.DockerClient, images: dict[str, str]) -> Iterator[Any]:
+    """A Fleet: this test's registry repositories, containers, networks and volumes."""
+    from tests.integration.docker_fleet import fleet
+
+    with fleet(docker_client, lab.registry, lab.docker_host, images) as the_fleet:
+        yield the_fleet

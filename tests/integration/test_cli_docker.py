@@ -5,28 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import docker
-import pytest
-
-from tests.integration.conftest import Lab
-from tests.integration.docker_fleet import Fleet, build_images, fleet
+from tests.integration.docker_fleet import Fleet
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-
-
-@pytest.fixture(scope="module")
-def images(lab: Lab, docker_client: docker.DockerClient) -> dict[str, str]:
-    return build_images(docker_client, lab.base_image)
-
-
-@pytest.fixture
-def f(lab: Lab, docker_client: docker.DockerClient, images: dict[str, str]) -> Iterator[Fleet]:
-    with fleet(docker_client, lab.registry, lab.docker_host, images) as the_fleet:
-        yield the_fleet
 
 
 def patchd(*args: str) -> subprocess.CompletedProcess[str]:

@@ -33,24 +33,11 @@ from tests.integration.docker_fleet import (
     TEST_LABEL,
     VARIANTS,
     Fleet,
-    build_images,
     build_variants,
-    fleet,
     free_port,
 )
 
 # --- fixtures and helpers -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def images(lab: Lab, docker_client: docker.DockerClient) -> dict[str, str]:
-    return build_images(docker_client, lab.base_image)
-
-
-@pytest.fixture
-def f(lab: Lab, docker_client: docker.DockerClient, images: dict[str, str]) -> Iterator[Fleet]:
-    with fleet(docker_client, lab.registry, lab.docker_host, images) as the_fleet:
-        yield the_fleet
 
 
 @pytest.fixture

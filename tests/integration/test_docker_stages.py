@@ -6,30 +6,16 @@ containers, images and registry are real.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import docker
 import pytest
 
 from patchd.config import load_settings
 from patchd.engine import NullObserver
 from patchd.runner import Runner, RunRefused
 from patchd.state import Store
-from tests.integration.conftest import Lab
-from tests.integration.docker_fleet import Fleet, build_images, fleet
-
-
-@pytest.fixture(scope="module")
-def images(lab: Lab, docker_client: docker.DockerClient) -> dict[str, str]:
-    return build_images(docker_client, lab.base_image)
-
-
-@pytest.fixture
-def f(lab: Lab, docker_client: docker.DockerClient, images: dict[str, str]) -> Iterator[Fleet]:
-    with fleet(docker_client, lab.registry, lab.docker_host, images) as the_fleet:
-        yield the_fleet
+from tests.integration.docker_fleet import Fleet
 
 
 class Clock:

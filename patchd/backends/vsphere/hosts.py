@@ -53,11 +53,17 @@ from patchd.backends.base import (
 )
 from patchd.backends.vsphere import attributes, command
 from patchd.backends.vsphere.attributes import VERSION
-from patchd.backends.vsphere.collector import TaskFailed, TaskTimeout, read, retrieve, wait_for_task
+from patchd.backends.vsphere.collector import TaskFailed, TaskTimeout, retrieve, wait_for_task
 from patchd.backends.vsphere.config import VSphereConfig
 from patchd.backends.vsphere.connection import Session, fault_text, vmomi
 from patchd.backends.vsphere.steps import step
-from patchd.backends.vsphere.vms import PREFIX, REF, UNVERSIONED, Gone, snapshot_name
+from patchd.backends.vsphere.vms import (
+    PREFIX,
+    REF,
+    UNVERSIONED,
+    read_with_field_names,
+    snapshot_name,
+)
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 
 CONNECTED = "connected"
@@ -108,27 +114,11 @@ class HostFlow:
     # --- reading ------------------------------------------------------------------------
 
     def read(self, moid: str) -> HostState:
-        vim, vmodl = vmomi()
+        vim, _ = vmomi()
 
         def work(content: Any) -> HostState:
             host = vim.HostSystem(moid, self.session.stub)
-            try:
-                found = read(
-                    content.propertyCollector,
-                    [host, content.customFieldsManager],
-                    {vim.HostSystem: HOST_PROPS, vim.CustomFieldsManager: ["field"]},
-                )
-            except vmodl.fault.ManagedObjectNotFound:
-                raise Gone(f"host {moid} no longer exists") from None
-            names: dict[int, str] = {}
-            props: Mapping[str, Any] | None = None
-            for item in found:
-                if isinstance(item.obj, vim.CustomFieldsManager):
-                    names = attributes.field_names(item.get("field"))
-                elif item.moid == moid:
-                    props = item.props
-            if props is None or "name" not in props:
-                raise Gone(f"host {moid} no longer exists")
+            props, names = read_with_field_names(content, host, HOST_PROPS, f"host {moid}")
             parent = props.get("parent")
             vnics = props.get("config.network.vnic") or []
             ips = [str(v.spec.ip.ipAddress) for v in vnics if getattr(v.spec.ip, "ipAddress", None)]

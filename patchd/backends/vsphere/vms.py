@@ -86,6 +86,34 @@ VM_PROPS = (
 )
 
 
+def read_with_field_names(
+    content: Any, obj: Any, props: Iterable[str], label: str
+) -> tuple[Mapping[str, Any], dict[int, str]]:
+    """One object's properties and the custom field names (key -> name), in one call.
+
+    Raises Gone when the object no longer exists.
+    """
+    vim, vmodl = vmomi()
+    try:
+        found = read(
+            content.propertyCollector,
+            [obj, content.customFieldsManager],
+            {type(obj): props, vim.CustomFieldsManager: ["field"]},
+        )
+    except vmodl.fault.ManagedObjectNotFound:
+        raise Gone(f"{label} no longer exists") from None
+    names: dict[int, str] = {}
+    mine: Mapping[str, Any] | None = None
+    for item in found:
+        if isinstance(item.obj, vim.CustomFieldsManager):
+            names = attributes.field_names(item.get("field"))
+        elif item.moid == obj._moId:
+            mine = item.props
+    if mine is None or "name" not in mine:
+        raise Gone(f"{label} no longer exists")
+    return mine, names
+
+
 class Gone(StepFailed):
     """The VM no longer exists."""
 
@@ -193,27 +221,11 @@ class VmFlow:
     # --- reading ------------------------------------------------------------------------
 
     def read(self, moid: str) -> VmState:
-        vim, vmodl = vmomi()
+        vim, _ = vmomi()
 
         def work(content: Any) -> VmState:
             vm = vim.VirtualMachine(moid, self.session.stub)
-            try:
-                found = read(
-                    content.propertyCollector,
-                    [vm, content.customFieldsManager],
-                    {vim.VirtualMachine: VM_PROPS, vim.CustomFieldsManager: ["field"]},
-                )
-            except vmodl.fault.ManagedObjectNotFound:
-                raise Gone(f"VM {moid} no longer exists") from None
-            names: dict[int, str] = {}
-            props: Mapping[str, Any] | None = None
-            for item in found:
-                if isinstance(item.obj, vim.CustomFieldsManager):
-                    names = attributes.field_names(item.get("field"))
-                elif item.moid == moid:
-                    props = item.props
-            if props is None or "name" not in props:
-                raise Gone(f"VM {moid} no longer exists")
+            props, names = read_with_field_names(content, vm, VM_PROPS, f"VM {moid}")
             return VmState(
                 moid=moid,
                 ref=vm,
