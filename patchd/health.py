@@ -38,6 +38,14 @@ def target_environment(target: Target, facts: Mapping[str, str], group: Group) -
     return env
 
 
+def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """patchd's environment for a site command, less what would hand it patchd's secrets
+    (systemd credentials such as the vCenter password), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    env.update(extra)
+    return env
+
+
 def run_command(
     argv: list[str], env: Mapping[str, str], timeout: float
 ) -> subprocess.CompletedProcess[str]:
@@ -45,7 +53,7 @@ def run_command(
     try:
         proc = subprocess.run(
             argv,
-            env={**os.environ, **env},
+            env=child_environment(env),
             capture_output=True,
             text=True,
             timeout=timeout,

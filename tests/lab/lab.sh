@@ -25,7 +25,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 
 PACKAGES=(docker.io docker-registry busybox-static golang-go golang-github-vmware-govmomi-dev
-          prometheus faketime curl openssl)
+          prometheus faketime curl openssl systemd)
 
 BASE_IMAGE_RAW=patchd-lab/busybox-base:latest
 BASE_IMAGE=patchd-lab/busybox:latest

@@ -127,3 +127,11 @@ def test_tcp_probe_uses_the_target_ip_and_fails_closed() -> None:
         probe(TARGET, {"ip": "127.0.0.1"}, closed)
     with pytest.raises(StepFailed, match="no ip"):
         probe(TARGET, {}, closed)
+
+
+def test_commands_do_not_inherit_the_credentials_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/patchd.service")
+    script = "import os, sys; sys.exit(3 if 'CREDENTIALS_DIRECTORY' in os.environ else 0)"
+    probe(TARGET, {}, group(health=HealthModel(command=[sys.executable, "-c", script])))

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 from patchd import log
 from patchd.backends.base import StepFailed
+from patchd.health import child_environment
 
 PLACEHOLDERS = ("name", "moid", "uuid", "ip", "hostname")
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
@@ -63,7 +64,7 @@ def run(argv: list[str], env: Mapping[str, str], timeout: float, target: str) ->
     try:
         proc = subprocess.Popen(
             argv,
-            env={**os.environ, **env},
+            env=child_environment(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
