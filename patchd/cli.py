@@ -18,6 +18,7 @@ from patchd.backends import connect
 from patchd.backends.base import Backend
 from patchd.config import DEFAULT_CONFIG, DEFAULT_DROPIN_DIR, ConfigError, Settings, load_settings
 from patchd.durations import format_duration
+from patchd.engine import GateResult
 from patchd.engine.target import TargetOutcome
 from patchd.log import LogObserver
 from patchd.metrics import Metrics, MetricsObserver
@@ -356,6 +357,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    gate_shut: list[str] = []  # the reason the alert gate last held starts for
+
+    def alert_gate(group_name: str, check: str, answer: GateResult) -> None:
+        if check != "before_start":
+            return  # a failed check after a patch shows in the target's line
+        if not answer.open and gate_shut != [answer.reason]:
+            print(f"alert gate shut: {answer.describe()}; waiting", file=sys.stderr, flush=True)
+            gate_shut[:] = [answer.reason]
+        elif answer.open and gate_shut:
+            print("alert gate open", file=sys.stderr, flush=True)
+            gate_shut.clear()
+
     metrics = Metrics()
     runner = Runner(
         settings=settings,
@@ -364,6 +377,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         observer=Observers([LogObserver(), MetricsObserver(metrics, _utcnow)]),
         clock=_utcnow,
         on_progress=progress,
+        on_alert_gate=alert_gate,
     )
     try:
         result = runner.run(group, now=args.now or args.force, force=args.force, stop=stop)

@@ -27,12 +27,14 @@ from patchd import __version__, log
 from patchd.backends import connect
 from patchd.backends.base import Backend, ListsSnapshots
 from patchd.config import BackendSpec, ConfigError, Settings, load_settings
+from patchd.engine import GateResult
 from patchd.engine.target import TargetOutcome
 from patchd.metrics import (
+    JournalView,
     Metrics,
     MetricsObserver,
-    SnapshotAgeCollector,
-    WindowCollector,
+    daemon_collectors,
+    journal_view,
     next_start,
 )
 from patchd.notify import Notifier, watchdog_interval
@@ -69,6 +71,8 @@ class Daemon:
         self._runs: dict[str, Future[None]] = {}
         self._progress: dict[str, tuple[int, int]] = {}
         self._oldest_snapshot: dict[str, datetime | None] = {}
+        self._journal = JournalView()
+        self._gate_shut: dict[str, str] = {}  # group -> reason its alert gate holds starts
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.pool = ThreadPoolExecutor(max_workers=RUN_WORKERS, thread_name_prefix="run")
 
@@ -83,10 +87,14 @@ class Daemon:
         self.backends = self._connect(settings)
         self._reconcile()
         self.metrics.reload(True, self.clock().timestamp())
-        self.metrics.registry.register(WindowCollector(lambda: self.settings, self.clock))
-        self.metrics.registry.register(
-            SnapshotAgeCollector(lambda: dict(self._oldest_snapshot), self.clock)
-        )
+        self.metrics.prepare(settings)
+        for collector in daemon_collectors(
+            lambda: self.settings,
+            self.clock,
+            lambda: dict(self._oldest_snapshot),
+            lambda: self._journal,
+        ):
+            self.metrics.registry.register(collector)
         self._refresh_snapshots()
         self.metrics_server, _ = start_http_server(
             settings.daemon.metrics_port,
@@ -173,6 +181,7 @@ class Daemon:
                 backend.close()
         log.setup(settings.daemon.log_format, settings.daemon.log_level)
         self.metrics.reload(True, self.clock().timestamp())
+        self.metrics.prepare(settings)
         self._refresh_snapshots()
         self._arm()
         self.log.info("reloaded", files=[str(p) for p in settings.files])
@@ -237,6 +246,40 @@ class Daemon:
             found[name] = min(created) if created else None
         self._oldest_snapshot = found
 
+    def _refresh_journal(self) -> None:
+        """Re-read the store's gauges: what is kept after commits, pending windows, failed
+        rollbacks, and each group's pending targets (so they survive a restart)."""
+        settings = self.settings
+        try:
+            self._journal = journal_view(settings, self.store)
+            for name in settings.groups:
+                last = self.store.last_run(name)
+                if last is not None and last.status != "running":
+                    pending = len(last.detail.get("pending", []))
+                    self.metrics.targets_pending.labels(name).set(pending)
+        except StoreError as err:
+            self.log.error("journal_metrics_failed", error=str(err))
+
+    def _on_alert_gate(self, group: str, check: str, answer: GateResult) -> None:
+        """Count the alert gate's shut answers; log when the pre-start gate shuts, changes
+        its reason or opens again (not at every re-check)."""
+        if not answer.open:
+            self.metrics.alert_gate_blocked.labels(group, check, answer.reason).inc()
+        if check != "before_start":
+            return
+        with self._lock:
+            before = self._gate_shut.pop(group, None)
+            if not answer.open:
+                self._gate_shut[group] = answer.reason
+        if not answer.open and before != answer.reason:
+            self.log.warning(
+                "alert_gate_shut", group=group, reason=answer.reason, detail=answer.detail
+            )
+            self.notifier.status(self.status_line())
+        elif answer.open and before is not None:
+            self.log.info("alert_gate_open", group=group)
+            self.notifier.status(self.status_line())
+
     # --- scheduling -----------------------------------------------------------------------
 
     def _arm(self) -> None:
@@ -258,6 +301,7 @@ class Daemon:
                         misfire_grace_time=None,
                         coalesce=True,
                     )
+            self._refresh_journal()
             retained = self.store.retained()
             if retained:
                 self.scheduler.add_job(
@@ -316,6 +360,7 @@ class Daemon:
                 backends=dict(self.backends),
                 observer=Observers([log.LogObserver(), MetricsObserver(self.metrics, self.clock)]),
                 clock=self.clock,
+                on_alert_gate=self._on_alert_gate,
             )
 
     def _run(self, group_name: str) -> None:
@@ -346,6 +391,7 @@ class Daemon:
             with self._lock:
                 self._runs.pop(group_name, None)
                 self._progress.pop(group_name, None)
+                self._gate_shut.pop(group_name, None)
             self.notifier.status(self.status_line())
         self._after_run(group_name, result)
 
@@ -398,11 +444,15 @@ class Daemon:
         with self._lock:
             running = dict(self._progress)
             busy = list(self._runs)
+            held = dict(self._gate_shut)
         if busy:
             parts = []
             for group in busy:
                 done, total = running.get(group, (0, 0))
-                parts.append(f"{group} {done}/{total}" if total else f"{group} starting")
+                part = f"{group} {done}/{total}" if total else f"{group} starting"
+                if group in held:
+                    part += f" (held by the alert gate: {held[group]})"
+                parts.append(part)
             return "patching: " + ", ".join(parts)
         now = self.clock()
         upcoming = []

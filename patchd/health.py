@@ -1,24 +1,41 @@
-"""Post-patch probes for any backend: `health.command`, `health.http` and `health.tcp`.
+"""Post-patch probes for any backend: `health.command`, `http`, `tcp` and `prometheus`.
 
 The backend checks its own signals first (a container's HEALTHCHECK, VMware Tools); these
-probes run after, on the patchd host. Both fail closed: an error running the probe is a
+probes run after, on the patchd host. All fail closed: an error running the probe is a
 failed check. A command gets the target's details in PATCHD_* environment variables and
 is run without a shell, so target names reach it intact whatever characters they hold.
+
+`health.prometheus` is the alert gate, asked through Prometheus's HTTP API
+(`/api/v1/query`). Only a clean, empty instant vector opens it: any series in the answer
+(`alerts_firing`), no answer (`unreachable`), an error Prometheus reports for the query
+(`query_error`) or an answer patchd cannot read (`bad_response`) shuts it. The engine asks
+it before targets start (`query_prometheus`); after a target is patched, `watch_alerts`
+asks it every `interval` for `observe` (ending when `health.timeout` runs out at the
+latest), and the first answer that is not empty fails the target, which is rolled back.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from patchd.backends.base import StepFailed, Target
+from patchd.config.schema import PrometheusCheckModel
 from patchd.config.settings import Group
+from patchd.engine.rollout import GateResult
+
+# Receives every answer of the alert gate (metrics and logs count the shut ones).
+GateObserver = Callable[[GateResult], None]
 
 _OUTPUT_TAIL = 2000
 
@@ -109,8 +126,98 @@ def wait_for_tcp(host: str, port: int, timeout: float, deadline: float) -> None:
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
-def probe(target: Target, facts: Mapping[str, str], group: Group) -> None:
-    """Run the group's command and HTTP probes against a patched target."""
+def _series(labels: Any) -> str:
+    if not isinstance(labels, dict):
+        return "{}"
+    name = labels.get("__name__", "")
+    rest = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()) if k != "__name__")
+    return f"{name}{{{rest}}}"
+
+
+def _read_answer(body: bytes) -> GateResult:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return GateResult(False, "bad_response", "the answer is not JSON")
+    if not isinstance(doc, dict):
+        return GateResult(False, "bad_response", "the answer is not a JSON object")
+    if doc.get("status") == "error":
+        return GateResult(False, "query_error", f"{doc.get('errorType')}: {doc.get('error')}")
+    data = doc.get("data")
+    if doc.get("status") != "success" or not isinstance(data, dict):
+        return GateResult(False, "bad_response", 'no status "success" with data')
+    kind, result = data.get("resultType"), data.get("result")
+    if kind not in ("vector", "matrix") or not isinstance(result, list):
+        return GateResult(False, "bad_response", f"expected a vector, got {kind}")
+    if not result:
+        return GateResult(True)
+    shown = ", ".join(_series(item.get("metric")) for item in result[:3] if isinstance(item, dict))
+    more = f" and {len(result) - 3} more" if len(result) > 3 else ""
+    return GateResult(False, "alerts_firing", f"{len(result)} series: {shown}{more}")
+
+
+def query_prometheus(url: str, query: str, timeout: float) -> GateResult:
+    """Ask Prometheus once (an instant query at its "now"); open only when the answer is
+    an empty vector."""
+    endpoint = url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    request = urllib.request.Request(
+        endpoint, headers={"User-Agent": "patchd", "Accept": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body: bytes = response.read()
+    except urllib.error.HTTPError as err:
+        try:
+            answer = _read_answer(err.read())
+        except (OSError, http.client.HTTPException):
+            answer = GateResult(False, "bad_response")
+        if answer.reason == "query_error":
+            return answer
+        if err.code >= 500:
+            return GateResult(False, "unreachable", f"{url}: HTTP {err.code}")
+        return GateResult(False, "bad_response", f"{url}: HTTP {err.code}")
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        return GateResult(False, "unreachable", f"{url}: {reason}")
+    return _read_answer(body)
+
+
+def ask_gate(check: PrometheusCheckModel) -> GateResult:
+    return query_prometheus(str(check.url), check.query, check.timeout.total_seconds())
+
+
+def watch_alerts(
+    check: PrometheusCheckModel,
+    deadline: float,
+    on_answer: GateObserver | None = None,
+    *,
+    ask: Callable[[PrometheusCheckModel], GateResult] = ask_gate,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> None:
+    """After a patch: the gate must answer open at every ask, every `interval`, until
+    `observe` has passed or `deadline` (monotonic) comes; StepFailed at the first answer
+    that is not open. It is asked at least once."""
+    end = min(monotonic() + check.observe.total_seconds(), deadline)
+    while True:
+        answer = ask(check)
+        if on_answer is not None:
+            on_answer(answer)
+        if not answer.open:
+            raise StepFailed(f"alert gate {check.query!r}: {answer.describe()}")
+        left = end - monotonic()
+        if left <= 0:
+            return
+        sleep(min(check.interval.total_seconds(), left))
+
+
+def probe(
+    target: Target,
+    facts: Mapping[str, str],
+    group: Group,
+    on_alert_gate: GateObserver | None = None,
+) -> None:
+    """Run the group's command, HTTP, TCP and alert-gate probes against a patched target."""
     health = group.health
     deadline = time.monotonic() + health.timeout.total_seconds()
     if health.command:
@@ -128,3 +235,5 @@ def probe(target: Target, facts: Mapping[str, str], group: Group) -> None:
         if not host:
             raise StepFailed("tcp check: no host given and the target reports no ip")
         wait_for_tcp(host, health.tcp.port, health.tcp.timeout.total_seconds(), deadline)
+    if health.prometheus is not None:
+        watch_alerts(health.prometheus, deadline, on_alert_gate)

@@ -7,6 +7,7 @@ rename never. Each Metrics object has its own registry, so tests can make fresh 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -18,10 +19,18 @@ from patchd import __version__
 from patchd.backends.base import Target
 from patchd.config.settings import Group, Settings
 from patchd.engine.target import TargetOutcome
-from patchd.windows import Freeze, Window, may_start, openings_from
+from patchd.state import Store
+from patchd.windows import Freeze, Window, current_opening, may_start, openings_from
 
 # Patches take seconds (containers) to an hour (hosts).
 _DURATION_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+# Label values the daemon creates at 0 for every configured group, so that increase() and
+# rate() in alert rules see a counter's first increment.
+RUN_STATUSES = ("completed", "halted", "window_closed", "stopped", "failed")
+RESULTS = ("success", "rolled_back", "rollback_failed", "failed", "skipped")
+GATE_CHECKS = ("before_start", "after_patch")
+GATE_REASONS = ("alerts_firing", "unreachable", "bad_response", "query_error")
 
 
 class Metrics:
@@ -101,6 +110,26 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.alert_gate_blocked = Counter(
+            "patchd_alert_gate_blocked",
+            "Answers of a group's alert gate (health.prometheus) that held starts (check "
+            "before_start) or failed a patched target (check after_patch), by reason",
+            ["group", "check", "reason"],
+            registry=r,
+        )
+
+    def prepare(self, settings: Settings) -> None:
+        """Create every configured group's counters at 0 (at start and on reload)."""
+        for group in settings.groups.values():
+            self.run_halted.labels(group.name)
+            for status in RUN_STATUSES:
+                self.runs.labels(group.name, status)
+            for result in RESULTS:
+                self.operations.labels(group.backend, group.name, result)
+            if group.health.prometheus is not None:
+                for check in GATE_CHECKS:
+                    for reason in GATE_REASONS:
+                        self.alert_gate_blocked.labels(group.name, check, reason)
 
     def reload(self, ok: bool, at: float) -> None:
         self.config_reload_ok.set(1 if ok else 0)
@@ -193,3 +222,133 @@ class SnapshotAgeCollector(Collector):
         for backend, created in sorted(self.oldest().items()):
             family.add_metric([backend], (now - created).total_seconds() if created else 0.0)
         yield family
+
+
+class GroupCollector(Collector):
+    """Per-group settings alert rules compare against, read from the config at scrape time."""
+
+    def __init__(self, settings: Callable[[], Settings]) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        keep = GaugeMetricFamily(
+            "patchd_group_snapshot_keep_seconds",
+            "The group's snapshot.keep: how long a snapshot outlives a successful patch",
+            labels=["backend", "group"],
+        )
+        for name, group in sorted(self.settings().groups.items()):
+            keep.add_metric([group.backend, name], group.snapshot.keep.total_seconds())
+        yield keep
+
+
+@dataclass(frozen=True)
+class JournalView:
+    """What the state store says, as the gauges of JournalCollector show it."""
+
+    retained_oldest_expiry: dict[str, datetime] = field(default_factory=dict)  # by backend
+    retained_items: dict[str, int] = field(default_factory=dict)  # by backend
+    pending_windows: dict[str, int] = field(default_factory=dict)  # by group
+    last_rollback_failed: dict[str, datetime] = field(default_factory=dict)  # by group
+
+
+# Runs that left targets without their update (besides failed or pending targets).
+_UNFINISHED_STATUSES = frozenset({"failed", "interrupted"})
+
+
+def pending_windows(settings: Settings, store: Store, group: Group, limit: int = 200) -> int:
+    """In how many windows in a row, up to the last run, the group's runs left updates not
+    installed: targets pending, failed or rolled back, or the run failed or was
+    interrupted. Several runs in one opening of the window count once; a run outside any
+    opening (`patchd run --now`) counts on its own. A run that patched everything ends the
+    streak. Windows in which the group did not run at all are not counted."""
+    window = settings.windows.get(group.window)
+    openings: set[object] = set()
+    for run in store.runs(group.name, limit=limit):
+        if run.status == "running":
+            continue
+        left = run.failed > 0 or bool(run.detail.get("pending"))
+        if not left and run.status not in _UNFINISHED_STATUSES:
+            break
+        opening = None
+        if window is not None and run.window == group.window:
+            opening = current_opening(window, run.started, settings.freezes)
+        openings.add(opening.start if opening is not None else run.id)
+    return len(openings)
+
+
+def journal_view(settings: Settings, store: Store) -> JournalView:
+    """Read JournalView's numbers from the store (the daemon does so when it re-arms)."""
+    oldest: dict[str, datetime] = {}
+    items: dict[str, int] = {}
+    for row in store.retained():
+        items[row.backend] = items.get(row.backend, 0) + 1
+        if row.backend not in oldest or row.expires < oldest[row.backend]:
+            oldest[row.backend] = row.expires
+    failures = store.rollback_failures()
+    return JournalView(
+        retained_oldest_expiry=oldest,
+        retained_items=items,
+        pending_windows={
+            name: pending_windows(settings, store, group) for name, group in settings.groups.items()
+        },
+        last_rollback_failed={g: at for g, at in failures.items() if g in settings.groups},
+    )
+
+
+class JournalCollector(Collector):
+    """Gauges from the state store, as of the daemon's last refresh (when it re-arms: at
+    start, on reload, after every run and release); no store read at scrape time."""
+
+    def __init__(self, view: Callable[[], JournalView]) -> None:
+        self.view = view
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        view = self.view()
+        expiry = GaugeMetricFamily(
+            "patchd_retained_oldest_expiry_timestamp_seconds",
+            "When the oldest snapshot or image kept after a commit is due for removal "
+            "(absent when none is kept)",
+            labels=["backend"],
+        )
+        for backend, at in sorted(view.retained_oldest_expiry.items()):
+            expiry.add_metric([backend], at.timestamp())
+        items = GaugeMetricFamily(
+            "patchd_retained_items",
+            "Snapshots and images kept after a commit, waiting for their keep to run out",
+            labels=["backend"],
+        )
+        for backend, count in sorted(view.retained_items.items()):
+            items.add_metric([backend], count)
+        windows = GaugeMetricFamily(
+            "patchd_group_pending_windows",
+            "Windows in a row, up to the last run, whose runs left updates not installed",
+            labels=["group"],
+        )
+        for group, count in sorted(view.pending_windows.items()):
+            windows.add_metric([group], count)
+        failed = GaugeMetricFamily(
+            "patchd_group_last_rollback_failed_timestamp_seconds",
+            "When a target of the group last ended rollback_failed (absent when never)",
+            labels=["group"],
+        )
+        for group, at in sorted(view.last_rollback_failed.items()):
+            failed.add_metric([group], at.timestamp())
+        yield expiry
+        yield items
+        yield windows
+        yield failed
+
+
+def daemon_collectors(
+    settings: Callable[[], Settings],
+    clock: Callable[[], datetime],
+    snapshots: Callable[[], dict[str, datetime | None]],
+    journal: Callable[[], JournalView],
+) -> list[Collector]:
+    """Every collector the daemon registers besides Metrics' own metrics."""
+    return [
+        WindowCollector(settings, clock),
+        SnapshotAgeCollector(snapshots, clock),
+        GroupCollector(settings),
+        JournalCollector(journal),
+    ]

@@ -1,8 +1,9 @@
 """Starting one run of a group for real: gates, the per-group lock, retained items.
 
 Shared by `patchd run` and the daemon, so both apply the same rules: the window (unless
-`--now`), freezes (unless `--force`), the stage gate (always), and one run of a group at a
-time across processes (a lock file in the state directory).
+`--now`), freezes (unless `--force`), the stage gate (always), the alert gate
+(`health.prometheus`, always), and one run of a group at a time across processes (a lock
+file in the state directory).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import fcntl
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,8 +21,8 @@ from typing import Any
 from patchd import health
 from patchd.backends.base import Backend, Target
 from patchd.config.settings import Group, Settings
-from patchd.engine import RunRequest, RunResult, run_group, stage_gate
-from patchd.engine.target import Observer, TargetOutcome
+from patchd.engine import GateResult, RunRequest, RunResult, run_group, stage_gate
+from patchd.engine.target import Observer, Probe, TargetOutcome
 from patchd.state import Store
 from patchd.windows import in_freeze, may_start
 
@@ -73,6 +74,32 @@ class Runner:
     observer: Observer
     clock: Callable[[], datetime]
     on_progress: Callable[[TargetOutcome, int, int], None] | None = None
+    # Every answer of a group's alert gate: (group, check, answer), check being
+    # "before_start" (the engine asks before targets start) or "after_patch" (the probe).
+    on_alert_gate: Callable[[str, str, GateResult], None] | None = None
+
+    def alert_gate(self, group: Group) -> tuple[Callable[[], GateResult] | None, Probe]:
+        """The group's pre-start alert gate (None without `health.prometheus`) and its
+        post-patch probe, both reporting their answers to `on_alert_gate`."""
+        check = group.health.prometheus
+        if check is None:
+            return None, health.probe
+
+        def report(kind: str, answer: GateResult) -> GateResult:
+            if self.on_alert_gate is not None:
+                self.on_alert_gate(group.name, kind, answer)
+            return answer
+
+        def before_start() -> GateResult:
+            return report("before_start", health.ask_gate(check))
+
+        def after_patch(answer: GateResult) -> None:
+            report("after_patch", answer)
+
+        def probe(target: Target, facts: Mapping[str, str], grp: Group) -> None:
+            health.probe(target, facts, grp, after_patch)
+
+        return before_start, probe
 
     def gate(self, group: Group, now: bool, force: bool) -> Callable[[datetime], bool]:
         settings = self.settings
@@ -108,6 +135,8 @@ class Runner:
         if not stage.open:
             raise RunRefused(stage.reason)
         backend = self.backends[group.backend]
+        alert_gate, probe = self.alert_gate(group)
+        check = group.health.prometheus
         with group_lock(self.settings, group.name):
             result = run_group(
                 RunRequest(
@@ -120,9 +149,11 @@ class Runner:
                     observer=self.observer,
                     window=group.window,
                     pins=stage.pins,
-                    probe=health.probe,
+                    probe=probe,
                     stop=stop or threading.Event(),
                     on_progress=self.on_progress,
+                    gate=alert_gate,
+                    gate_recheck=check.interval.total_seconds() if check else 15.0,
                 )
             )
         finished = self.clock()

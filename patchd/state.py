@@ -270,6 +270,16 @@ class Store:
         marks = ",".join("?" for _ in FINAL_STATES)
         return self._targets(f"WHERE state NOT IN ({marks}) ORDER BY updated", tuple(FINAL_STATES))
 
+    def rollback_failures(self) -> dict[str, datetime]:
+        """group -> when its newest target in rollback_failed was recorded."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT runs.grp, MAX(targets.updated) FROM targets"
+                " JOIN runs ON runs.id = targets.run_id"
+                " WHERE targets.state = 'rollback_failed' GROUP BY runs.grp"
+            ).fetchall()
+        return {r[0]: datetime.fromtimestamp(r[1], UTC) for r in rows}
+
     def journal(self, run_id: str, target: str) -> list[tuple[str, str, datetime]]:
         with self._lock:
             rows = self._db.execute(

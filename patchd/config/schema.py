@@ -97,6 +97,31 @@ class TcpCheckModel(BaseModel):
     timeout: Duration = timedelta(seconds=5)
 
 
+class PrometheusCheckModel(BaseModel):
+    """The alert gate: a PromQL query whose non-empty answer means "do not patch now"."""
+
+    model_config = STRICT
+
+    # Prometheus's base URL; patchd asks {url}/api/v1/query.
+    url: HttpUrl
+    # An instant query; any series in its answer shuts the gate (e.g. ALERTS{alertstate="firing"}).
+    query: Annotated[str, Field(min_length=1)]
+    # Timeout of one query.
+    timeout: Duration = timedelta(seconds=10)
+    # After a target is patched, the query must stay empty this long (at most until
+    # health.timeout runs out); "0s" asks once.
+    observe: Duration = timedelta(minutes=1)
+    # Time between queries while observing, and between re-checks of a shut gate.
+    interval: Duration = timedelta(seconds=15)
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than 0s")
+        return value
+
+
 class HealthModel(BaseModel):
     model_config = STRICT
 
@@ -105,6 +130,7 @@ class HealthModel(BaseModel):
     command: Annotated[list[str], Field(min_length=1)] | None = None
     http: HttpCheckModel | None = None
     tcp: TcpCheckModel | None = None
+    prometheus: PrometheusCheckModel | None = None
 
 
 class PatchModel(BaseModel):

@@ -4,6 +4,13 @@ At most `max_concurrency` targets are worked on at once (per partition, such as 
 cluster); a new one starts as soon as one finishes, in dependency order. No target starts
 once failures reach `max_errors`, once `may_start` says the window (cutoff, freezes) no
 longer allows it, or once `stop` is set; targets that never started are reported pending.
+
+The alert gate (`gate`, optional) is asked each time targets are about to start; the
+targets started in one pass share its answer. While it is shut nothing new starts, but
+the run does not end: targets already in flight finish, and the gate is asked again
+every `gate_recheck` seconds until it opens (the run goes on), the window stops allowing
+starts, the error budget is spent or `stop` is set. Targets still not started then are
+pending, and their reason names the gate's last answer.
 """
 
 from __future__ import annotations
@@ -26,6 +33,21 @@ from patchd.engine.target import (
     patch_target,
 )
 from patchd.state import Store
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One answer of the alert gate.
+
+    reason: ok | alerts_firing | unreachable | bad_response | query_error.
+    """
+
+    open: bool
+    reason: str = "ok"
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,12 @@ class RunRequest:
     sleep: Callable[[float], None] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[TargetOutcome, int, int], None] | None = None
+    # The alert gate: asked before targets start; a shut gate holds new starts.
+    gate: Callable[[], GateResult] | None = None
+    gate_recheck: float = 15.0
+    # How to pause while the gate is shut and nothing is in flight (default: wait on
+    # `stop` for `gate_recheck` seconds, so a stop ends the pause at once).
+    pause: Callable[[float], None] | None = None
 
 
 def dependency_order(targets: Sequence[Target]) -> list[Target]:
@@ -140,6 +168,13 @@ def run_group(request: RunRequest) -> RunResult:
         if req.on_progress is not None:
             req.on_progress(outcome, len(results), len(targets))
 
+    def pause(seconds: float) -> None:
+        if req.pause is not None:
+            req.pause(seconds)
+        else:
+            req.stop.wait(seconds)
+
+    shut: GateResult | None = None  # the gate's last answer while it holds starts
     with ThreadPoolExecutor(max_workers=max(1, sum(limits.values()))) as pool:
         while True:
             if status == "completed":
@@ -149,9 +184,12 @@ def run_group(request: RunRequest) -> RunResult:
                     status = "halted"
                 elif pending and not req.may_start(req.clock()):
                     status = "window_closed"
+            held = False
             if status == "completed":
+                ready: list[Target] = []
+                slots = dict(busy)
                 for target in list(pending):
-                    if busy[target.partition] >= limits[target.partition]:
+                    if slots[target.partition] >= limits[target.partition]:
                         continue
                     deps = [d for d in target.depends_on if d in names_in_run]
                     broken = [
@@ -173,12 +211,27 @@ def run_group(request: RunRequest) -> RunResult:
                         continue
                     if any(d not in results for d in deps):
                         continue
-                    pending.remove(target)
-                    busy[target.partition] += 1
-                    running[pool.submit(patch_target, ctx, target)] = target
+                    slots[target.partition] += 1
+                    ready.append(target)
+                if ready and req.gate is not None:
+                    answer = req.gate()
+                    shut = None if answer.open else answer
+                    held = not answer.open
+                if not held:
+                    for target in ready:
+                        pending.remove(target)
+                        busy[target.partition] += 1
+                        running[pool.submit(patch_target, ctx, target)] = target
             if not running:
+                if held:
+                    pause(req.gate_recheck)
+                    continue
                 break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            finished, _ = wait(
+                running,
+                timeout=req.gate_recheck if held else None,
+                return_when=FIRST_COMPLETED,
+            )
             for future in finished:
                 target = running.pop(future)
                 busy[target.partition] -= 1
@@ -192,6 +245,8 @@ def run_group(request: RunRequest) -> RunResult:
         "stopped": "patchd is stopping",
         "completed": "dependency cycle",
     }[status]
+    if shut is not None and status != "completed":
+        reason += f"; the alert gate was shut ({shut.describe()})"
     for target in pending:
         record(TargetOutcome(target, "pending", error=reason))
     return _finish(req, status, [results[t.name] for t in targets])

@@ -135,3 +135,49 @@ def test_console_script_is_installed() -> None:
     proc = subprocess.run([str(script), "version"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0
     assert proc.stdout.startswith("patchd ")
+
+
+def test_run_says_when_the_alert_gate_holds_and_releases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from patchd import cli
+    from patchd.testing import FakeBackend
+    from tests.unit.fake_prometheus import FakePrometheus, serve, vector
+
+    fake = FakeBackend("d")
+    fake.add("c1")
+    fake.publish("app", "v2")
+    monkeypatch.setattr(cli, "_connect_for", lambda settings, groups: {"d": fake})
+    with serve() as url:
+        # Shut, then open before the start, then empty after the patch.
+        FakePrometheus.answers = [(200, vector({"alertname": "Down"}))] + [(200, vector())] * 2
+        path = tmp_path / "patchd.toml"
+        path.write_text(
+            f"""
+[daemon]
+state_dir = "{tmp_path / "state"}"
+
+[windows.w]
+days = ["sat"]
+duration = "1h"
+
+[backends.d]
+type = "docker"
+
+[groups.web]
+backend = "d"
+window = "w"
+
+[groups.web.health.prometheus]
+url = "{url}"
+query = "ALERTS"
+observe = "0s"
+interval = "1s"
+"""
+        )
+        assert main(["run", "web", "--now", "-c", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert 'alert gate shut: alerts_firing: 1 series: {alertname="Down"}; waiting' in err
+    assert "alert gate open" in err
+    assert "[1/1] c1: success v1 -> v2" in out
+    assert FakePrometheus.queries == ["ALERTS"] * 3

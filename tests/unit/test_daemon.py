@@ -158,3 +158,72 @@ def test_oldest_kept_snapshot_age_is_exported(tmp_path: Path) -> None:
         assert 'patchd_snapshot_oldest_age_seconds{backend="d"} 0.0' in text
     finally:
         d.shutdown()
+
+
+def test_counters_start_at_zero_and_store_gauges_are_exported(
+    daemon: Daemon, fake: FakeBackend
+) -> None:
+    port = daemon.metrics_server.server_port
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+
+    text = scrape()
+    # Before any run: every configured group's counters exist at 0, so increase() in an
+    # alert rule sees their first increment.
+    assert 'patchd_run_halted_total{group="web"} 0.0' in text
+    assert 'patchd_runs_total{group="web",status="halted"} 0.0' in text
+    assert (
+        'patchd_patch_operations_total{backend="d",group="web",result="rollback_failed"} 0.0'
+        in text
+    )
+    assert 'patchd_group_snapshot_keep_seconds{backend="d",group="web"} 0.0' in text
+    assert 'patchd_group_pending_windows{group="web"} 0.0' in text  # never ran
+    assert "patchd_alert_gate_blocked_total{" not in text  # the group has no alert gate
+    wait_for(
+        lambda: (
+            daemon.store.last_run("web") is not None
+            and daemon.store.last_run("web").status == "completed"  # type: ignore[union-attr]
+        )
+    )
+    wait_for(lambda: 'patchd_group_targets_pending{group="web"} 0.0' in scrape())
+    text = scrape()
+    assert 'patchd_group_pending_windows{group="web"} 0.0' in text
+    assert 'patchd_runs_total{group="web",status="completed"} 1.0' in text
+    assert "patchd_group_last_rollback_failed_timestamp_seconds{" not in text
+    assert "patchd_retained_items{" not in text
+
+
+def test_alert_gate_answers_are_counted(daemon: Daemon) -> None:
+    from patchd.engine import GateResult
+
+    shut = GateResult(False, "unreachable", "connection refused")
+    daemon._on_alert_gate("web", "before_start", shut)
+    daemon._on_alert_gate("web", "before_start", shut)
+    daemon._on_alert_gate("web", "before_start", GateResult(True))
+    daemon._on_alert_gate("web", "after_patch", GateResult(False, "alerts_firing", "1 series"))
+    counter = daemon.metrics.alert_gate_blocked
+    assert counter.labels("web", "before_start", "unreachable")._value.get() == 2  # type: ignore[attr-defined]
+    assert counter.labels("web", "after_patch", "alerts_firing")._value.get() == 1  # type: ignore[attr-defined]
+    assert daemon._gate_shut == {}
+
+
+def test_daemon_exports_pending_targets_and_pending_windows_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "patchd.toml"
+    path.write_text(config_text(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2)))
+    store = Store(tmp_path / "state" / "patchd.db")
+    at = datetime.now(UTC) - timedelta(days=3)
+    store.start_run("r1", "web", None, at)
+    store.finish_run("r1", "window_closed", at, 3, 1, 0, {"pending": ["c1", "c2"]})
+    store.close()
+    d = Daemon(path, None, connector=lambda spec: FakeBackend("d"), notifier=Notifier(""))
+    d.start()
+    try:
+        port = d.metrics_server.server_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'patchd_group_targets_pending{group="web"} 2.0' in text
+        assert 'patchd_group_pending_windows{group="web"} 1.0' in text
+    finally:
+        d.shutdown()

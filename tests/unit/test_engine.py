@@ -15,7 +15,7 @@ from patchd.backends.base import RollbackFailed, StepFailed, TransientError
 from patchd.config.schema import HealthModel, SnapshotModel
 from patchd.config.settings import Group
 from patchd.config.types import Limit
-from patchd.engine import NullObserver, RunRequest, RunResult, run_group, stage_gate
+from patchd.engine import GateResult, NullObserver, RunRequest, RunResult, run_group, stage_gate
 from patchd.state import Store
 from patchd.testing import FakeBackend, FakeSelect
 
@@ -366,3 +366,125 @@ def test_a_snapshot_that_cannot_be_planned_fails_the_target_only(store: Store) -
     assert [o.result for o in result.outcomes] == ["failed", "success"]
     assert "planning the snapshot" in (result.outcomes[0].error or "")
     assert backend.targets["c00"].version == "v1"
+
+
+# --- the alert gate (health.prometheus) before targets start ------------------------------
+
+
+class Gate:
+    """An alert gate that gives the answers it is told, then stays open; it records what
+    the backend had done when each answer was asked for."""
+
+    def __init__(self, backend: FakeBackend, *answers: bool) -> None:
+        self.backend = backend
+        self.answers = list(answers)
+        self.asked: list[int] = []  # snapshots taken by then
+
+    def __call__(self) -> GateResult:
+        self.asked.append(sum(1 for step, _ in self.backend.calls if step == "snapshot"))
+        is_open = self.answers.pop(0) if self.answers else True
+        if is_open:
+            return GateResult(True)
+        return GateResult(False, "alerts_firing", '1 series: ALERTS{alertname="Down"}')
+
+
+def test_a_shut_gate_holds_starts_until_it_opens(store: Store) -> None:
+    backend = fleet(3)
+    gate = Gate(backend, False, False, True)
+    pauses: list[float] = []
+    result = run(backend, store, gate=gate, gate_recheck=15.0, pause=pauses.append)
+    assert result.status == "completed"
+    assert [o.result for o in result.outcomes] == ["success"] * 3
+    assert pauses == [15.0, 15.0]  # asked again after each pause, nothing started meanwhile
+    assert gate.asked[:3] == [0, 0, 0]
+    assert len(gate.asked) == 5  # once before each start (concurrency 1)
+
+
+def test_the_gate_is_asked_once_per_pass_of_starts(store: Store) -> None:
+    backend = fleet(3)
+    gate = Gate(backend)
+    result = run(backend, store, group(max_concurrency=Limit(count=3)), gate=gate)
+    assert [o.result for o in result.outcomes] == ["success"] * 3
+    assert gate.asked == [0]  # the three started together share one answer
+
+
+def test_a_gate_shut_between_targets_holds_the_rest(store: Store) -> None:
+    backend = fleet(3)
+    gate = Gate(backend, True, False, True)
+    pauses: list[float] = []
+    result = run(backend, store, gate=gate, pause=pauses.append)
+    assert [o.result for o in result.outcomes] == ["success"] * 3
+    assert gate.asked == [0, 1, 1, 2]
+    assert len(pauses) == 1
+
+
+def test_a_gate_still_shut_when_the_window_closes_leaves_targets_pending(store: Store) -> None:
+    backend = fleet(3)
+    clock = Clock()
+    deadline = T0 + timedelta(minutes=5)
+    gate = Gate(backend, *[False] * 1000)
+
+    def pause(seconds: float) -> None:
+        clock.now += timedelta(seconds=seconds)
+
+    result = run(
+        backend,
+        store,
+        gate=gate,
+        gate_recheck=30.0,
+        pause=pause,
+        clock=clock,
+        may_start=lambda now: now < deadline,
+    )
+    assert result.status == "window_closed"
+    assert [o.result for o in result.outcomes] == ["pending"] * 3
+    assert ("snapshot", "c00") not in backend.calls and ("check_update", "c00") not in backend.calls
+    error = result.outcomes[0].error or ""
+    assert "window closed" in error
+    assert "alert gate was shut (alerts_firing: 1 series" in error
+    assert 9 <= len(gate.asked) <= 11  # every 30 s for 5 minutes
+    run_row = store.last_run("web")
+    assert run_row is not None and run_row.detail["pending"] == ["c00", "c01", "c02"]
+
+
+def test_a_stop_ends_the_wait_for_a_shut_gate(store: Store) -> None:
+    backend = fleet(2)
+    stop = threading.Event()
+    gate = Gate(backend, *[False] * 1000)
+    # Without an injected pause the run waits on `stop` itself: setting it ends the wait.
+    threading.Timer(0.05, stop.set).start()
+    result = run(backend, store, gate=gate, gate_recheck=3600.0, stop=stop)
+    assert result.status == "stopped"
+    assert [o.result for o in result.outcomes] == ["pending", "pending"]
+    assert len(gate.asked) == 1
+
+
+def test_a_shut_gate_lets_targets_in_flight_finish(store: Store) -> None:
+    backend = fleet(3)
+    release = threading.Event()
+    original = backend.apply
+
+    def apply(target: Any, *args: Any) -> Any:
+        if target.name == "c01":
+            assert release.wait(5)
+        return original(target, *args)
+
+    backend.apply = apply  # type: ignore[method-assign]
+    answers: list[tuple[bool, bool]] = []  # (gate open, c01 finished) at each answer
+
+    def gate() -> GateResult:
+        c01_done = backend.targets["c01"].version == "v2"
+        is_open = len(answers) == 0 or c01_done
+        answers.append((is_open, c01_done))
+        if is_open:
+            return GateResult(True)
+        release.set()  # c01 finishes while the gate is shut
+        return GateResult(False, "alerts_firing")
+
+    result = run(
+        backend, store, group(max_concurrency=Limit(count=2)), gate=gate, gate_recheck=0.01
+    )
+    assert [o.result for o in result.outcomes] == ["success"] * 3
+    assert answers[0] == (True, False)  # c00 and c01 start
+    assert (False, False) in answers  # c00 done, c02 held while c01 is still in flight
+    assert answers[-1] == (True, True)  # c02 starts once the gate opens

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from patchd.backends import installed_types, load_plugin
 from patchd.config.schema import DaemonModel, FreezeModel, GroupModel, WindowModel
-from patchd.metrics import Metrics, SnapshotAgeCollector, WindowCollector
+from patchd.metrics import JournalView, Metrics, daemon_collectors
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 DOCUMENTED = set(re.findall(r"`([^`\s]+)`", README))
@@ -53,11 +53,13 @@ def test_every_metric_is_documented() -> None:
     metrics = Metrics()
 
     def no_settings() -> typing.Any:
-        return types.SimpleNamespace(windows={}, freezes=())
+        return types.SimpleNamespace(windows={}, freezes=(), groups={})
 
     registry = metrics.registry
-    registry.register(WindowCollector(no_settings, lambda: datetime.now(UTC)))
-    registry.register(SnapshotAgeCollector(dict, lambda: datetime.now(UTC)))
+    for collector in daemon_collectors(
+        no_settings, lambda: datetime.now(UTC), dict, lambda: JournalView()
+    ):
+        registry.register(collector)
     names = set()
     for family in registry.collect():
         kind = family.type

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from patchd import reports
 from patchd.config import Settings, load_settings
-from patchd.engine import NullObserver
+from patchd.engine import GateResult, NullObserver
 from patchd.runner import Runner, RunRefused, group_lock
 from patchd.state import Store
 from patchd.testing import FakeBackend
+from tests.unit.fake_prometheus import FakePrometheus, serve, vector
 
 CONFIG = """
 [daemon]
@@ -178,3 +183,79 @@ def test_status_and_history(settings: Settings, fake: FakeBackend) -> None:
     assert "unhealthy on v2" in runs[0]["targets"][0]["error"]
     assert "s1: rolled_back v1 -> v2" in reports.render_history(runs)
     json.dumps(doc)
+
+
+# --- the alert gate, wired by the runner --------------------------------------------------
+
+GATED = """
+[groups.gated]
+backend = "d"
+window = "sat"
+select = {{ labels = {{ tier = "gated" }} }}
+
+[groups.gated.health.prometheus]
+url = "{url}"
+query = 'ALERTS{{alertstate="firing"}}'
+observe = "0s"
+interval = "1s"
+"""
+
+
+def gated_runner(tmp_path: Path, fake: FakeBackend, url: str) -> tuple[Runner, list[Any]]:
+    path = tmp_path / "gated.toml"
+    path.write_text(CONFIG.format(state=tmp_path / "state") + GATED.format(url=url))
+    fake.add("g1", labels={"tier": "gated"})
+    runner = make_runner(load_settings(path), fake, Clock(OPEN))
+    answers: list[Any] = []
+    runner.on_alert_gate = lambda group, check, answer: answers.append((group, check, answer))
+    return runner, answers
+
+
+def test_an_unreachable_prometheus_holds_every_start(tmp_path: Path, fake: FakeBackend) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    runner, answers = gated_runner(tmp_path, fake, f"http://127.0.0.1:{port}")
+    stop = threading.Event()
+
+    def stop_after_two(group: str, check: str, answer: GateResult) -> None:
+        answers.append((group, check, answer))
+        if len(answers) == 2:
+            stop.set()
+
+    runner.on_alert_gate = stop_after_two
+    result = runner.run("gated", stop=stop)
+    assert result.status == "stopped"
+    [outcome] = result.outcomes
+    assert outcome.result == "pending"
+    assert "alert gate was shut (unreachable: http://127.0.0.1:" in (outcome.error or "")
+    assert [(g, c, a.reason) for g, c, a in answers] == [
+        ("gated", "before_start", "unreachable")
+    ] * 2
+    assert ("check_update", "g1") not in fake.calls
+
+
+@pytest.fixture
+def prometheus() -> Iterator[str]:
+    with serve() as url:
+        yield url
+
+
+def test_an_alert_after_the_patch_rolls_the_target_back(
+    tmp_path: Path, fake: FakeBackend, prometheus: str
+) -> None:
+    firing = vector({"__name__": "ALERTS", "alertname": "Errors", "alertstate": "firing"})
+    FakePrometheus.answers = [(200, vector()), (200, firing)]
+    runner, answers = gated_runner(tmp_path, fake, prometheus)
+    result = runner.run("gated")
+    [outcome] = result.outcomes
+    assert outcome.result == "rolled_back"
+    assert "alert gate 'ALERTS{alertstate=\"firing\"}': alerts_firing: 1 series" in (
+        outcome.error or ""
+    )
+    assert fake.targets["g1"].version == "v1"
+    assert [(c, a.open, a.reason) for _, c, a in answers] == [
+        ("before_start", True, "ok"),
+        ("after_patch", False, "alerts_firing"),
+    ]
+    assert FakePrometheus.queries == ['ALERTS{alertstate="firing"}'] * 2
