@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from patchd import __version__, log, reports
+from patchd import __version__, faults, log, reports
 from patchd.backends import connect
 from patchd.backends.base import Backend
 from patchd.config import DEFAULT_CONFIG, DEFAULT_DROPIN_DIR, ConfigError, Settings, load_settings
@@ -449,6 +449,11 @@ def cmd_version(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        faults.active()  # a test's bad PATCHD_FAULTS fails here, not mid-patch
+    except faults.FaultSpecError as err:
+        print(f"patchd: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         code: int = args.func(args)
     except ConfigError as err:

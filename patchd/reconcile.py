@@ -1,9 +1,17 @@
 """Restart reconciliation: drive targets a stopped patchd left mid-patch to a safe end.
 
 Any target whose last journal row is not a resting state (a patchd was killed or lost its
-engine while working on it) is rolled back from the snapshot data in its journal. Rolling
-back is always safe: every backend's rollback is idempotent and works from a snapshot that
-was only planned or partly taken, and it never removes a container that has no replacement.
+engine while working on it) is driven to an end:
+
+- journaled `verified` or `committing` (the new version had passed its checks): it is
+  checked again (the backend's own check and the group's probes) and, if healthy,
+  committed; the commit is idempotent, so one that was half done is finished. A commit
+  that cannot be finished (a vSphere commit needs the process that applied the patch) or
+  a failed check falls through to a rollback;
+- anything earlier is rolled back from the snapshot data in its journal. Rolling back is
+  always safe: every backend's rollback is idempotent and works from a snapshot that was
+  only planned or partly taken, and it never removes a container that has no replacement.
+
 Targets whose backend is gone from the config are left alone and reported.
 """
 
@@ -13,10 +21,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from patchd.backends.base import Backend, Snapshot, Target
-from patchd.config.settings import Settings
+from patchd import health
+from patchd.backends.base import Backend, Snapshot, Target, Update
+from patchd.config.settings import Group, Settings
 from patchd.runner import RunRefused, group_lock
-from patchd.state import Store
+from patchd.state import Keep, Store, TargetRow
+
+# Journaled states after which the new version had passed its checks.
+_PROVEN = ("verified", "committing")
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,7 @@ def reconcile(
             continue
         group = settings.groups.get(group_name)
         backend = backends.get(group.backend) if group is not None else None
-        if backend is None:
+        if group is None or backend is None:
             done.append(
                 Reconciled(
                     row.run_id,
@@ -70,6 +82,13 @@ def reconcile(
         target = Target(id=row.target, name=row.name, kind="unknown")
         snapshot = Snapshot(row.target, dict(row.snapshot or {}))
         was = row.state
+        failure = f"patchd stopped during {was}"
+        if was in _PROVEN:
+            error = _commit(store, backend, group, row, target, snapshot, clock)
+            if error is None:
+                done.append(Reconciled(row.run_id, row.name, was, "committed"))
+                continue
+            failure += f"; finishing the commit: {error}"
         store.record(
             row.run_id,
             row.target,
@@ -78,7 +97,7 @@ def reconcile(
             clock(),
             step="reconcile",
             phase="intent",
-            error=f"patchd stopped during {was}",
+            error=failure,
         )
         try:
             backend.rollback(target, snapshot)
@@ -112,3 +131,36 @@ def reconcile(
                 detail={"error": "patchd stopped during this run", "verified": {}},
             )
     return done
+
+
+def _commit(
+    store: Store,
+    backend: Backend,
+    group: Group,
+    row: TargetRow,
+    target: Target,
+    snapshot: Snapshot,
+    clock: Callable[[], datetime],
+) -> str | None:
+    """Check a target whose new version was verified and commit it; None when committed,
+    else why not (the caller rolls it back)."""
+    update = Update(ref="", current=row.version_from or "", available=row.version_to or "")
+    try:
+        if row.state == "verified":
+            store.record(
+                row.run_id, row.target, row.name, "committing", clock(),
+                step="reconcile", phase="intent",
+            )  # fmt: skip
+        backend.verify(target, update, group.health)
+        health.probe(target, backend.describe(target), group)
+        retained = backend.commit(target, snapshot, group.snapshot)
+    except Exception as err:
+        return str(err) or type(err).__name__
+    keep = None
+    if retained is not None:
+        keep = Keep(group.backend, retained.description, retained.data, clock() + retained.keep)
+    store.record(
+        row.run_id, row.target, row.name, "committed", clock(),
+        step="reconcile", phase="done", keep=keep,
+    )  # fmt: skip
+    return None

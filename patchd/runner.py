@@ -156,17 +156,6 @@ class Runner:
                     gate_recheck=check.interval.total_seconds() if check else 15.0,
                 )
             )
-        finished = self.clock()
-        for outcome in result.outcomes:
-            if outcome.retained is not None:
-                self.store.retain(
-                    group.backend,
-                    outcome.target.name,
-                    result.run_id,
-                    outcome.retained.description,
-                    outcome.retained.data,
-                    finished + outcome.retained.keep,
-                )
         return result
 
     def release_expired(self) -> int:

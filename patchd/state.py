@@ -88,6 +88,16 @@ class RetainedRow:
 
 
 @dataclass(frozen=True)
+class Keep:
+    """Something a commit kept (a snapshot, an old image), to remove when it expires."""
+
+    backend: str
+    description: str
+    data: Mapping[str, Any]
+    expires: datetime
+
+
+@dataclass(frozen=True)
 class RunRow:
     id: str
     group: str
@@ -238,10 +248,12 @@ class Store:
         snapshot: Mapping[str, Any] | None = None,
         error: str | None = None,
         detail: Mapping[str, Any] | None = None,
+        keep: Keep | None = None,
     ) -> None:
         """Append a journal row and set the target's state, in one transaction.
 
-        Fields given as None keep their previous value.
+        Fields given as None keep their previous value. `keep` is recorded in the same
+        transaction, so a commit and what it kept are never journaled apart.
         """
         snap = None if snapshot is None else json.dumps(dict(snapshot))
         with self._tx() as db:
@@ -261,6 +273,10 @@ class Store:
                 " error = COALESCE(excluded.error, error), updated = excluded.updated",
                 (run_id, target, name, state, version_from, version_to, snap, error, _ts(at)),
             )
+            if keep is not None:
+                self._retain(
+                    db, keep.backend, name, run_id, keep.description, keep.data, keep.expires
+                )
 
     def targets(self, run_id: str) -> list[TargetRow]:
         return self._targets("WHERE run_id = ? ORDER BY rowid", (run_id,))
@@ -322,11 +338,23 @@ class Store:
         expires: datetime,
     ) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO retained (backend, target, run_id, description, data, expires)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (backend, target, run_id, description, json.dumps(dict(data)), _ts(expires)),
-            )
+            self._retain(db, backend, target, run_id, description, data, expires)
+
+    @staticmethod
+    def _retain(
+        db: sqlite3.Connection,
+        backend: str,
+        target: str,
+        run_id: str,
+        description: str,
+        data: Mapping[str, Any],
+        expires: datetime,
+    ) -> None:
+        db.execute(
+            "INSERT INTO retained (backend, target, run_id, description, data, expires)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (backend, target, run_id, description, json.dumps(dict(data)), _ts(expires)),
+        )
 
     def retained(self, due_by: datetime | None = None) -> list[RetainedRow]:
         """Everything retained, oldest expiry first; only what expires by `due_by` if given."""

@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, FilePath, field_validator, model_validator
 
+from patchd import faults
 from patchd.backends.base import (
     Retained,
     RollbackFailed,
@@ -246,8 +247,10 @@ class DockerBackend:
             progress.changed = True
             if (attrs.get("State") or {}).get("Running"):
                 self._stop(attrs)
+                faults.hit("docker.after_stop")
             if attrs["Name"].lstrip("/") != old_name:
                 self.api.rename(attrs["Id"], old_name)
+                faults.hit("docker.after_rename")
         data = {
             **snapshot.data,
             "old_id": attrs["Id"],
@@ -311,6 +314,7 @@ class DockerBackend:
                     if tagged is not None and tagged["Id"] != pulled:
                         self.api.tag(tagged["Id"], ref.repository, ref.tag_or_latest)
             new_id = created["Id"]
+            faults.hit("docker.after_create")
             new = self.api.inspect_container(new_id)
             if new["Image"] != pulled:
                 raise StepFailed(f"{name}: created from {new['Image']}, expected {pulled}")
@@ -327,6 +331,7 @@ class DockerBackend:
                     driver_opt=endpoint.get("DriverOpts"),
                 )
             self.api.start(new_id)
+            faults.hit("docker.after_start")
 
     def verify(self, target: Target, update: Update, health: HealthModel) -> None:
         with self.engine.step(f"verifying {target.name}"):
@@ -352,6 +357,7 @@ class DockerBackend:
                     raise StepFailed(f"{old_name} is {old['Id'][:12]}, not {old_id[:12]}")
                 progress.changed = True
                 self.api.remove_container(old["Id"], force=True)
+                faults.hit("docker.during_commit")
             ref = str(new["Config"]["Image"])
             parsed = parse_ref(ref)
             if parsed.digest is None:
@@ -423,6 +429,7 @@ class DockerBackend:
             if current is not None and current["Id"] != old["Id"]:
                 self._stop(current)
                 self.api.remove_container(current["Id"], force=True)
+                faults.hit("docker.during_rollback")
             self.api.rename(old["Id"], name)
             restored = old
         elif current is not None and (not old_id or current["Id"] == old_id):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+from patchd import faults
 from patchd.backends.base import (
     Backend,
     Retained,
@@ -28,7 +29,7 @@ from patchd.backends.base import (
     Update,
 )
 from patchd.config.settings import Group
-from patchd.state import Store
+from patchd.state import Keep, Store
 
 R = TypeVar("R")
 
@@ -126,6 +127,7 @@ class _Journal:
         if self.state not in TRANSITIONS[state]:
             raise IllegalTransition(f"{self.target.name}: {self.state} -> {state}")
         ctx = self.ctx
+        faults.hit(f"journal.before.{state}")
         ctx.store.record(
             ctx.run_id,
             self.target.id,
@@ -137,6 +139,7 @@ class _Journal:
             **fields,
         )
         self.state = state
+        faults.hit(f"journal.after.{state}")
         ctx.observer.step(ctx.run_id, ctx.group.name, self.target, state, step=step, phase=phase)
 
 
@@ -150,6 +153,12 @@ def _retrying(ctx: TargetContext, call: Callable[[], R]) -> R:
                 raise StepFailed(f"gave up after {ctx.retries + 1} attempts: {err}") from err
             ctx.sleep(ctx.backoff * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def _keep(ctx: TargetContext, retained: Retained | None) -> Keep | None:
+    if retained is None:
+        return None
+    return Keep(ctx.group.backend, retained.description, retained.data, ctx.clock() + retained.keep)
 
 
 def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str | None]:
@@ -193,17 +202,21 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     )
     try:
         snapshot = _retrying(ctx, lambda: backend.snapshot(target, snapshot, ctx.group.snapshot))
+        faults.hit("engine.after_snapshot")
         journal.move("snapshotted", "snapshot", "done", snapshot=snapshot.data)
         journal.move("applying", "apply", "intent")
         _retrying(ctx, lambda: backend.apply(target, update, snapshot, ctx.group.patch))
+        faults.hit("engine.after_apply")
         journal.move("applied", "apply", "done")
         journal.move("verifying", "verify", "intent")
         _retrying(ctx, lambda: backend.verify(target, update, ctx.group.health))
+        faults.hit("engine.during_verify")
         ctx.probe(target, backend.describe(target), ctx.group)
         journal.move("verified", "verify", "done")
         journal.move("committing", "commit", "intent")
         retained = _retrying(ctx, lambda: backend.commit(target, snapshot, ctx.group.snapshot))
-        journal.move("committed", "commit", "done")
+        faults.hit("engine.after_commit")
+        journal.move("committed", "commit", "done", keep=_keep(ctx, retained))
         return done("success", update=update, retained=retained)
     except IllegalTransition:
         raise
@@ -212,6 +225,7 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     journal.move("rolling_back", "rollback", "intent", error=failure)
     try:
         _retrying(ctx, lambda: backend.rollback(target, snapshot))
+        faults.hit("engine.after_rollback")
     except Exception as err:
         journal.move("rollback_failed", "rollback", "failed", error=f"{failure}; rollback: {err}")
         return done("rollback_failed", update=update, error=f"{failure}; rollback: {err}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from patchd.backends.base import RollbackFailed
@@ -88,3 +88,54 @@ def test_a_group_running_elsewhere_is_left_alone(tmp_path: Path) -> None:
         assert reconcile(settings, store, {"d": fake}, lambda: T0) == []  # type: ignore[arg-type]
     assert fake.targets["c1"].version == "v2"
     assert store.last_run("web").status == "running"  # type: ignore[union-attr]
+
+
+def crashed_mid_commit(tmp_path: Path, state: str) -> tuple[object, Store, FakeBackend]:
+    settings, store, fake = crashed_mid_apply(tmp_path)
+    store.record("r1", "c1", "c1", "applied", T0, step="apply", phase="done")
+    store.record("r1", "c1", "c1", "verifying", T0, step="verify", phase="intent")
+    store.record("r1", "c1", "c1", "verified", T0, step="verify", phase="done")
+    if state == "committing":
+        store.record("r1", "c1", "c1", "committing", T0, step="commit", phase="intent")
+    return settings, store, fake
+
+
+def test_a_verified_target_is_checked_again_and_committed(tmp_path: Path) -> None:
+    for state in ("verified", "committing"):
+        (tmp_path / state).mkdir()
+        settings, store, fake = crashed_mid_commit(tmp_path / state, state)
+        [item] = reconcile(settings, store, {"d": fake}, lambda: T0)  # type: ignore[arg-type]
+        assert (item.was, item.now) == (state, "committed")
+        assert fake.targets["c1"].version == "v2"
+        assert ("verify", "c1") in fake.calls and ("commit", "c1") in fake.calls
+        assert fake.targets["c1"].snapshots == {}  # the commit removed it (keep = 0)
+        [row] = [r for r in store.targets("r1") if r.target == "c1"]
+        assert row.state == "committed"
+        run = store.last_run("web")
+        assert run is not None and (run.status, run.succeeded, run.failed) == (
+            "interrupted",
+            2,
+            0,
+        )
+
+
+def test_a_verified_target_that_is_unhealthy_now_is_rolled_back(tmp_path: Path) -> None:
+    settings, store, fake = crashed_mid_commit(tmp_path, "committing")
+    fake.unhealthy.add("v2")
+    [item] = reconcile(settings, store, {"d": fake}, lambda: T0)  # type: ignore[arg-type]
+    assert (item.was, item.now) == ("committing", "rolled_back")
+    assert fake.targets["c1"].version == "v1"
+    assert ("commit", "c1") not in fake.calls
+    [row] = [r for r in store.targets("r1") if r.target == "c1"]
+    assert "finishing the commit: c1 is unhealthy on v2" in (row.error or "")
+
+
+def test_a_commit_that_keeps_its_snapshot_is_recorded_for_release(tmp_path: Path) -> None:
+    settings, store, fake = crashed_mid_commit(tmp_path, "verified")
+    path = tmp_path / "patchd.toml"
+    path.write_text(path.read_text() + '[groups.web.snapshot]\nkeep = "1h"\n')
+    settings = load_settings(path)
+    [item] = reconcile(settings, store, {"d": fake}, lambda: T0)  # type: ignore[arg-type]
+    assert item.now == "committed"
+    [row] = store.retained()
+    assert (row.backend, row.target, row.expires) == ("d", "c1", T0 + timedelta(hours=1))

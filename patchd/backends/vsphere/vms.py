@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from patchd import log
+from patchd import faults, log
 from patchd.backends.base import (
     Retained,
     RollbackFailed,
@@ -361,6 +361,7 @@ class VmFlow:
                         quiesce=options.quiesce,
                     ),
                 )
+                faults.hit("vsphere.after_snapshot_task")
                 state = self.read(target.id)
                 node = state.find(name)
                 if node is None:
@@ -492,6 +493,7 @@ class VmFlow:
             progress.changed = True
             if version != UNVERSIONED and state.attributes.get(VERSION) != version:
                 self._set(state, VERSION, version)
+            faults.hit("vsphere.during_commit")
             node = state.find(name, snapshot.data.get("moref"))
             if node is not None and options.keep:
                 if name not in state.kept:
@@ -557,6 +559,7 @@ class VmFlow:
                 raise RollbackFailed(
                     self.session.scrub(f"{target.name}: {err}; snapshot {name} is kept")
                 ) from None
+            faults.hit("vsphere.during_rollback")
             state = self.read(target.id)
         wanted = data.get("power_state") or (node.state if node is not None else None)
         if wanted == POWERED_ON and state.power != POWERED_ON:
