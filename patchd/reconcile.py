@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from patchd import health
-from patchd.backends.base import Backend, Snapshot, Target, Update
+from patchd.backends.base import JOURNALED_VERSION, Backend, Snapshot, Target, Update
 from patchd.config.settings import Group, Settings
 from patchd.runner import RunRefused, group_lock
 from patchd.state import Keep, Store, TargetRow
@@ -145,6 +145,10 @@ def _commit(
     """Check a target whose new version was verified and commit it; None when committed,
     else why not (the caller rolls it back)."""
     update = Update(ref="", current=row.version_from or "", available=row.version_to or "")
+    if row.version_to:
+        snapshot = Snapshot(
+            snapshot.target_id, {**snapshot.data, JOURNALED_VERSION: row.version_to}
+        )
     try:
         if row.state == "verified":
             store.record(

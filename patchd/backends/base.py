@@ -78,6 +78,12 @@ class Update:
     available: str
 
 
+# Restart reconciliation adds this key to the Snapshot.data it hands to commit(): the
+# version the journal says was applied, for a backend that otherwise knows it only in the
+# process that applied the patch.
+JOURNALED_VERSION = "journaled_version"
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A handle the backend can roll back from; `data` is JSON-able and journaled."""

@@ -44,6 +44,7 @@ from typing import Any
 
 from patchd import log
 from patchd.backends.base import (
+    JOURNALED_VERSION,
     RollbackFailed,
     Snapshot,
     StepFailed,
@@ -390,7 +391,7 @@ class HostFlow:
         name = str(snapshot.data["name"])
         key = (target.id, name)
         with self._lock:
-            version = self._installed.get(key)
+            version = self._installed.get(key) or snapshot.data.get(JOURNALED_VERSION)
         if version is None:
             raise StepFailed(f"{target.name}: commit without a patch applied by this process")
         with step(self.session, f"commit of host {target.name}", retry_safe=True):

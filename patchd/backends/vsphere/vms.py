@@ -41,6 +41,7 @@ from typing import Any
 
 from patchd import faults, log
 from patchd.backends.base import (
+    JOURNALED_VERSION,
     Retained,
     RollbackFailed,
     Snapshot,
@@ -482,7 +483,7 @@ class VmFlow:
         name = str(snapshot.data["name"])
         key = (target.id, name)
         with self._lock:
-            version = self._installed.get(key)
+            version = self._installed.get(key) or snapshot.data.get(JOURNALED_VERSION)
         if version is None:
             raise StepFailed(
                 f"{target.name}: commit of {name} without a patch applied by this process"
