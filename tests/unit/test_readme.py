@@ -9,9 +9,11 @@ import typing
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from pydantic import BaseModel
 
 from patchd.backends import installed_types, load_plugin
+from patchd.cli import main
 from patchd.config.schema import DaemonModel, FreezeModel, GroupModel, WindowModel
 from patchd.metrics import JournalView, Metrics, daemon_collectors
 
@@ -68,3 +70,18 @@ def test_every_metric_is_documented() -> None:
     assert "patchd_patch_operations_total" in names
     missing = sorted(n for n in names if n not in DOCUMENTED)
     assert not missing, f"metrics missing from README.md: {missing}"
+
+
+def test_the_worked_example_is_what_patchd_prints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start = README.index("<!-- worked-example")
+    config, output = re.findall(r"```(?:toml)?\n(.*?)```", README[start:], re.S)[:2]
+    shown = re.search(r"`patchd windows ([^`]*)`", README[start:])
+    assert shown is not None
+    path = tmp_path / "example.toml"
+    path.write_text(config.replace("/var/lib/patchd", str(tmp_path / "state")))
+    assert main(["check-config", "-c", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["windows", "-c", str(path), *shown.group(1).split()]) == 0
+    assert capsys.readouterr().out == output
