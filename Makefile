@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check patchd tests
+	$(VENV)/bin/ruff check patchd tests bench
 	$(VENV)/bin/mypy --strict patchd
 
 lab-up: venv

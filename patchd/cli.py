@@ -195,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config, args.config_dir)
+    settings = load_settings(args.config, args.config_dir)
+    for issue in settings.warnings:
+        print(f"patchd: warning: {issue}", file=sys.stderr)
+    return settings
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -331,7 +334,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.setup(settings.daemon.log_format, "warning")
     store = _open_store(settings)
     backends = _connect_for(settings, [group])
-    for item in reconcile(settings, store, backends, _utcnow):
+    try:
+        reconciled = reconcile(settings, store, backends, _utcnow)
+    except StoreError as err:
+        raise CommandError(f"run of {group} not started: {err}") from None
+    for item in reconciled:
         print(
             f"reconciled {item.target} (run {item.run_id}): {item.was} -> {item.now}"
             + (f": {item.detail}" if item.detail else ""),
@@ -384,6 +391,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunRefused as err:
         print(f"patchd: run of {group} refused: {err}", file=sys.stderr)
         return EXIT_REFUSED
+    except StoreError as err:
+        print(f"patchd: run of {group} not started: {err}", file=sys.stderr)
+        return 1
     finally:
         for backend in backends.values():
             backend.close()

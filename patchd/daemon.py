@@ -1,18 +1,22 @@
 """The long-running process: signals, reload, sd_notify, metrics endpoint, scheduling.
 
-The main thread only waits for signals (and pets the systemd watchdog). APScheduler fires
-one-shot date jobs at the instants the window module computed — the next time each window
-allows a start — so `patchd windows` and the daemon never disagree, and an idle daemon
-sleeps until the next window edge. Runs go to a bounded thread pool.
+The main thread only waits for signals (and pets the systemd watchdog); a signal's
+handler only sets a flag, and the interpreter's wakeup pipe ends the wait. APScheduler
+fires one-shot date jobs at the instants the window module computed — the next time each
+window allows a start — so `patchd windows` and the daemon never disagree, and an idle
+daemon sleeps until the next window edge. Runs go to a bounded thread pool.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +25,6 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
-from prometheus_client import start_http_server
 
 from patchd import __version__, log
 from patchd.backends import connect
@@ -36,6 +39,7 @@ from patchd.metrics import (
     daemon_collectors,
     journal_view,
     next_start,
+    serve_metrics,
 )
 from patchd.notify import Notifier, watchdog_interval
 from patchd.reconcile import reconcile
@@ -65,10 +69,12 @@ class Daemon:
         self.log = log.get("patchd.daemon")
         self.metrics = Metrics()
         self.stop = threading.Event()
-        self._wake = threading.Event()
+        self._wakeup: int | None = None  # read end of the pipe signals write to
         self._reload_requested = False
+        self._stop_requested = False
         self._lock = threading.RLock()
         self._runs: dict[str, Future[None]] = {}
+        self._retired: list[Backend] = []  # replaced by a reload, not closed yet
         self._progress: dict[str, tuple[int, int]] = {}
         self._oldest_snapshot: dict[str, datetime | None] = {}
         self._journal = JournalView()
@@ -82,8 +88,11 @@ class Daemon:
         """Load config and state, serve metrics, arm the schedule, tell systemd READY."""
         settings = load_settings(self.config, self.config_dir)
         log.setup(settings.daemon.log_format, settings.daemon.log_level)
+        self._log_config_warnings(settings)
         self.settings = settings
         self.store = Store(settings.daemon.state_dir / "patchd.db")
+        # Reconciling and patching both need the journal: without it, do not start at all.
+        self.store.check_writable()
         self.backends = self._connect(settings)
         self._reconcile()
         self.metrics.reload(True, self.clock().timestamp())
@@ -96,10 +105,8 @@ class Daemon:
         ):
             self.metrics.registry.register(collector)
         self._refresh_snapshots()
-        self.metrics_server, _ = start_http_server(
-            settings.daemon.metrics_port,
-            settings.daemon.metrics_host,
-            registry=self.metrics.registry,
+        self.metrics_server = serve_metrics(
+            settings.daemon.metrics_host, settings.daemon.metrics_port, self.metrics.registry
         )
         self.scheduler.start()
         self._arm()
@@ -112,30 +119,42 @@ class Daemon:
         self.notifier.ready(self.status_line())
         self._run_open_windows()
 
+    def handle_signals(self) -> None:
+        """Take SIGHUP, SIGTERM and SIGINT from now on. Called before start(): READY=1
+        invites `systemctl reload`, and an unhandled SIGHUP would end the process."""
+        read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write)  # the interpreter writes each signal's number there
+        self._wakeup = read
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
     def serve(self) -> int:
         """Wait for signals until told to stop; returns the exit code."""
-        signal.signal(signal.SIGHUP, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        if self._wakeup is None:
+            self.handle_signals()
+        assert self._wakeup is not None
         interval = watchdog_interval()
         if interval is not None:
             self.notifier.watchdog()
-        while not self.stop.is_set():
-            self._wake.wait(interval.total_seconds() if interval else None)
-            self._wake.clear()
+        while not self._stop_requested:
+            select.select([self._wakeup], [], [], interval.total_seconds() if interval else None)
+            with suppress(BlockingIOError):
+                while os.read(self._wakeup, 512):
+                    pass
             if interval is not None:
                 self.notifier.watchdog()
-            if self._reload_requested:
+            if self._reload_requested and not self._stop_requested:
                 self._reload_requested = False
                 self.reload()
         return self.shutdown()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Plain assignments only: a handler runs between two bytecodes of the main
+        # thread, which may hold the very lock that Event.set() would wait for, forever.
         if signum == signal.SIGHUP:
             self._reload_requested = True
         else:
-            self.stop.set()
-        self._wake.set()
+            self._stop_requested = True
 
     def shutdown(self) -> int:
         self.log.info("stopping", grace_seconds=self.grace.total_seconds())
@@ -152,7 +171,7 @@ class Daemon:
             except Exception as err:  # a run that outlives the grace is journaled mid-way
                 self.log.error("run_not_finished_at_shutdown", error=repr(err))
         self.pool.shutdown(wait=False, cancel_futures=True)
-        for backend in self.backends.values():
+        for backend in [*self.backends.values(), *self._retired]:
             try:
                 backend.close()
             except Exception as err:
@@ -176,10 +195,11 @@ class Daemon:
         with self._lock:
             self.backends = self._connect(settings, reuse=old_backends, old=self.settings)
             self.settings = settings
-        for name, backend in old_backends.items():
-            if self.backends.get(name) is not backend and name not in self._busy_backends():
-                backend.close()
+            # Replaced backends stay open while any run is going on: it may be using them.
+            self._retired += [b for n, b in old_backends.items() if self.backends.get(n) is not b]
+        self._close_retired()
         log.setup(settings.daemon.log_format, settings.daemon.log_level)
+        self._log_config_warnings(settings)
         self.metrics.reload(True, self.clock().timestamp())
         self.metrics.prepare(settings)
         self._refresh_snapshots()
@@ -188,11 +208,29 @@ class Daemon:
         self.notifier.ready(self.status_line())
         self._run_open_windows()
 
-    def _busy_backends(self) -> set[str]:
+    def _log_config_warnings(self, settings: Settings) -> None:
+        for issue in settings.warnings:
+            self.log.warning(
+                "config_warning",
+                file=str(issue.file),
+                key=".".join(issue.path),
+                reason=issue.reason,
+                problem=str(issue),
+            )
+
+    def _close_retired(self) -> None:
+        """Close the backends reloads replaced, once no run can be using them."""
         with self._lock:
-            return {
-                self.settings.groups[g].backend for g in self._runs if g in self.settings.groups
-            }
+            if self._runs:
+                return
+            current = list(self.backends.values())
+            retired = [b for b in self._retired if not any(b is c for c in current)]
+            self._retired = []
+        for backend in retired:
+            try:
+                backend.close()
+            except Exception as err:
+                self.log.warning("backend_close_failed", backend=backend.name, error=str(err))
 
     def _connect(
         self,
@@ -344,7 +382,7 @@ class Daemon:
 
     def start_run(self, group: str) -> bool:
         """Start a run of `group` in the pool unless one is going on already."""
-        if self.stop.is_set():
+        if self.stop.is_set() or self._stop_requested:
             return False
         with self._lock:
             if group in self._runs:
@@ -383,6 +421,10 @@ class Daemon:
             self.log.info("run_refused", group=group_name, reason=str(err))
             self._recheck_later(group_name)
             return
+        except StoreError as err:  # the state directory cannot be written: nothing started
+            self.log.error("run_failed", group=group_name, error=str(err))
+            self.metrics.runs.labels(group_name, "failed").inc()
+            return
         except Exception as err:
             self.log.exception("run_crashed", group=group_name, error=str(err))
             return
@@ -392,6 +434,7 @@ class Daemon:
                 self._runs.pop(group_name, None)
                 self._progress.pop(group_name, None)
                 self._gate_shut.pop(group_name, None)
+            self._close_retired()
             self.notifier.status(self.status_line())
         self._after_run(group_name, result)
 
@@ -401,7 +444,8 @@ class Daemon:
         if result.status == "halted":
             m.run_halted.labels(group_name).inc()
         m.targets_pending.labels(group_name).set(result.count("pending"))
-        self.log.info(
+        level = self.log.error if result.status == "failed" else self.log.info
+        level(
             "run_finished",
             run_id=result.run_id,
             group=group_name,
@@ -468,11 +512,13 @@ class Daemon:
 
 def run_daemon(config: Path | None, config_dir: Path | None) -> int:
     daemon = Daemon(config, config_dir)
+    daemon.handle_signals()
     try:
         daemon.start()
     except ConfigError:
         raise
     except (OSError, StoreError) as err:
+        daemon.log.error("start_failed", error=str(err))
         print(f"patchd: cannot start: {err}", file=sys.stderr)
         return 1
     return daemon.serve()

@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from patchd import log
 from patchd.backends.base import StepFailed, Target
 from patchd.config.schema import PrometheusCheckModel
 from patchd.config.settings import Group
@@ -81,7 +82,8 @@ def run_command(
     except OSError as err:
         raise StepFailed(f"command {argv[0]} could not run: {err.strerror}") from None
     if proc.returncode != 0:
-        output = (proc.stdout + proc.stderr).strip()[-_OUTPUT_TAIL:]
+        # A site tool may print the vCenter password it used; the error is kept and shown.
+        output = log.scrub((proc.stdout + proc.stderr).strip())[-_OUTPUT_TAIL:]
         raise StepFailed(f"command {argv[0]} exited {proc.returncode}: {output}")
     return proc
 

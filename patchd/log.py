@@ -3,6 +3,7 @@
 Every event is one line with its fields (run_id, group, target, step, ...). Strings
 registered with `redact()` (passwords read from files or credentials) are replaced by
 "***" in every field of every event before it is written.
+`scrub()` does the same for text that leaves patchd another way.
 """
 
 from __future__ import annotations
@@ -31,24 +32,40 @@ def redact(secret: str) -> None:
             _secrets.add(secret)
 
 
-def _scrub(value: Any) -> Any:
+def scrub(text: str) -> str:
+    """`text` with every registered secret replaced by "***": for text that leaves patchd
+    other than as a log line, such as a command's output quoted in an error (which the
+    journal keeps and `patchd run` prints)."""
+    scrubbed: str = _scrub(text, _registered())
+    return scrubbed
+
+
+def _registered() -> list[str]:
+    # A copy (another thread may register meanwhile), longest first so that a secret
+    # holding a shorter one is replaced whole.
+    with _secrets_lock:
+        return sorted(_secrets, key=len, reverse=True)
+
+
+def _scrub(value: Any, secrets: list[str]) -> Any:
     if isinstance(value, str):
-        for secret in _secrets:
+        for secret in secrets:
             value = value.replace(secret, "***")
         return value
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items()}
+        return {k: _scrub(v, secrets) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_scrub(v) for v in value]
+        return [_scrub(v, secrets) for v in value]
     return value
 
 
 def _redact_processor(
     logger: Any, method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    if not _secrets:
+    secrets = _registered()
+    if not secrets:
         return event
-    return {key: _scrub(value) for key, value in event.items()}
+    return {key: _scrub(value, secrets) for key, value in event.items()}
 
 
 def setup(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:

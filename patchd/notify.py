@@ -1,4 +1,4 @@
-"""systemd's sd_notify protocol: READY, STATUS, WATCHDOG and STOPPING messages.
+"""systemd's sd_notify protocol: READY, RELOADING, STATUS, WATCHDOG and STOPPING messages.
 
 Without NOTIFY_SOCKET (not run by systemd with Type=notify) every call does nothing.
 """
@@ -14,6 +14,8 @@ class Notifier:
     def __init__(self, address: str | None = None) -> None:
         path = address if address is not None else os.environ.get("NOTIFY_SOCKET")
         self.address: str | None = None
+        # How long READY, RELOADING and STOPPING wait for room in a full socket queue.
+        self.announce_wait = 1.0
         if path:
             # A leading "@" names a socket in the abstract namespace.
             self.address = "\0" + path[1:] if path.startswith("@") else path
@@ -22,27 +24,30 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def send(self, *lines: str) -> bool:
-        """Send one datagram; False (never an exception, never a wait) if it cannot go now.
+    def send(self, *lines: str, wait: float = 0.0) -> bool:
+        """Send one datagram; False (never an exception) if it cannot go within `wait`.
 
-        Non-blocking: a reader that does not keep up must not stall a patch run, and a
-        dropped STATUS is replaced by the next one.
+        By default it never waits: a reader that does not keep up must not stall a patch
+        run, and a dropped STATUS or WATCHDOG is replaced by the next one. The state
+        changes READY, RELOADING and STOPPING are replaced by nothing, so they wait up to
+        `announce_wait` for room (a datagram socket queues only a few, 10 by default).
         """
         if self.address is None:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.setblocking(False)
+                sock.settimeout(max(wait, 0.0))  # 0: non-blocking
                 sock.sendto("\n".join(lines).encode(), self.address)
             return True
         except OSError:
             return False
 
     def ready(self, status: str) -> bool:
-        return self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+        lines = ("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+        return self.send(*lines, wait=self.announce_wait)
 
     def reloading(self) -> bool:
-        return self.send("RELOADING=1")
+        return self.send("RELOADING=1", wait=self.announce_wait)
 
     def status(self, status: str) -> bool:
         return self.send(f"STATUS={status}")
@@ -51,7 +56,7 @@ class Notifier:
         return self.send("WATCHDOG=1")
 
     def stopping(self, status: str = "stopping") -> bool:
-        return self.send("STOPPING=1", f"STATUS={status}")
+        return self.send("STOPPING=1", f"STATUS={status}", wait=self.announce_wait)
 
 
 def watchdog_interval() -> timedelta | None:

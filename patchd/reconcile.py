@@ -12,7 +12,11 @@ engine while working on it) is driven to an end:
   always safe: every backend's rollback is idempotent and works from a snapshot that was
   only planned or partly taken, and it never removes a container that has no replacement.
 
-Targets whose backend is gone from the config are left alone and reported.
+Targets whose backend is gone from the config are left alone and reported. So are those
+whose backend does not answer now (an engine or vCenter that is down): they stay
+unfinished, for the next start or `patchd run` once it is back, rather than be given up
+as rollback_failed. A run closed as interrupted is counted again when a later
+reconciliation ends its targets.
 """
 
 from __future__ import annotations
@@ -61,6 +65,17 @@ def reconcile(
                 free[group] = False
         return free[group]
 
+    reachable: dict[str, str | None] = {}  # backend -> why it cannot be reached now
+
+    def unreachable(name: str, backend: Backend) -> str | None:
+        if name not in reachable:
+            try:
+                backend.ping()
+                reachable[name] = None
+            except Exception as err:
+                reachable[name] = str(err) or type(err).__name__
+        return reachable[name]
+
     done: list[Reconciled] = []
     for row in store.unfinished_targets():
         group_name = groups.get(row.run_id, "")
@@ -78,6 +93,11 @@ def reconcile(
                     "its group or backend is no longer configured; left for a person",
                 )
             )
+            continue
+        down = unreachable(group.backend, backend)
+        if down is not None:
+            detail = f"backend {group.backend} cannot be reached ({down}); left for later"
+            done.append(Reconciled(row.run_id, row.name, row.state, row.state, detail))
             continue
         target = Target(id=row.target, name=row.name, kind="unknown")
         snapshot = Snapshot(row.target, dict(row.snapshot or {}))
@@ -118,8 +138,10 @@ def reconcile(
             row.run_id, row.target, row.name, "rolled_back", clock(), step="reconcile", phase="done"
         )
         done.append(Reconciled(row.run_id, row.name, was, "rolled_back"))
+    ended = {item.run_id for item in done if item.now != item.was}
     for run in runs:
-        if run.status == "running" and idle(run.group):
+        recount = run.status == "interrupted" and run.id in ended
+        if (run.status == "running" or recount) and idle(run.group):
             rows = store.targets(run.id)
             store.finish_run(
                 run.id,

@@ -23,7 +23,7 @@ from patchd.backends.base import Backend, Target
 from patchd.config.settings import Group, Settings
 from patchd.engine import GateResult, RunRequest, RunResult, run_group, stage_gate
 from patchd.engine.target import Observer, Probe, TargetOutcome
-from patchd.state import Store
+from patchd.state import Store, StoreError
 from patchd.windows import in_freeze, may_start
 
 
@@ -52,10 +52,14 @@ def new_run_id(now: datetime) -> str:
 
 @contextmanager
 def group_lock(settings: Settings, group: str) -> Iterator[None]:
-    """Hold the group's lock file, or raise RunRefused if another run holds it."""
+    """Hold the group's lock file, or raise RunRefused if another run holds it (StoreError
+    if the state directory cannot be written)."""
     locks = settings.daemon.state_dir / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    fd = os.open(locks / f"{group}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{group}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise StoreError(f"cannot take the lock of group {group!r}: {err}") from err
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

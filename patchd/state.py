@@ -8,10 +8,12 @@ On restart, unfinished targets are found by their last journal row.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,12 +134,36 @@ def _dt(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
+def _why(directory: Path) -> str:
+    """What SQLite's terse error ("unable to open database file", "disk I/O error") may
+    mean for the state directory, as a suffix for the message."""
+    with suppress(OSError):
+        if not os.access(directory, os.W_OK):
+            return f" ({directory} is not writable)"
+        if shutil.disk_usage(directory).free < 1 << 20:
+            return f" (the file system of {directory} is full)"
+    return ""
+
+
+class _Write:
+    """A journal write waiting for the next group commit (see `Store._write`)."""
+
+    __slots__ = ("done", "error", "work")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], None]) -> None:
+        self.work = work
+        self.done = False
+        self.error: BaseException | None = None
+
+
 class Store:
     """A thread-safe handle on the SQLite state file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._queue: list[_Write] = []  # journal writes waiting for a group commit
+        self._queue_lock = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -150,7 +176,7 @@ class Store:
                 (str(SCHEMA_VERSION),),
             )
         except (sqlite3.Error, OSError) as err:
-            raise StoreError(f"cannot open state store {path}: {err}") from err
+            raise StoreError(f"cannot open state store {path}: {err}{_why(path.parent)}") from err
         version = self._scalar("SELECT value FROM meta WHERE key = 'schema_version'")
         if version != str(SCHEMA_VERSION):
             raise StoreError(f"state store {path} has schema {version}, expected {SCHEMA_VERSION}")
@@ -168,8 +194,62 @@ class Store:
                 self._db.execute("COMMIT")
             except sqlite3.Error as err:
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                    # On a full disk this may fail too; the caller must see a StoreError.
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise StoreError(f"state store {self.path}: {err}") from err
+
+    def _write(self, work: Callable[[sqlite3.Connection], None]) -> None:
+        """Run `work` in a write transaction; return once it is committed (on disk).
+
+        Group commit: writes that arrive while another thread commits wait for it, then
+        the first of them commits them all in one transaction and one fsync. Concurrent
+        targets share fsyncs instead of queueing for one each, and every caller still
+        returns only after its own write is durable. If the shared transaction fails,
+        each write is tried again alone, so one bad write fails only its own caller.
+        """
+        entry = _Write(work)
+        with self._queue_lock:
+            self._queue.append(entry)
+        with self._lock:
+            if not entry.done:  # else a commit by another thread carried it
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit_group(batch)
+        if isinstance(entry.error, sqlite3.Error):
+            raise StoreError(f"state store {self.path}: {entry.error}") from entry.error
+        if entry.error is not None:
+            raise entry.error
+
+    def _commit_group(self, batch: list[_Write]) -> None:
+        """Commit `batch` in one transaction (the caller holds the lock)."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for entry in batch:
+                entry.work(db)
+            db.execute("COMMIT")
+        except BaseException as err:
+            if db.in_transaction:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            if len(batch) > 1 and isinstance(err, Exception):
+                for entry in batch:  # nothing was written: each on its own now
+                    self._commit_group([entry])
+                return
+            for entry in batch:
+                entry.error = err
+        for entry in batch:
+            entry.done = True
+
+    def check_writable(self) -> None:
+        """Write and commit a row, so that a store that cannot be written (a read-only or
+        full file system) is found before anything depends on it; StoreError if not."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('write_checks', '1') ON CONFLICT (key)"
+                " DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            )
 
     def _scalar(self, sql: str, *args: object) -> Any:
         with self._lock:
@@ -256,11 +336,13 @@ class Store:
         transaction, so a commit and what it kept are never journaled apart.
         """
         snap = None if snapshot is None else json.dumps(dict(snapshot))
-        with self._tx() as db:
+        info = json.dumps(dict(detail or {}))
+
+        def work(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT INTO journal (run_id, target, step, phase, at, detail)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, target, step, phase, _ts(at), json.dumps(dict(detail or {}))),
+                (run_id, target, step, phase, _ts(at), info),
             )
             db.execute(
                 "INSERT INTO targets (run_id, target, name, state, version_from, version_to,"
@@ -277,6 +359,8 @@ class Store:
                 self._retain(
                     db, keep.backend, name, run_id, keep.description, keep.data, keep.expires
                 )
+
+        self._write(work)
 
     def targets(self, run_id: str) -> list[TargetRow]:
         return self._targets("WHERE run_id = ? ORDER BY rowid", (run_id,))

@@ -18,15 +18,17 @@ A target is a container, identified by its NAME (stable across a recreate). One 
   commit, so a rollback has no tag to undo.
 - verify: the container's own HEALTHCHECK, or else running without a restart for
   `stable_for`.
-- commit: remove the renamed container and move the local tag to the new image; the old
-  image is kept for `rollback_retention` and removed by `release` when no container
-  uses it and it has no tag.
+- commit: once the replacement still runs, remove the renamed container and move the
+  local tag to the new image; the old image is kept for `rollback_retention` and removed
+  by `release` when no container uses it and it has no tag.
 - rollback: from any partial state, put the renamed container back under its name and
   start it. A container is never removed unless the old one is there to replace it.
+  While the engine cannot be reached it is tried again, up to `rollback_timeout`.
 
-Containers are selected only while running or restarting: a stopped container cannot
-be verified, and starting it is not patchd's to decide. `--rm` containers are refused
-at snapshot (stopping would delete them).
+Containers are selected only while running or restarting, and are checked again just
+before their patch: a stopped container cannot be verified, and starting it is not
+patchd's to decide. `--rm` containers are refused at snapshot (stopping would delete
+them).
 
 Known limit: a renamed container with restart policy `always` is started again if the
 Docker daemon itself restarts during the patch (the engine's rule for that policy); the
@@ -38,6 +40,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -65,7 +68,7 @@ DEPENDS_LABEL = "patchd.depends_on"
 SNAPSHOT_INFIX = ".patchd-"
 _SNAPSHOT_NAME = re.compile(r"\.patchd-[A-Za-z0-9_.-]+$")
 _SELECTABLE = ("running", "restarting")
-_ROLLBACK_ATTEMPTS = 3
+_ROLLBACK_MAX_DELAY = 2.0  # seconds between rollback attempts while the engine is away
 _DEFAULT_STOP = 10  # seconds; the engine's default stop timeout
 
 
@@ -81,7 +84,8 @@ class DockerConfig(BaseModel):
     tls_key: FilePath | None = None
     # How long the image a container ran before a patch is kept after the commit.
     rollback_retention: Duration = timedelta(days=7)
-    # How long a rollback waits for the restored container to be healthy again.
+    # How long a rollback waits for the restored container to be healthy again, and
+    # keeps trying an engine that cannot be reached.
     rollback_timeout: Duration = timedelta(minutes=5)
 
     @field_validator("url")
@@ -185,6 +189,13 @@ class DockerBackend:
     ) -> Update | None:
         with self.engine.step(f"checking {target.name} for an update"):
             attrs, image = self._running(target)
+            status = (attrs.get("State") or {}).get("Status")
+            if status not in _SELECTABLE:
+                # Stopped since it was selected (say, by an engine restart): patching
+                # would start its replacement, and starting it is not patchd's to decide.
+                raise StepFailed(
+                    f"{target.name} is {status}: patchd patches running containers only"
+                )
             ref = str(attrs["Config"]["Image"])
             parsed = parse_ref(ref)
             if parsed.digest is not None or ref.startswith("sha256:"):
@@ -351,6 +362,13 @@ class DockerBackend:
             new = self.engine.container(name)
             if new is None or new["Id"] == old_id:
                 raise StepFailed(f"{name}: no patched container to keep; the old one stays")
+            status = (new.get("State") or {}).get("Status")
+            if status != "running":
+                # It passed verify and stopped since (an engine restart stops containers).
+                raise StepFailed(
+                    f"{name}: the patched container is {status} (not running) since it was"
+                    " verified; the old one stays"
+                )
             old = self.engine.container(old_name)
             if old is not None:
                 if old_id and old["Id"] != old_id:
@@ -401,17 +419,22 @@ class DockerBackend:
 
     def rollback(self, target: Target, snapshot: Snapshot) -> None:
         name = snapshot.data.get("container", target.id)
-        for attempt in range(_ROLLBACK_ATTEMPTS):
+        # Rollback is idempotent: while the engine cannot be reached (it restarts, say)
+        # it is tried again, up to rollback_timeout, rather than leaving the target to a
+        # person.
+        deadline = time.monotonic() + self.config.rollback_timeout.total_seconds()
+        attempt = 0
+        while True:
             try:
                 self._rollback(snapshot)
                 return
             except RollbackFailed:
                 raise
             except Exception as err:
-                # Rollback is idempotent: an engine hiccup is worth another try here
-                # rather than leaving the target to a person.
-                if transient(err) and attempt + 1 < _ROLLBACK_ATTEMPTS:
-                    self.engine.sleep(2.0**attempt)
+                delay = min(2.0**attempt, _ROLLBACK_MAX_DELAY)
+                if transient(err) and time.monotonic() + delay < deadline:
+                    self.engine.sleep(delay)
+                    attempt += 1
                     continue
                 raise RollbackFailed(f"rollback of {name}: {message(err)}") from err
 
@@ -430,6 +453,12 @@ class DockerBackend:
                 self._stop(current)
                 self.api.remove_container(current["Id"], force=True)
                 faults.hit("docker.during_rollback")
+            if (old.get("State") or {}).get("Running"):
+                # An engine restart started it under the snapshot name (restart policy
+                # always). It is renamed stopped: the engine renames a running container's
+                # network sandbox too, and refuses when it has none after its restart.
+                self._stop(old)
+                old = {**old, "State": {**old["State"], "Running": False}}
             self.api.rename(old["Id"], name)
             restored = old
         elif current is not None and (not old_id or current["Id"] == old_id):

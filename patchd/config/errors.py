@@ -22,7 +22,19 @@ class ConfigIssue:
         where = [str(self.file)] if self.file is not None else []
         if self.path:
             where.append(dotted(self.path))
-        return ": ".join([*where, self.reason])
+        return one_line(": ".join([*where, self.reason]))
+
+
+def one_line(text: str) -> str:
+    """`text` with every unprintable character escaped (`\\n`, `\\x1b`, `\\u2028`).
+
+    Key names and values come from the config and may hold any character: a newline
+    would split one problem over two lines (the second not naming the file), and a
+    terminal escape would reach the operator's terminal or the journal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class ConfigError(Exception):

@@ -83,6 +83,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([ConfigIssue(path, (), reason)]) from None
     except UnicodeDecodeError as err:
         raise ConfigError([ConfigIssue(path, (), f"not UTF-8 text: {err.reason}")]) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively, without a limit.
+        reason = "TOML syntax error: arrays or tables nested too deeply"
+        raise ConfigError([ConfigIssue(path, (), reason)]) from None
     except OSError as err:
         raise ConfigError([ConfigIssue(path, (), f"cannot read: {err.strerror}")]) from None
 

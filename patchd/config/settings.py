@@ -33,6 +33,7 @@ from patchd.config.schema import (
     WindowModel,
     split_address,
 )
+from patchd.config.secret_files import WARNINGS
 from patchd.config.types import Limit
 from patchd.durations import format_duration
 from patchd.windows import (
@@ -98,6 +99,8 @@ class Settings:
     backends: Mapping[str, BackendSpec]
     groups: Mapping[str, Group]
     files: tuple[Path, ...]
+    # Problems that do not stop patchd (a secret file a shared group can read).
+    warnings: tuple[ConfigIssue, ...] = ()
 
     def stages(self) -> list[list[str]]:
         """Chains of groups linked by `after`, each listed from first to last stage."""
@@ -146,18 +149,24 @@ class _Builder:
     def __init__(self, merged: Merged) -> None:
         self.merged = merged
         self.issues: list[ConfigIssue] = []
+        self.warnings: list[ConfigIssue] = []
 
     def add(self, path: KeyPath, reason: str) -> None:
         self.issues.append(self.merged.issue(path, reason))
 
     def validate(self, model: type[M], data: object, path: KeyPath) -> M | None:
+        warnings: list[tuple[str | None, str]] = []
         try:
-            return model.model_validate(data)
+            return model.model_validate(data, context={WARNINGS: warnings})
         except ValidationError as err:
             for error in err.errors():
                 loc = tuple(str(part) for part in error["loc"])
                 self.add((*path, *loc), _reason(model, error))
             return None
+        finally:
+            for field_name, reason in warnings:
+                where = (*path, field_name) if field_name else path
+                self.warnings.append(self.merged.issue(where, reason))
 
     def tables(self, section: str) -> dict[str, dict[str, Any]]:
         raw = self.merged.data.get(section, {})
@@ -186,7 +195,8 @@ def build_settings(merged: Merged) -> Settings:
     daemon = _daemon(daemon_model or DaemonModel())
 
     windows: dict[str, Window] = {}
-    for name, raw in b.tables("windows").items():
+    window_raw = b.tables("windows")  # once: each call reports a malformed table again
+    for name, raw in window_raw.items():
         window = _window(b, name, raw, daemon.timezone)
         if window is not None:
             windows[name] = window
@@ -205,7 +215,7 @@ def build_settings(merged: Merged) -> Settings:
             backends[name] = spec
 
     group_raw = b.tables("groups")
-    window_names = list(b.tables("windows"))
+    window_names = list(window_raw)
     groups: dict[str, Group] = {}
     for name, raw in group_raw.items():
         group = _group(b, name, raw, window_names, backend_raw, backends, list(group_raw))
@@ -222,6 +232,7 @@ def build_settings(merged: Merged) -> Settings:
         backends=MappingProxyType(backends),
         groups=MappingProxyType(groups),
         files=tuple(merged.files),
+        warnings=tuple(b.warnings),
     )
 
 
@@ -325,8 +336,16 @@ def _freeze(b: _Builder, name: str, raw: dict[str, Any], tz: ZoneInfo) -> Freeze
     model = b.validate(FreezeModel, raw, path)
     if model is None:
         return None
-    start = _instant(model.start, tz, end=False)
-    end = _instant(model.end, tz, end=True)
+    instants: list[datetime] = []
+    for key, value in (("start", model.start), ("end", model.end)):
+        try:
+            instants.append(_instant(value, tz, end=key == "end"))
+        except (OverflowError, ValueError, OSError):
+            # Near year 1 or 9999 the conversion to UTC leaves the calendar.
+            b.add((*path, key), f"{value.isoformat()} is out of range (years 1-9999 in UTC)")
+    if len(instants) != 2:
+        return None
+    start, end = instants
     if end <= start:
         b.add((*path, "end"), f"must be after start ({start.isoformat()} >= {end.isoformat()})")
         return None

@@ -16,12 +16,23 @@ from patchd.durations import format_duration, parse_duration
 STRICT = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+# Every duration is added to an instant somewhere (a window's end, a snapshot's expiry),
+# which must stay inside the calendar datetime can hold.
+MAX_DURATION = timedelta(days=36500)
+
+
 def _duration(value: Any) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if not isinstance(value, str):
         raise ValueError(f'expected a duration string like "45m" or "1h30m", got {value!r}')
-    return parse_duration(value)
+    try:
+        parsed = parse_duration(value)
+    except OverflowError:
+        parsed = timedelta.max
+    if parsed > MAX_DURATION:
+        raise ValueError(f"{value!r} is longer than 100 years ({format_duration(MAX_DURATION)})")
+    return parsed
 
 
 Duration = Annotated[

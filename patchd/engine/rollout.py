@@ -11,6 +11,11 @@ the run does not end: targets already in flight finish, and the gate is asked ag
 every `gate_recheck` seconds until it opens (the run goes on), the window stops allowing
 starts, the error budget is spent or `stop` is set. Targets still not started then are
 pending, and their reason names the gate's last answer.
+
+The journal comes first: a run whose row cannot be written starts nothing (status
+`failed`), and once a target's journal write fails no new target starts (status `failed`,
+the rest pending) while those in flight finish or roll back. A run whose final row
+cannot be written is still reported, with that error.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from patchd.backends.base import Backend, Target
@@ -32,7 +37,7 @@ from patchd.engine.target import (
     no_probe,
     patch_target,
 )
-from patchd.state import Store
+from patchd.state import Store, StoreError
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,11 @@ def run_group(request: RunRequest) -> RunResult:
     req = request
     group = req.group
     started = req.clock()
-    req.store.start_run(req.run_id, group.name, req.window, started)
+    try:
+        req.store.start_run(req.run_id, group.name, req.window, started)
+    except StoreError as err:
+        error = f"no target was started, the journal cannot be written: {err}"
+        return RunResult(req.run_id, group.name, "failed", (), error)
     try:
         targets = dependency_order(req.backend.discover(group.select))
     except Exception as err:
@@ -161,6 +170,7 @@ def run_group(request: RunRequest) -> RunResult:
     busy: dict[str | None, int] = dict.fromkeys(limits, 0)
     failures = 0
     status = "completed"
+    journal_error: str | None = None
 
     def record(outcome: TargetOutcome) -> None:
         results[outcome.target.name] = outcome
@@ -178,7 +188,9 @@ def run_group(request: RunRequest) -> RunResult:
     with ThreadPoolExecutor(max_workers=max(1, sum(limits.values()))) as pool:
         while True:
             if status == "completed":
-                if req.stop.is_set():
+                if journal_error is not None:
+                    status = "failed"
+                elif req.stop.is_set():
                     status = "stopped"
                 elif failures >= max_errors:
                     status = "halted"
@@ -213,6 +225,8 @@ def run_group(request: RunRequest) -> RunResult:
                         continue
                     slots[target.partition] += 1
                     ready.append(target)
+                    if all(slots[part] >= limits[part] for part in limits):
+                        break  # every partition is full: the rest would all be passed over
                 if ready and req.gate is not None:
                     answer = req.gate()
                     shut = None if answer.open else answer
@@ -238,35 +252,44 @@ def run_group(request: RunRequest) -> RunResult:
                 outcome = future.result()
                 if outcome.result in FAILED_RESULTS:
                     failures += 1
+                if outcome.journal_failed and journal_error is None:
+                    journal_error = f"the journal cannot be written (see {target.name})"
                 record(outcome)
     reason = {
         "halted": f"error budget spent: {failures} failed (max_errors {max_errors})",
         "window_closed": "the window closed (or its cutoff or a freeze began)",
         "stopped": "patchd is stopping",
+        "failed": f"{journal_error}; no new target was started",
         "completed": "dependency cycle",
     }[status]
     if shut is not None and status != "completed":
         reason += f"; the alert gate was shut ({shut.describe()})"
     for target in pending:
         record(TargetOutcome(target, "pending", error=reason))
-    return _finish(req, status, [results[t.name] for t in targets])
+    return _finish(req, status, [results[t.name] for t in targets], error=journal_error)
 
 
 def _finish(
     req: RunRequest, status: str, outcomes: list[TargetOutcome], error: str | None = None
 ) -> RunResult:
     result = RunResult(req.run_id, req.group.name, status, tuple(outcomes), error)
-    req.store.finish_run(
-        req.run_id,
-        status,
-        req.clock(),
-        total=len(outcomes),
-        succeeded=result.count("success"),
-        failed=result.failed,
-        detail={
-            "verified": result.verified,
-            "error": error,
-            "pending": [o.target.name for o in outcomes if o.result == "pending"],
-        },
-    )
+    try:
+        req.store.finish_run(
+            req.run_id,
+            status,
+            req.clock(),
+            total=len(outcomes),
+            succeeded=result.count("success"),
+            failed=result.failed,
+            detail={
+                "verified": result.verified,
+                "error": error,
+                "pending": [o.target.name for o in outcomes if o.result == "pending"],
+            },
+        )
+    except StoreError as err:
+        # What was done to the targets is done; the run row stays "running" until a
+        # restart's reconciliation closes it as interrupted.
+        note = f"the run's end was not journaled: {err}"
+        return replace(result, error=f"{error}; {note}" if error else note)
     return result

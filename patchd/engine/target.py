@@ -7,6 +7,12 @@ transition checks the state it comes from (an illegal move is a bug, not a branc
             -> committing -> committed
     (any state from snapshotting to committing) -> rolling_back -> rolled_back
                                                                 \\-> rollback_failed
+
+A target whose first row ("snapshotting") cannot be written is not started. A write that
+fails later rolls the target back all the same (its rollback rows are written if they
+can be), except once "verified" is written: then the commit goes ahead, since that row
+tells a restart to check the target again and commit it. Either way the outcome says
+`journal_failed`, and the run starts no new target.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from patchd.backends.base import (
     Update,
 )
 from patchd.config.settings import Group
-from patchd.state import Keep, Store
+from patchd.state import Keep, Store, StoreError
 
 R = TypeVar("R")
 
@@ -67,6 +73,8 @@ class TargetOutcome:
     error: str | None = None
     seconds: float = 0.0
     retained: Retained | None = None
+    # A journal write for this target failed: the run starts no new target.
+    journal_failed: bool = False
 
 
 class Observer(Protocol):
@@ -122,25 +130,53 @@ class _Journal:
         self.ctx = ctx
         self.target = target
         self.state = "pending"
+        self.failed = False  # a write to the store failed
 
     def move(self, state: str, step: str, phase: str, **fields: Any) -> None:
         if self.state not in TRANSITIONS[state]:
             raise IllegalTransition(f"{self.target.name}: {self.state} -> {state}")
         ctx = self.ctx
         faults.hit(f"journal.before.{state}")
-        ctx.store.record(
-            ctx.run_id,
-            self.target.id,
-            self.target.name,
-            state,
-            ctx.clock(),
-            step=step,
-            phase=phase,
-            **fields,
-        )
+        try:
+            ctx.store.record(
+                ctx.run_id,
+                self.target.id,
+                self.target.name,
+                state,
+                ctx.clock(),
+                step=step,
+                phase=phase,
+                **fields,
+            )
+        except StoreError:
+            self.failed = True
+            raise
         self.state = state
         faults.hit(f"journal.after.{state}")
         ctx.observer.step(ctx.run_id, ctx.group.name, self.target, state, step=step, phase=phase)
+
+    def move_anyway(self, state: str, step: str, phase: str, **fields: Any) -> None:
+        """Journal a step whose side effect must happen even if the write fails.
+
+        The target's state on the backend matters more than its record. Used where the
+        last row written leads a restart's reconciliation to the same end: before a
+        rollback (any earlier row is rolled back again) and before the commit of a
+        verified target ("verified" is checked again and committed); both are idempotent.
+        """
+        try:
+            self.move(state, step, phase, **fields)
+        except StoreError as err:
+            self.state = state
+            ctx = self.ctx
+            ctx.observer.step(
+                ctx.run_id,
+                ctx.group.name,
+                self.target,
+                state,
+                step=step,
+                phase=phase,
+                journal_error=str(err),
+            )
 
 
 def _retrying(ctx: TargetContext, call: Callable[[], R]) -> R:
@@ -174,10 +210,11 @@ def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str 
 def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     """Drive one target to committed, rolled_back or rollback_failed. Never raises."""
     started = ctx.clock()
+    journal = _Journal(ctx, target)
 
     def done(result: str, **kw: Any) -> TargetOutcome:
         seconds = (ctx.clock() - started).total_seconds()
-        return TargetOutcome(target, result, seconds=seconds, **kw)
+        return TargetOutcome(target, result, seconds=seconds, journal_failed=journal.failed, **kw)
 
     try:
         update, reason = find_update(ctx, target)
@@ -186,20 +223,23 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     if update is None:
         return done("skipped" if reason else "current", error=reason)
 
-    journal = _Journal(ctx, target)
     backend = ctx.backend
     try:
         snapshot: Snapshot = backend.plan_snapshot(target, ctx.run_id)
     except Exception as err:  # nothing was changed yet
         return done("failed", update=update, error=f"planning the snapshot: {err}")
-    journal.move(
-        "snapshotting",
-        "snapshot",
-        "intent",
-        version_from=update.current,
-        version_to=update.available,
-        snapshot=snapshot.data,
-    )
+    try:
+        journal.move(
+            "snapshotting",
+            "snapshot",
+            "intent",
+            version_from=update.current,
+            version_to=update.available,
+            snapshot=snapshot.data,
+        )
+    except StoreError as err:  # no record, no side effect: the target is not started
+        return done("failed", update=update, error=f"not started, the journal failed: {err}")
+    committed = False
     try:
         snapshot = _retrying(ctx, lambda: backend.snapshot(target, snapshot, ctx.group.snapshot))
         faults.hit("engine.after_snapshot")
@@ -213,21 +253,30 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         faults.hit("engine.during_verify")
         ctx.probe(target, backend.describe(target), ctx.group)
         journal.move("verified", "verify", "done")
-        journal.move("committing", "commit", "intent")
+        # Rolling back without this row would leave "verified" on record for a target on
+        # its old version, which a restart would then commit.
+        journal.move_anyway("committing", "commit", "intent")
         retained = _retrying(ctx, lambda: backend.commit(target, snapshot, ctx.group.snapshot))
         faults.hit("engine.after_commit")
+        committed = True
         journal.move("committed", "commit", "done", keep=_keep(ctx, retained))
         return done("success", update=update, retained=retained)
     except IllegalTransition:
         raise
     except Exception as err:
+        if committed and isinstance(err, StoreError):
+            # The commit is done and cannot be undone (the old container or snapshot is
+            # gone). The journal still says committing: a restart's reconciliation checks
+            # the target again and finishes the commit, which is idempotent.
+            return done("success", update=update, retained=retained, error=f"journal: {err}")
         failure = f"{journal.state}: {err}"
-    journal.move("rolling_back", "rollback", "intent", error=failure)
+    journal.move_anyway("rolling_back", "rollback", "intent", error=failure)
     try:
         _retrying(ctx, lambda: backend.rollback(target, snapshot))
         faults.hit("engine.after_rollback")
     except Exception as err:
-        journal.move("rollback_failed", "rollback", "failed", error=f"{failure}; rollback: {err}")
-        return done("rollback_failed", update=update, error=f"{failure}; rollback: {err}")
-    journal.move("rolled_back", "rollback", "done")
+        failure = f"{failure}; rollback: {err}"
+        journal.move_anyway("rollback_failed", "rollback", "failed", error=failure)
+        return done("rollback_failed", update=update, error=failure)
+    journal.move_anyway("rolled_back", "rollback", "done")
     return done("rolled_back", update=update, error=failure)

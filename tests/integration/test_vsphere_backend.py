@@ -648,6 +648,7 @@ def test_logs_in_again_after_the_session_is_killed(
 def test_unreachable_vcenter_is_transient(tmp_path: Path) -> None:
     password = tmp_path / "pw"
     password.write_text("pass")
+    password.chmod(0o600)  # patchd refuses a secret every user can read
     backend = VSphereBackend(
         "vc",
         {
@@ -677,6 +678,7 @@ def test_password_never_in_logs_errors_describe_or_plan(
 ) -> None:
     secret = f"Zx-{uuid.uuid4().hex}-pw"  # vcsim's test bed accepts any password
     (tmp_path / "secret").write_text(secret + "\n")
+    (tmp_path / "secret").chmod(0o600)
     sim = sims(vms=1)
     [name] = list(sim.vms())
     fleet(sim, [name], "1")
@@ -694,6 +696,7 @@ def test_password_never_in_logs_errors_describe_or_plan(
         errors.append(str(err))
     wrong = tmp_path / "wrong-host"
     wrong.write_text(secret)
+    wrong.chmod(0o600)
     unreachable = VSphereBackend(
         "x",
         {"host": "127.0.0.1", "port": 9, "protocol": "http", "insecure": True, "username": "u",

@@ -78,6 +78,7 @@ class Sim:
         password = tmp_path / "vcenter.password"
         if not password.exists():
             password.write_text("pass\n")
+            password.chmod(0o600)  # patchd refuses a secret every user can read
         config: dict[str, Any] = {
             "host": self.process.host,
             "port": self.process.port,

@@ -7,6 +7,14 @@
 #   tests/lab/lab.sh env      print LABDIR/lab.env:  eval "$(tests/lab/lab.sh env)"
 #   tests/lab/lab.sh status   one line per service; exit 0 only if all are up
 #   tests/lab/lab.sh down     stop everything by pid file, clean up dockerd's leftovers
+#   tests/lab/lab.sh stop SERVICE    stop one service of a lab that is up (docker,
+#                                    registry or vcsim), as an outage would; the rest stays
+#   tests/lab/lab.sh start SERVICE   start it again on the same address (lab.env stays true)
+#
+# `stop docker` lets dockerd shut down as its service manager would (SIGTERM: the engine
+# stops its containers itself, so their restart policies apply when it starts again; no
+# live-restore). `start vcsim` gives a simulator with a fresh inventory: vcsim keeps its
+# state in memory.
 #
 # Environment:
 #   PATCHD_LAB_DIR     state directory (default /tmp/patchd-lab)
@@ -32,6 +40,7 @@ BASE_IMAGE=patchd-lab/busybox:latest
 IMAGE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 DOCKERD_TIMEOUT=20
+DOCKERD_RESTART_TIMEOUT=120
 REGISTRY_TIMEOUT=20
 VCSIM_TIMEOUT=30
 STOP_TIMEOUT=15
@@ -266,13 +275,14 @@ start_dockerd() {
     log "dockerd: pid $pid ready on $DK_HOST in $(since "$t0")"
 }
 
-# stop_dockerd [quiet]: stop our dockerd and whatever it left behind.
+# stop_dockerd [quiet] [engine]: stop our dockerd and whatever it left behind. With
+# `engine`, dockerd stops its containers itself (an outage, not a teardown).
 stop_dockerd() {
     local pid cpid p ids
     if pid=$(our_pid "$DK_PID" "$DK_DATA"); then
         # Kill running containers first: a dockerd shutdown otherwise waits each
         # container's stop timeout (a shell loop as PID 1 ignores SIGTERM).
-        if docker_ping; then
+        if [[ ${2:-} != engine ]] && docker_ping; then
             ids=$(docker_cli ps -q 2>/dev/null || true)
             if [[ -n $ids ]]; then
                 # shellcheck disable=SC2086
@@ -417,7 +427,11 @@ start_registry() {
     command -v docker-registry >/dev/null || die registry "docker-registry not found (package docker-registry)"
     mkdir -p "$REG_DIR/data"
     for _ in 1 2 3; do
-        port=$(free_port) || die registry "no free port found"
+        if [[ -n ${SAME_PORT:-} ]]; then
+            port=${SAME_PORT##*:}
+        else
+            port=$(free_port) || die registry "no free port found"
+        fi
         addr=127.0.0.1:$port
         cat >"$REG_CONF" <<EOF
 # patchd lab registry (written by tests/lab/lab.sh): no auth, plain HTTP on loopback.
@@ -453,6 +467,7 @@ EOF
             return 0
         fi
         if (( rc == 2 )) && tail -n 5 "$REG_LOG" | grep 'address already in use' >/dev/null; then
+            [[ -z ${SAME_PORT:-} ]] || die registry "its port $port is taken now" "$REG_LOG"
             log "registry: port $port was taken meanwhile; trying another"
             continue
         fi
@@ -549,7 +564,11 @@ start_vcsim() {
     stop_service vcsim "$VC_PID" "$VC_BIN" quiet
     mkdir -p "$VC_DIR/tmp"
     for _ in 1 2 3; do
-        port=$(free_port) || die vcsim "no free port found"
+        if [[ -n ${SAME_PORT:-} ]]; then
+            port=${SAME_PORT##*:}
+        else
+            port=$(free_port) || die vcsim "no free port found"
+        fi
         addr=127.0.0.1:$port
         rm -f "$VC_ADDR" "$VC_OUT"
         printf '=== %s: starting vcsim on %s\n' "$(date -Is)" "$addr" >>"$VC_LOG"
@@ -560,6 +579,7 @@ start_vcsim() {
         rc=0
         wait_for "$VCSIM_TIMEOUT" "$pid" soap_probe "$addr" || rc=$?
         if (( rc == 2 )) && tail -n 20 "$VC_LOG" | grep 'address already in use' >/dev/null; then
+            [[ -z ${SAME_PORT:-} ]] || die vcsim "its port $port is taken now" "$VC_LOG"
             log "vcsim: port $port was taken meanwhile; trying another"
             continue
         fi
@@ -645,6 +665,33 @@ cmd_down() {
     log "down"
 }
 
+# cmd_service start|stop SERVICE: one service of a lab that is up, on its old address.
+cmd_service() {
+    local action=$1 service=$2
+    [[ -s $ENV_FILE ]] || die "$service" "$ENV_FILE missing: the lab is not up (run $0 up)"
+    lock_lab
+    pick_python
+    STEP="$action $service"
+    case $action:$service in
+        stop:docker) stop_dockerd "" engine ;;
+        stop:registry) stop_service registry "$REG_PID" "$REG_CONF" ;;
+        stop:vcsim) stop_service vcsim "$VC_PID" "$VC_BIN" ;;
+        start:docker)
+            # A restart restores containers and clears stale network sandboxes first: on
+            # a busy machine with a used data-root that takes longer than a fresh start.
+            DOCKERD_TIMEOUT=$DOCKERD_RESTART_TIMEOUT
+            start_dockerd ;;
+        start:registry)
+            SAME_PORT=$(cat "$REG_ADDR" 2>/dev/null) || die registry "$REG_ADDR missing"
+            start_registry ;;
+        start:vcsim)
+            SAME_PORT=$(cat "$VC_ADDR" 2>/dev/null) || die vcsim "$VC_ADDR missing"
+            build_vcsim
+            start_vcsim ;;
+        *) usage ;;
+    esac
+}
+
 cmd_env() {
     [[ -s $ENV_FILE ]] || die env "$ENV_FILE missing: the lab is not up (run $0 up)"
     cat "$ENV_FILE"
@@ -678,6 +725,11 @@ usage() {
 }
 
 main() {
+    if (( $# == 2 )) && [[ $1 == start || $1 == stop ]]; then
+        resolve_lab_dir
+        cmd_service "$1" "$2"
+        return
+    fi
     (( $# == 1 )) || usage
     resolve_lab_dir
     case $1 in

@@ -5,6 +5,7 @@ The daemon as a real process (signals, sd_notify, Docker) is tested in tests/int
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -226,4 +227,34 @@ def test_daemon_exports_pending_targets_and_pending_windows_after_a_restart(
         assert 'patchd_group_targets_pending{group="web"} 2.0' in text
         assert 'patchd_group_pending_windows{group="web"} 1.0' in text
     finally:
+        d.shutdown()
+
+
+def test_a_reload_never_closes_a_backend_a_run_still_uses(tmp_path: Path) -> None:
+    """Here a reload drops the group and its backend while a run patches with it (closing
+    a vSphere backend logs it out, failing the run's steps and its rollbacks)."""
+    fake = FakeBackend("d")
+    for i in range(2):
+        fake.add(f"c{i}")
+    fake.publish("app", "v2")
+    release = threading.Event()
+    fake.step_time = 1
+    fake.sleep = lambda seconds: release.wait(10)
+    path = tmp_path / "patchd.toml"
+    text = config_text(tmp_path / "state", datetime.now(UTC) - timedelta(minutes=1))
+    path.write_text(text)
+    d = Daemon(path, None, connector=lambda spec: fake, notifier=Notifier(""))
+    d.start()  # inside the open window: the run starts at once
+    try:
+        wait_for(lambda: fake.in_flight > 0)
+        path.write_text(text.split("[backends.d]")[0])  # no backend, no group
+        d.reload()
+        assert d.backends == {}
+        assert ("close", "") not in fake.calls
+        release.set()
+        wait_for(lambda: not d._runs)
+        assert {t.version for t in fake.targets.values()} == {"v2"}
+        assert ("close", "") in fake.calls  # once the run no longer needs it
+    finally:
+        release.set()
         d.shutdown()

@@ -7,12 +7,14 @@ import re
 import socket
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import ClassVar
 
 import pytest
 
+from patchd import log
 from patchd.backends.base import StepFailed, Target
 from patchd.config.schema import HealthModel, HttpCheckModel, PrometheusCheckModel
 from patchd.engine import GateResult
@@ -39,6 +41,19 @@ def test_failing_command_fails_with_its_output() -> None:
     )
     with pytest.raises(StepFailed, match="exited 4: db not ready"):
         probe(TARGET, {}, grp)
+
+
+def test_a_registered_secret_in_a_failing_commands_output_is_scrubbed() -> None:
+    # Unique, so registering it (for the rest of this process) hides nothing else.
+    short = f"pw-{uuid.uuid4().hex}"
+    long = short + "-and-more"
+    log.redact(short)
+    log.redact(long)
+    script = f"print('tried {long} then {short}'); exit(2)"
+    grp = group(health=HealthModel(command=[sys.executable, "-c", script]))
+    with pytest.raises(StepFailed) as info:
+        probe(TARGET, {}, grp)
+    assert str(info.value).endswith("exited 2: tried *** then ***")  # the longer one whole
 
 
 def test_missing_command_fails_closed() -> None:

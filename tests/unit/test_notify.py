@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,22 @@ def test_a_full_socket_never_blocks_the_sender(tmp_path: Path) -> None:
         results = [notifier.status(f"line {i}") for i in range(2000)]  # nobody reads
         assert results[0] is True
         assert results[-1] is False
+
+
+def test_state_changes_wait_for_room_and_status_does_not(tmp_path: Path) -> None:
+    """READY/RELOADING/STOPPING are replaced by nothing: in a full queue they wait up to
+    `announce_wait` (a dropped READY=1 after RELOADING=1 leaves systemd waiting)."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        notifier = Notifier(str(path))
+        notifier.announce_wait = 0.05
+        while notifier.status("filler"):
+            pass
+        assert not notifier.status("x")  # at once (see the test above)
+        for announce in (lambda: notifier.ready("x"), notifier.reloading, notifier.stopping):
+            started = time.monotonic()
+            assert not announce()
+            assert time.monotonic() - started >= 0.04  # poll() rounds to ms
+        sock.recv(4096)  # room for one
+        assert notifier.reloading()

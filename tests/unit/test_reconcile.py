@@ -139,3 +139,23 @@ def test_a_commit_that_keeps_its_snapshot_is_recorded_for_release(tmp_path: Path
     assert item.now == "committed"
     [row] = store.retained()
     assert (row.backend, row.target, row.expires) == ("d", "c1", T0 + timedelta(hours=1))
+
+
+def test_a_backend_that_is_down_leaves_its_targets_for_a_later_start(tmp_path: Path) -> None:
+    settings, store, fake = crashed_mid_apply(tmp_path)
+    fake.up = False
+    [item] = reconcile(settings, store, {"d": fake}, lambda: T0)  # type: ignore[arg-type]
+    assert (item.was, item.now) == ("applying", "applying")
+    assert "cannot be reached" in item.detail
+    assert ("rollback", "c1") not in fake.calls  # not given up as rollback_failed
+    assert [r.state for r in store.unfinished_targets()] == ["applying"]
+    run = store.last_run("web")
+    assert run is not None and (run.status, run.succeeded, run.failed) == ("interrupted", 1, 0)
+
+    fake.up = True
+    [item] = reconcile(settings, store, {"d": fake}, lambda: T0)  # type: ignore[arg-type]
+    assert (item.was, item.now) == ("applying", "rolled_back")
+    assert fake.targets["c1"].version == "v1"
+    assert store.unfinished_targets() == []
+    run = store.last_run("web")
+    assert run is not None and (run.status, run.succeeded, run.failed) == ("interrupted", 1, 1)

@@ -151,6 +151,7 @@ def test_missing_task_object_is_reported() -> None:
 def _config(tmp_path: Path, **changes: Any) -> dict[str, Any]:
     password = tmp_path / "pw"
     password.write_text("secret\n")
+    password.chmod(0o600)  # patchd refuses a secret every user can read
     return {"host": "vc.example.com", "username": "u", "password_file": str(password), **changes}
 
 
@@ -214,6 +215,7 @@ def test_check_config_accepts_a_vsphere_backend_and_groups(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "vc.password").write_text("pw\n")
+    (tmp_path / "vc.password").chmod(0o600)
     path = tmp_path / "patchd.toml"
     path.write_text(
         f"""

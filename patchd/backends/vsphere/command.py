@@ -82,7 +82,9 @@ def run(argv: list[str], env: Mapping[str, str], timeout: float, target: str) ->
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         raw, _ = proc.communicate()
-    output = raw.decode("utf-8", errors="replace")
+    # A site tool may print the vCenter password it used: the output is logged, and its
+    # tail goes into the error, which the journal keeps and `patchd run` prints.
+    output = log.scrub(raw.decode("utf-8", errors="replace"))
     seconds = round(time.monotonic() - started, 3)
     logger.info(
         "patch_command_output",

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, FilePath, field_validator, model_validator
 
+from patchd.config.secret_files import SecretFile
 from patchd.config.types import STRICT, Duration
 
 _HEX = re.compile(r"[0-9a-f]+")
@@ -42,7 +43,9 @@ class VSphereConfig(BaseModel):
     username: Annotated[str, Field(min_length=1)]
     # The password: a file holding only it, or a systemd credential (LoadCredential=)
     # read from $CREDENTIALS_DIRECTORY/<credential>. Never written in the config itself.
-    password_file: FilePath | None = None
+    # A password_file every user can read is refused, one a shared group can read is
+    # warned about (patchd.config.secret_files).
+    password_file: SecretFile | None = None
     credential: str | None = None
     # TLS: verified against the system's CAs by default; or against `ca_file` only; or
     # pinned to one certificate by `thumbprint`; or not at all with `insecure = true`.
@@ -77,8 +80,10 @@ class VSphereConfig(BaseModel):
     @classmethod
     def _credential(cls, value: str | None) -> str | None:
         if value is not None and not _CREDENTIAL.fullmatch(value):
+            # Not echoed: a password written here by mistake would reach the journal.
             raise ValueError(
-                f"expected a systemd credential name (letters, digits, _ . @ -), got {value!r}"
+                "expected the name of a systemd credential (letters, digits, _ . @ -),"
+                " not the password itself"
             )
         return value
 
