@@ -9,7 +9,7 @@ from __future__ import annotations
 import selectors
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from socketserver import ThreadingMixIn
@@ -309,39 +309,38 @@ class JournalCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         view = self.view()
-        expiry = GaugeMetricFamily(
-            "patchd_retained_oldest_expiry_timestamp_seconds",
-            "When the oldest snapshot or image kept after a commit is due for removal "
-            "(absent when none is kept)",
-            labels=["backend"],
-        )
-        for backend, at in sorted(view.retained_oldest_expiry.items()):
-            expiry.add_metric([backend], at.timestamp())
-        items = GaugeMetricFamily(
-            "patchd_retained_items",
-            "Snapshots and images kept after a commit, waiting for their keep to run out",
-            labels=["backend"],
-        )
-        for backend, count in sorted(view.retained_items.items()):
-            items.add_metric([backend], count)
-        windows = GaugeMetricFamily(
-            "patchd_group_pending_windows",
-            "Windows in a row, up to the last run, whose runs left updates not installed",
-            labels=["group"],
-        )
-        for group, count in sorted(view.pending_windows.items()):
-            windows.add_metric([group], count)
-        failed = GaugeMetricFamily(
-            "patchd_group_last_rollback_failed_timestamp_seconds",
-            "When a target of the group last ended rollback_failed (absent when never)",
-            labels=["group"],
-        )
-        for group, at in sorted(view.last_rollback_failed.items()):
-            failed.add_metric([group], at.timestamp())
-        yield expiry
-        yield items
-        yield windows
-        yield failed
+        families: list[tuple[str, str, str, Mapping[str, float]]] = [
+            (
+                "patchd_retained_oldest_expiry_timestamp_seconds",
+                "When the oldest snapshot or image kept after a commit is due for removal "
+                "(absent when none is kept)",
+                "backend",
+                {b: at.timestamp() for b, at in view.retained_oldest_expiry.items()},
+            ),
+            (
+                "patchd_retained_items",
+                "Snapshots and images kept after a commit, waiting for their keep to run out",
+                "backend",
+                view.retained_items,
+            ),
+            (
+                "patchd_group_pending_windows",
+                "Windows in a row, up to the last run, whose runs left updates not installed",
+                "group",
+                view.pending_windows,
+            ),
+            (
+                "patchd_group_last_rollback_failed_timestamp_seconds",
+                "When a target of the group last ended rollback_failed (absent when never)",
+                "group",
+                {g: at.timestamp() for g, at in view.last_rollback_failed.items()},
+            ),
+        ]
+        for name, documentation, label, values in families:
+            family = GaugeMetricFamily(name, documentation, labels=[label])
+            for key, value in sorted(values.items()):
+                family.add_metric([key], value)
+            yield family
 
 
 def daemon_collectors(

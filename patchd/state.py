@@ -356,9 +356,14 @@ class Store:
                 (run_id, target, name, state, version_from, version_to, snap, error, _ts(at)),
             )
             if keep is not None:
-                self._retain(
-                    db, keep.backend, name, run_id, keep.description, keep.data, keep.expires
-                )
+                db.execute(
+                    "INSERT INTO retained (backend, target, run_id, description, data, expires)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        keep.backend, name, run_id, keep.description,
+                        json.dumps(dict(keep.data)), _ts(keep.expires),
+                    ),
+                )  # fmt: skip
 
         self._write(work)
 
@@ -411,34 +416,6 @@ class Store:
         ]
 
     # --- things kept after a commit, to remove when they expire ---------------------------
-
-    def retain(
-        self,
-        backend: str,
-        target: str,
-        run_id: str,
-        description: str,
-        data: Mapping[str, Any],
-        expires: datetime,
-    ) -> None:
-        with self._tx() as db:
-            self._retain(db, backend, target, run_id, description, data, expires)
-
-    @staticmethod
-    def _retain(
-        db: sqlite3.Connection,
-        backend: str,
-        target: str,
-        run_id: str,
-        description: str,
-        data: Mapping[str, Any],
-        expires: datetime,
-    ) -> None:
-        db.execute(
-            "INSERT INTO retained (backend, target, run_id, description, data, expires)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (backend, target, run_id, description, json.dumps(dict(data)), _ts(expires)),
-        )
 
     def retained(self, due_by: datetime | None = None) -> list[RetainedRow]:
         """Everything retained, oldest expiry first; only what expires by `due_by` if given."""

@@ -1,6 +1,6 @@
-"""Running `patchd daemon` as a real process in integration tests: the `Daemon` helper
-(a subprocess with a notify socket the test reads, and its JSON log), a config writer for
-the lab's Docker engine, and small waiting and scraping helpers."""
+"""Running patchd as a real process in integration tests: `run_patchd` for one command,
+the `Daemon` helper (a subprocess with a notify socket the test reads, and its JSON log),
+a config writer for the lab's Docker engine, and small waiting and scraping helpers."""
 
 from __future__ import annotations
 
@@ -18,9 +18,34 @@ from typing import Any, ClassVar
 
 import docker
 
+from patchd import faults
 from tests.integration.docker_fleet import Fleet
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def run_patchd(
+    *args: str,
+    fault: str | None = None,
+    timeout: float = 180,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`patchd ARGS` as a process, its output captured. `fault` arms fault points
+    (patchd/faults.py syntax, e.g. "docker.after_stop=crash@2"); without it none is
+    armed, whatever the test's own environment says."""
+    base = {k: v for k, v in os.environ.items() if k not in (faults.ENABLE, faults.SPEC)}
+    if fault is not None:
+        base.update({faults.ENABLE: "1", faults.SPEC: fault})
+    return subprocess.run(
+        [sys.executable, "-m", "patchd.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
+        env={**base, **(env or {})},
+    )
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tests.integration.daemon_helpers import run_patchd
 from tests.integration.docker_fleet import Fleet
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
 def patchd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "patchd.cli", *args], capture_output=True, text=True, check=False
-    )
+    return run_patchd(*args)
 
 
 def test_plan_then_run_now_then_status_and_history(f: Fleet, tmp_path: Path) -> None:

@@ -11,15 +11,10 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import docker
-import pytest
-
 from patchd.state import Store
-from tests.integration.conftest import Lab
 from tests.integration.daemon_helpers import (
     GROUP,
     Daemon,
@@ -28,18 +23,7 @@ from tests.integration.daemon_helpers import (
     wait_for,
     write_config,
 )
-from tests.integration.docker_fleet import Fleet, build_images, fleet, free_port
-
-
-@pytest.fixture(scope="module")
-def images(lab: Lab, docker_client: docker.DockerClient) -> dict[str, str]:
-    return build_images(docker_client, lab.base_image)
-
-
-@pytest.fixture
-def f(lab: Lab, docker_client: docker.DockerClient, images: dict[str, str]) -> Iterator[Fleet]:
-    with fleet(docker_client, lab.registry, lab.docker_host, images) as the_fleet:
-        yield the_fleet
+from tests.integration.docker_fleet import Fleet, free_port
 
 
 def test_daemon_patches_when_the_window_opens_and_handles_signals(f: Fleet, tmp_path: Path) -> None:

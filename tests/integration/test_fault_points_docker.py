@@ -24,7 +24,6 @@ engine's unit tests cover with FakeBackend) and the vSphere points (their own te
 from __future__ import annotations
 
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from patchd import faults
 from patchd.state import Store
+from tests.integration.daemon_helpers import run_patchd
 from tests.integration.docker_fleet import Fleet
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -90,17 +90,8 @@ class Case:
 def patchd(
     config: Path, *args: str, crash_at: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin"}
-    if crash_at is not None:
-        env.update({faults.ENABLE: "1", faults.SPEC: f"{crash_at}=crash"})
-    return subprocess.run(
-        [sys.executable, "-m", "patchd.cli", "run", "web", "-c", str(config), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    fault = None if crash_at is None else f"{crash_at}=crash"
+    return run_patchd("run", "web", "-c", str(config), *args, fault=fault)
 
 
 def cases_for(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from pathlib import Path
 from patchd import faults
 from patchd.state import Store
 from tests.integration.conftest import VcsimProcess
+from tests.integration.daemon_helpers import run_patchd
 from tests.integration.vsphere_lab import fleet, start, tool
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -55,17 +55,8 @@ FAILING_POINTS = {
 def patchd(
     config: Path, *args: str, crash_at: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin"}
-    if crash_at is not None:
-        env.update({faults.ENABLE: "1", faults.SPEC: f"{crash_at}=crash"})
-    return subprocess.run(
-        [sys.executable, "-m", "patchd.cli", "run", "vms", "-c", str(config), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    fault = None if crash_at is None else f"{crash_at}=crash"
+    return run_patchd("run", "vms", "-c", str(config), *args, fault=fault, timeout=120)
 
 
 def test_kill_9_at_every_vsphere_point_then_restart(

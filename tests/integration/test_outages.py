@@ -50,6 +50,7 @@ from patchd import reports
 from patchd.config import load_settings
 from patchd.state import Store
 from tests.integration.conftest import LAB_SH, REPO_ROOT, Lab, VcsimProcess
+from tests.integration.daemon_helpers import run_patchd
 from tests.integration.docker_fleet import Fleet
 from tests.integration.vsphere_lab import fleet as vm_fleet
 from tests.integration.vsphere_lab import iter_lines, start, tool
@@ -130,13 +131,7 @@ rollback_timeout = "40s"
 
 
 def patchd(config: Path, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "patchd.cli", *args, "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_patchd(*args, "-c", str(config), timeout=timeout)
 
 
 def patchd_in_background(config: Path, *args: str) -> subprocess.Popen[str]:

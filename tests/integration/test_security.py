@@ -25,7 +25,6 @@ import http.client
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import uuid
@@ -40,6 +39,7 @@ from pyVim.task import WaitForTask
 
 from tests.integration.conftest import VcsimProcess
 from tests.integration.daemon_helpers import Daemon, scrape, wait_for
+from tests.integration.daemon_helpers import run_patchd as patchd
 from tests.integration.docker_fleet import Fleet, free_port
 from tests.integration.vsphere_lab import Sim, fleet, start
 
@@ -125,20 +125,6 @@ def sims(vcsim_factory: Factory, tmp_path: Path) -> Iterator[Callable[..., Sim]]
     yield make
     for sim in started:
         sim.close()
-
-
-def patchd(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "patchd.cli", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=cwd,
-        env=None if env is None else {**os.environ, **env},
-        timeout=120,
-    )
 
 
 def vsphere_backend(name: str, host: str, port: int, password_file: Path) -> str:

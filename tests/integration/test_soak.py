@@ -20,11 +20,11 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 from patchd import faults
 from patchd.state import Store
+from tests.integration.daemon_helpers import run_patchd
 from tests.integration.docker_fleet import Fleet
 
 FLEET = 20
@@ -35,17 +35,7 @@ CRASH_POINTS = sorted(
 
 
 def patchd(config: Path, fault: str | None) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin"}
-    if fault is not None:
-        env.update({faults.ENABLE: "1", faults.SPEC: fault})
-    return subprocess.run(
-        [sys.executable, "-m", "patchd.cli", "run", "soak", "--now", "-c", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return run_patchd("run", "soak", "--now", "-c", str(config), fault=fault, timeout=600)
 
 
 def test_soak(f: Fleet, tmp_path: Path) -> None:

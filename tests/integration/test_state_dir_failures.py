@@ -16,7 +16,6 @@ root), so "full" and "read-only" are the kernel's own ENOSPC and EROFS, not a mo
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from patchd.state import Store
-from tests.integration.daemon_helpers import GROUP, Daemon, write_config
+from tests.integration.daemon_helpers import GROUP, Daemon, run_patchd, write_config
 from tests.integration.docker_fleet import Fleet, free_port
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -77,12 +76,7 @@ health = {{ timeout = "20s", stable_for = "1s"{health} }}
 
 
 def patchd_run(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "patchd.cli", "run", "web", "--now", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return run_patchd("run", "web", "--now", "-c", str(config))
 
 
 def fleet_of(f: Fleet, count: int) -> tuple[list[str], dict[str, str], str, str]:

@@ -10,7 +10,7 @@ import pytest
 
 from patchd.config import Settings, load_settings
 from patchd.metrics import JournalCollector, journal_view, pending_windows
-from patchd.state import Store
+from patchd.state import Keep, Store
 
 CONFIG = """
 [daemon]
@@ -103,9 +103,13 @@ def test_journal_view_reads_kept_items_and_failed_rollbacks(
     )
     add_run(store, "r2", SAT, "completed", group="gone")
     store.record("r2", "t9", "t9", "rollback_failed", SAT, step="rollback", phase="failed")
-    store.retain("d", "t1", "r1", "snapshot", {}, SAT + timedelta(hours=2))
-    store.retain("d", "t2", "r1", "snapshot", {}, SAT + timedelta(hours=1))
-    store.retain("e", "t3", "r1", "image", {}, SAT + timedelta(days=1))
+    for target, backend, kept, expires in (
+        ("t2", "d", "snapshot", SAT + timedelta(hours=2)),
+        ("t3", "d", "snapshot", SAT + timedelta(hours=1)),
+        ("t4", "e", "image", SAT + timedelta(days=1)),
+    ):
+        keep = Keep(backend, kept, {}, expires)
+        store.record("r1", target, target, "committed", SAT, step="commit", phase="done", keep=keep)
     view = journal_view(settings, store)
     assert view.retained_oldest_expiry == {
         "d": SAT + timedelta(hours=1),
