@@ -35,6 +35,7 @@ from patchd.engine.rollout import GateResult
 # Receives every answer of the alert gate (metrics and logs count the shut ones).
 GateObserver = Callable[[GateResult], None]
 
+
 def target_environment(target: Target, facts: Mapping[str, str], group: Group) -> dict[str, str]:
     """PATCHD_GROUP, PATCHD_BACKEND, PATCHD_TARGET_{ID,NAME,KIND} and PATCHD_TARGET_<FACT>."""
     env = {

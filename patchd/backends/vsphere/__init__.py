@@ -28,9 +28,10 @@ from patchd.backends.vsphere import inventory
 from patchd.backends.vsphere.config import VSphereConfig, VSphereSelect
 from patchd.backends.vsphere.connection import LoginFailed, Session, vmomi
 from patchd.backends.vsphere.hosts import HostFlow
+from patchd.backends.vsphere.snapshots import PatchdSnapshot
 from patchd.backends.vsphere.steps import step
 from patchd.backends.vsphere.tags import Tags
-from patchd.backends.vsphere.vms import PatchdSnapshot, VmFlow
+from patchd.backends.vsphere.vms import VmFlow
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 
 __all__ = [
