@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from patchd.config.schema import HealthModel, PatchModel
 from patchd.testing import FakeBackend, FakeSelect
-from tests.contract.suite import BackendContract
+from patchd.testing.contract import BackendContract
 
 
 class FakeHarness:
