@@ -191,7 +191,15 @@ class Flow(Generic[S]):
         limit = self.config.task_timeout.total_seconds() if timeout is None else timeout
         try:
             return self.session.call(
-                what, lambda content: wait_for_task(content.propertyCollector, task, what, limit)
+                what,
+                lambda content: wait_for_task(
+                    content.propertyCollector,
+                    task,
+                    what,
+                    limit,
+                    sleep=self.clock.sleep,
+                    clock=self.clock.monotonic,
+                ),
             )
         except TaskTimeout:
             try:
