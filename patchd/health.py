@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
-from patchd import log
+from patchd import commands, poll
 from patchd.backends.base import StepFailed, Target
 from patchd.config.schema import PrometheusCheckModel
 from patchd.config.settings import Group
@@ -37,8 +34,6 @@ from patchd.engine.rollout import GateResult
 
 # Receives every answer of the alert gate (metrics and logs count the shut ones).
 GateObserver = Callable[[GateResult], None]
-
-_OUTPUT_TAIL = 2000
 
 
 def target_environment(target: Target, facts: Mapping[str, str], group: Group) -> dict[str, str]:
@@ -50,42 +45,14 @@ def target_environment(target: Target, facts: Mapping[str, str], group: Group) -
         "PATCHD_TARGET_NAME": target.name,
         "PATCHD_TARGET_KIND": target.kind,
     }
-    for key, value in facts.items():
-        name = "PATCHD_TARGET_" + re.sub(r"[^A-Z0-9]", "_", key.upper())
-        env.setdefault(name, value)
-    return env
+    return commands.with_facts(env, facts)
 
 
-def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
-    """patchd's environment for a site command, less what would hand it patchd's secrets
-    (systemd credentials such as the vCenter password), plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
-    env.update(extra)
-    return env
-
-
-def run_command(
-    argv: list[str], env: Mapping[str, str], timeout: float
-) -> subprocess.CompletedProcess[str]:
-    """Run argv without a shell; StepFailed when it cannot start, times out or exits non-zero."""
-    try:
-        proc = subprocess.run(
-            argv,
-            env=child_environment(env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise StepFailed(f"command {argv[0]} timed out after {timeout:g}s") from None
-    except OSError as err:
-        raise StepFailed(f"command {argv[0]} could not run: {err.strerror}") from None
-    if proc.returncode != 0:
-        # A site tool may print the vCenter password it used; the error is kept and shown.
-        output = log.scrub((proc.stdout + proc.stderr).strip())[-_OUTPUT_TAIL:]
-        raise StepFailed(f"command {argv[0]} exited {proc.returncode}: {output}")
-    return proc
+def run_command(argv: list[str], env: Mapping[str, str], timeout: float) -> None:
+    """Run `health.command`; StepFailed when it cannot start, times out or exits non-zero."""
+    finished = commands.run(argv, env, timeout)
+    if finished.problem is not None:
+        raise StepFailed(f"command {argv[0]} {finished.problem}")
 
 
 def http_status(url: str, timeout: float) -> int:
@@ -98,34 +65,48 @@ def http_status(url: str, timeout: float) -> int:
         return err.code
 
 
-def wait_for_http(url: str, status: int, timeout: float, deadline: float) -> None:
+def wait_for_http(
+    url: str, status: int, timeout: float, deadline: float, clock: poll.Clock = poll.SYSTEM
+) -> None:
     """Poll until `url` answers `status`; StepFailed with the last answer at `deadline`."""
     last = "no answer"
-    while True:
+
+    def answered() -> bool | None:
+        nonlocal last
         try:
             got = http_status(url, timeout)
             if got == status:
-                return
+                return True
             last = f"status {got}"
         except (OSError, ValueError) as err:
             last = str(getattr(err, "reason", err))
-        if time.monotonic() >= deadline:
-            raise StepFailed(f"http check {url}: expected status {status}, got {last}")
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        return None
+
+    def expired() -> NoReturn:
+        raise StepFailed(f"http check {url}: expected status {status}, got {last}")
+
+    poll.until(answered, deadline, expired, every=1.0, clock=clock)
 
 
-def wait_for_tcp(host: str, port: int, timeout: float, deadline: float) -> None:
+def wait_for_tcp(
+    host: str, port: int, timeout: float, deadline: float, clock: poll.Clock = poll.SYSTEM
+) -> None:
     """Poll until a TCP connection to host:port succeeds; StepFailed at `deadline`."""
     last = "no answer"
-    while True:
+
+    def connected() -> bool | None:
+        nonlocal last
         try:
             with socket.create_connection((host, port), timeout=timeout):
-                return
+                return True
         except OSError as err:
             last = err.strerror or str(err)
-        if time.monotonic() >= deadline:
-            raise StepFailed(f"tcp check {host}:{port}: {last}")
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        return None
+
+    def expired() -> NoReturn:
+        raise StepFailed(f"tcp check {host}:{port}: {last}")
+
+    poll.until(connected, deadline, expired, every=1.0, clock=clock)
 
 
 def _series(labels: Any) -> str:
@@ -200,17 +181,18 @@ def watch_alerts(
     """After a patch: the gate must answer open at every ask, every `interval`, until
     `observe` has passed or `deadline` (monotonic) comes; StepFailed at the first answer
     that is not open. It is asked at least once."""
-    end = min(monotonic() + check.observe.total_seconds(), deadline)
-    while True:
+    clock = poll.Clock(monotonic, sleep)
+    end = min(clock.deadline(check.observe.total_seconds()), deadline)
+
+    def still_open() -> None:
         answer = ask(check)
         if on_answer is not None:
             on_answer(answer)
         if not answer.open:
             raise StepFailed(f"alert gate {check.query!r}: {answer.describe()}")
-        left = end - monotonic()
-        if left <= 0:
-            return
-        sleep(min(check.interval.total_seconds(), left))
+
+    # Observing has no success short of its end: `observe` passing open is the success.
+    poll.until(still_open, end, lambda: True, every=check.interval.total_seconds(), clock=clock)
 
 
 def probe(

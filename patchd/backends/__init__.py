@@ -1,31 +1,15 @@
-"""Backend plugins, found through the `patchd.backends` entry-point group and loaded lazily."""
+"""Backend plugins: connecting a validated `[backends.NAME]` table to its backend.
+
+The registry itself (entry points, BackendSpec) is `patchd.plugins`, below config, so
+that config can validate a backend's keys without importing the backends.
+"""
 
 from __future__ import annotations
 
-from functools import cache
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from patchd.backends.base import Backend
+from patchd.plugins import BackendPlugin, BackendSpec, installed_types, load_plugin
 
-from patchd.backends.base import Backend, BackendPlugin
-
-if TYPE_CHECKING:
-    from patchd.config.settings import BackendSpec
-
-GROUP = "patchd.backends"
-
-
-def installed_types() -> list[str]:
-    """The backend type names that installed packages register."""
-    return sorted({ep.name for ep in entry_points(group=GROUP)})
-
-
-@cache
-def load_plugin(type_name: str) -> type[BackendPlugin]:
-    """Import the plugin class registered as `type_name`; KeyError when none is."""
-    for ep in entry_points(group=GROUP, name=type_name):
-        plugin: type[BackendPlugin] = ep.load()
-        return plugin
-    raise KeyError(type_name)
+__all__ = ["BackendPlugin", "BackendSpec", "connect", "installed_types", "load_plugin"]
 
 
 def connect(spec: BackendSpec) -> Backend:

@@ -1,6 +1,7 @@
 """The backend contract: what every backend implements, and the errors it may raise.
 
-A backend registers a class in the `patchd.backends` entry-point group. The class carries
+A backend registers a class in the `patchd.backends` entry-point group (`patchd.plugins`
+owns the registry and the class-level surface, BackendPlugin). The class carries
 the pydantic models that validate its `[backends.NAME]` table and a group's `select` table
 (so `patchd check-config` checks a backend's keys without connecting to anything), and is
 constructed with `(name, config)` to do the work.
@@ -26,12 +27,28 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-if TYPE_CHECKING:  # the config package imports the backends to validate their tables
-    from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
+from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
+from patchd.plugins import BackendPlugin
+
+__all__ = [
+    "JOURNALED_VERSION",
+    "Backend",
+    "BackendError",
+    "BackendPlugin",
+    "KeptSnapshot",
+    "ListsSnapshots",
+    "Retained",
+    "RollbackFailed",
+    "Snapshot",
+    "StepFailed",
+    "Target",
+    "TransientError",
+    "Update",
+]
 
 
 class BackendError(Exception):
@@ -99,18 +116,6 @@ class Retained:
     data: Mapping[str, Any]
     keep: timedelta
     description: str = ""
-
-
-class BackendPlugin(Protocol):
-    """The class-level surface patchd reads from a registered backend.
-
-    Calling the class with `(name, config)` gives a Backend.
-    """
-
-    config_model: ClassVar[type[BaseModel]]
-    select_model: ClassVar[type[BaseModel]]
-
-    def __init__(self, name: str, config: Any) -> None: ...
 
 
 @runtime_checkable

@@ -19,7 +19,6 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from pydantic import BaseModel, ValidationError
 
-from patchd.backends import installed_types, load_plugin
 from patchd.config.errors import ConfigError, ConfigIssue, KeyPath
 from patchd.config.files import Merged, config_files, load_merged
 from patchd.config.schema import (
@@ -36,6 +35,7 @@ from patchd.config.schema import (
 from patchd.config.secret_files import WARNINGS
 from patchd.config.types import Limit
 from patchd.durations import format_duration
+from patchd.plugins import BackendSpec, installed_types, load_plugin
 from patchd.windows import (
     WEEKDAYS,
     Cron,
@@ -67,13 +67,6 @@ class DaemonSettings:
     log_format: str
     log_level: str
     timezone: ZoneInfo
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    name: str
-    type: str
-    config: BaseModel
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from patchd.backends.docker import DockerBackend
 from patchd.config.schema import PatchModel
-from tests.contract.suite import BackendContract
+from patchd.testing.contract import BackendContract
 from tests.integration.conftest import Lab
 from tests.integration.docker_fleet import Fleet, build_images, fleet
 

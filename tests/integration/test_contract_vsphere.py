@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from patchd.backends.vsphere import VSphereSelect
 from patchd.config.schema import HealthModel, PatchModel
-from tests.contract.suite import BackendContract
+from patchd.testing.contract import BackendContract
 from tests.integration.conftest import VcsimProcess
 from tests.integration.vsphere_lab import Sim, WithPatch, fleet, start, tool
 

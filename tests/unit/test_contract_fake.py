@@ -1,13 +1,19 @@
-"""FakeBackend passes the backend contract suite (so the suite itself is exercised fast)."""
+"""FakeBackend passes the shipped backend contract suite (so the suite itself is exercised
+fast), and is usable from a config as `type = "fake"`."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
+from patchd.backends import connect, installed_types
+from patchd.cli import main
+from patchd.config import load_settings
 from patchd.config.schema import HealthModel, PatchModel
 from patchd.testing import FakeBackend, FakeSelect
-from tests.contract.suite import BackendContract
+from patchd.testing.contract import BackendContract
 
 
 class FakeHarness:
@@ -48,3 +54,31 @@ class TestFakeBackendContract(BackendContract):
     @pytest.fixture
     def harness(self) -> FakeHarness:
         return FakeHarness()
+
+
+def test_type_fake_works_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """FakeBackend is the installed backend type `fake` (an entry point), a testing aid."""
+    config = tmp_path / "patchd.toml"
+    config.write_text(
+        """
+[windows.nightly]
+days = ["mon"]
+start = "01:00"
+duration = "2h"
+
+[backends.lab]
+type = "fake"
+
+[groups.web]
+backend = "lab"
+window = "nightly"
+select = { labels = { app = "web" }, names = ["web-*"] }
+"""
+    )
+    assert "fake" in installed_types()
+    settings = load_settings(config)
+    backend = connect(settings.backends["lab"])
+    assert isinstance(backend, FakeBackend) and backend.name == "lab"
+    assert settings.groups["web"].select == FakeSelect(labels={"app": "web"}, names=["web-*"])
+    assert main(["check-config", "-c", str(config)]) == 0
+    assert "1 backend" in capsys.readouterr().out

@@ -1,7 +1,9 @@
 """vSphere backend (`type = "vsphere"`): patches VMs (snapshot, command, revert) and ESXi hosts.
 
 The plugin class, `VSphereBackend`, routes each call to the VM flow (`vms.py`) or the host
-flow (`hosts.py`) by the target's kind. The other modules each own one concern:
+flow (`hosts.py`) by the target's kind; the steps both share (task waits, the update
+check, patch.command, the "healthy for stable_for" verify, version records) are
+`flow.py`, VM snapshot trees `snapshots.py`. The other modules each own one concern:
 `config.py` (the keys), `connection.py` (session, TLS, retries, password), `collector.py`
 (property-collector reads, task waits), `inventory.py` (discovery and selectors),
 `tags.py` (vSphere tags over REST), `attributes.py` (custom attributes, patchd's own
@@ -28,9 +30,10 @@ from patchd.backends.vsphere import inventory
 from patchd.backends.vsphere.config import VSphereConfig, VSphereSelect
 from patchd.backends.vsphere.connection import LoginFailed, Session, vmomi
 from patchd.backends.vsphere.hosts import HostFlow
+from patchd.backends.vsphere.snapshots import PatchdSnapshot
 from patchd.backends.vsphere.steps import step
 from patchd.backends.vsphere.tags import Tags
-from patchd.backends.vsphere.vms import PatchdSnapshot, VmFlow
+from patchd.backends.vsphere.vms import VmFlow
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 
 __all__ = [

@@ -21,8 +21,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
+from patchd import poll
 from patchd.backends.vsphere.connection import fault_text, vmomi
 
 PAGE_SIZE = 1000
@@ -138,17 +139,21 @@ def wait_for_task(
 
     Raises TaskFailed when it ends in error and TaskTimeout when `timeout` passes first.
     """
-    deadline = clock() + timeout
-    delay = _POLL_START
-    while True:
+    last = ""
+
+    def finished() -> tuple[Any] | None:
+        nonlocal last
         info = read_one(collector, task, ("info.state", "info.error", "info.result"))
-        state = str(info.get("info.state", ""))
-        if state == "success":
-            return info.get("info.result")
-        if state == "error":
+        last = str(info.get("info.state", ""))
+        if last == "success":
+            return (info.get("info.result"),)  # a tuple: a task may succeed with None
+        if last == "error":
             raise TaskFailed(what, info.get("info.error"))
-        now = clock()
-        if now >= deadline:
-            raise TaskTimeout(f"{what}: not finished after {timeout:g}s (state {state or '?'})")
-        sleep(min(delay, max(0.0, deadline - now)))
-        delay = min(delay * 2, _POLL_MAX)
+        return None
+
+    def expired() -> NoReturn:
+        raise TaskTimeout(f"{what}: not finished after {timeout:g}s (state {last or '?'})")
+
+    wait = poll.Clock(clock, sleep)
+    every = poll.backoff(_POLL_START, _POLL_MAX)
+    return poll.until(finished, wait.deadline(timeout), expired, every, wait)[0]

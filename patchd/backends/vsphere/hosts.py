@@ -35,40 +35,29 @@ there), nor a host disconnecting.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar, NoReturn
 
-from patchd import log
+from patchd import poll
 from patchd.backends.base import (
-    JOURNALED_VERSION,
-    RollbackFailed,
     Snapshot,
     StepFailed,
     Target,
     TransientError,
     Update,
 )
-from patchd.backends.vsphere import attributes, command
+from patchd.backends.vsphere import attributes
 from patchd.backends.vsphere.attributes import VERSION
-from patchd.backends.vsphere.collector import TaskFailed, TaskTimeout, retrieve, wait_for_task
+from patchd.backends.vsphere.collector import retrieve
 from patchd.backends.vsphere.config import VSphereConfig
-from patchd.backends.vsphere.connection import Session, fault_text, vmomi
+from patchd.backends.vsphere.connection import Session, vmomi
+from patchd.backends.vsphere.flow import POLL, Flow, Kind, snapshot_name
 from patchd.backends.vsphere.steps import step
-from patchd.backends.vsphere.vms import (
-    PREFIX,
-    REF,
-    UNVERSIONED,
-    read_with_field_names,
-    snapshot_name,
-)
-from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
+from patchd.config.schema import PatchModel, SnapshotModel
 
 CONNECTED = "connected"
-POLL = 0.5
 HOST_PROPS = (
     "name",
     "parent",
@@ -94,51 +83,45 @@ class HostState:
     ip: str
     attributes: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def hostname(self) -> str:
+        return self.name
 
-class HostFlow:
+
+class HostFlow(Flow[HostState]):
     """The host half of the vSphere backend."""
 
+    kind: ClassVar[Kind] = Kind("host", "host", "host ", "HostSystem", HOST_PROPS)
+
     def __init__(self, backend: str, session: Session, config: VSphereConfig) -> None:
-        self.backend = backend
-        self.session = session
-        self.config = config
-        self.log = log.get("patchd.vsphere")
-        self.sleep = time.sleep
-        self._lock = threading.Lock()
+        super().__init__(backend, session, config)
         # Hosts this process is patching now (between snapshot and commit/rollback).
         self.in_flight: set[str] = set()
         # (host, snapshot name) whose snapshot this process took / whose apply began.
         self._snapshotted: set[tuple[str, str]] = set()
         self._touched: set[tuple[str, str]] = set()
-        self._installed: dict[tuple[str, str], str] = {}
 
     # --- reading ------------------------------------------------------------------------
 
-    def read(self, moid: str) -> HostState:
+    def build(
+        self, moid: str, ref: Any, props: Mapping[str, Any], fields: dict[int, str]
+    ) -> HostState:
         vim, _ = vmomi()
-
-        def work(content: Any) -> HostState:
-            host = vim.HostSystem(moid, self.session.stub)
-            props, names = read_with_field_names(content, host, HOST_PROPS, f"host {moid}")
-            parent = props.get("parent")
-            vnics = props.get("config.network.vnic") or []
-            ips = [str(v.spec.ip.ipAddress) for v in vnics if getattr(v.spec.ip, "ipAddress", None)]
-            return HostState(
-                moid=moid,
-                ref=host,
-                name=str(props["name"]),
-                connection=str(props.get("runtime.connectionState", "")),
-                in_maintenance=bool(props.get("runtime.inMaintenanceMode")),
-                cluster=str(parent._moId)
-                if isinstance(parent, vim.ClusterComputeResource)
-                else None,
-                boot_time=props.get("summary.runtime.bootTime"),
-                uuid=str(props.get("hardware.systemInfo.uuid") or ""),
-                ip=ips[0] if ips else "",
-                attributes=attributes.values(props.get("customValue"), names),
-            )
-
-        return self.session.call(f"reading host {moid}", work)
+        parent = props.get("parent")
+        vnics = props.get("config.network.vnic") or []
+        ips = [str(v.spec.ip.ipAddress) for v in vnics if getattr(v.spec.ip, "ipAddress", None)]
+        return HostState(
+            moid=moid,
+            ref=ref,
+            name=str(props["name"]),
+            connection=str(props.get("runtime.connectionState", "")),
+            in_maintenance=bool(props.get("runtime.inMaintenanceMode")),
+            cluster=str(parent._moId) if isinstance(parent, vim.ClusterComputeResource) else None,
+            boot_time=props.get("summary.runtime.bootTime"),
+            uuid=str(props.get("hardware.systemInfo.uuid") or ""),
+            ip=ips[0] if ips else "",
+            attributes=attributes.values(props.get("customValue"), fields),
+        )
 
     def cluster_maintenance(self, cluster: str) -> dict[str, tuple[str, bool]]:
         """moid -> (name, in maintenance mode) for every host of a cluster (one call)."""
@@ -167,45 +150,18 @@ class HostFlow:
 
         return self.session.call(f"reading the hosts of cluster {cluster}", work)
 
-    def facts(self, state: HostState) -> dict[str, str]:
+    def own_facts(self, state: HostState) -> dict[str, str]:
         return {
-            "name": state.name,
-            "moid": state.moid,
-            "kind": "host",
-            "uuid": state.uuid,
-            "ip": state.ip,
-            "hostname": state.name,
             "connection_state": state.connection,
             "in_maintenance": "true" if state.in_maintenance else "false",
             "cluster": state.cluster or "",
-            "patch_version": state.attributes.get(VERSION, ""),
         }
-
-    def describe(self, target: Target) -> Mapping[str, str]:
-        with step(self.session, f"describing {target.name}"):
-            return self.facts(self.read(target.id))
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _task(self, what: str, start: Any, timeout: float | None = None) -> Any:
-        task = self.session.call(what, start, mutating=True)
-        limit = self.config.task_timeout.total_seconds() if timeout is None else timeout
-        try:
-            return self.session.call(
-                what, lambda content: wait_for_task(content.propertyCollector, task, what, limit)
-            )
-        except TaskTimeout:
-            try:
-                self.session.call(
-                    f"cancelling {what}", lambda content: task.CancelTask(), mutating=True
-                )
-            except Exception as err:  # it may have finished meanwhile, or not be cancelable
-                self.log.info("vsphere_cancel_failed", task=what, error=fault_text(err))
-            raise
-
     def _enter_maintenance(self, state: HostState) -> None:
         limit = self.config.maintenance_timeout.total_seconds()
-        self._task(
+        self.task(
             f"entering maintenance mode on {state.name}",
             lambda content: state.ref.EnterMaintenanceMode_Task(timeout=int(limit)),
             timeout=limit + 60,
@@ -241,24 +197,6 @@ class HostFlow:
             )
 
     # --- the flow -----------------------------------------------------------------------
-
-    def check_update(
-        self, target: Target, pins: Mapping[str, str], patch: PatchModel
-    ) -> Update | None:
-        with step(self.session, f"checking {target.name} for an update"):
-            state = self.read(target.id)
-        recorded = state.attributes.get(VERSION, "")
-        wanted = pins.get(REF, patch.version)
-        if wanted is not None and wanted == recorded:
-            return None
-        if patch.command is None and not patch.reboot:
-            raise StepFailed(
-                f"{target.name}: the group sets neither patch.command nor patch.reboot:"
-                " nothing to patch with"
-            )
-        with step(self.session, f"pre-check of {target.name}"):
-            self.precheck(state)
-        return Update(ref=REF, current=recorded, available=wanted or UNVERSIONED)
 
     def plan_snapshot(self, target: Target, run_id: str) -> Snapshot:
         return Snapshot(
@@ -313,101 +251,58 @@ class HostFlow:
             with self._lock:
                 self._touched.add(key)
             if patch.command:
-                values = {
-                    "name": state.name,
-                    "moid": state.moid,
-                    "uuid": state.uuid,
-                    "ip": state.ip,
-                    "hostname": state.name,
-                }
-                argv = command.fill(patch.command, values, target.name)
-                env = command.environment(
-                    self.facts(state),
-                    {
-                        "PATCHD_TARGET_ID": target.id,
-                        "PATCHD_TARGET_NAME": target.name,
-                        "PATCHD_TARGET_KIND": target.kind,
-                        "PATCHD_RUN_ID": name.removeprefix(PREFIX),
-                        "PATCHD_PATCH_VERSION": update.available,
-                    },
-                )
-                command.run(argv, env, patch.timeout.total_seconds(), target.name)
+                self.run_patch_command(target, state, update, name, patch)
             if patch.reboot:
                 self._reboot(state)
-            self._task(
+            self.task(
                 f"exiting maintenance mode on {target.name}",
                 lambda content: state.ref.ExitMaintenanceMode_Task(
                     timeout=int(self.config.task_timeout.total_seconds())
                 ),
             )
-        with self._lock:
-            self._installed[key] = update.available
+        self.installed(target, name, update.available)
 
     def _reboot(self, state: HostState) -> None:
-        self._task(
+        self.task(
             f"rebooting host {state.name}", lambda content: state.ref.RebootHost_Task(force=False)
         )
         limit = self.config.reboot_timeout.total_seconds()
-        deadline = time.monotonic() + limit
-        while True:
+
+        def back() -> bool | None:
             try:
                 now = self.read(state.moid)
-                if now.connection == CONNECTED and now.boot_time != state.boot_time:
-                    return
             except TransientError:
-                pass  # vCenter itself may be busy with the reconnect
-            if time.monotonic() >= deadline:
-                raise StepFailed(
-                    f"host {state.name} did not come back from its reboot within {limit:g}s"
-                )
-            self.sleep(POLL * 4)
+                return None  # vCenter itself may be busy with the reconnect
+            return (now.connection == CONNECTED and now.boot_time != state.boot_time) or None
 
-    def verify(self, target: Target, update: Update, health: HealthModel) -> None:
-        timeout = health.timeout.total_seconds()
-        stable_for = health.stable_for.total_seconds()
-        deadline = time.monotonic() + timeout
-        good_since: float | None = None
-        with step(self.session, f"verifying host {target.name}"):
-            while True:
-                state = self.read(target.id)
-                now = time.monotonic()
-                if state.connection == CONNECTED and not state.in_maintenance:
-                    good_since = now if good_since is None else good_since
-                    if now - good_since >= stable_for:
-                        return
-                else:
-                    good_since = None
-                if now >= deadline:
-                    where = (
-                        "in maintenance mode" if state.in_maintenance else "out of maintenance mode"
-                    )
-                    raise StepFailed(
-                        f"host {target.name} is {state.connection} and {where}, not connected"
-                        f" and in service for {stable_for:g}s within {timeout:g}s"
-                    )
-                self.sleep(min(POLL, max(0.0, deadline - now)))
+        def expired() -> NoReturn:
+            raise StepFailed(
+                f"host {state.name} did not come back from its reboot within {limit:g}s"
+            )
+
+        poll.until(back, self.clock.deadline(limit), expired, POLL * 4, self.clock)
+
+    def healthy(self, target: Target, state: HostState) -> bool:
+        return state.connection == CONNECTED and not state.in_maintenance
+
+    def unhealthy(self, target: Target, state: HostState, stable_for: float, timeout: float) -> str:
+        where = "in maintenance mode" if state.in_maintenance else "out of maintenance mode"
+        return (
+            f"host {target.name} is {state.connection} and {where}, not connected"
+            f" and in service for {stable_for:g}s within {timeout:g}s"
+        )
 
     def commit(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> None:
         name = str(snapshot.data["name"])
-        key = (target.id, name)
-        with self._lock:
-            version = self._installed.get(key) or snapshot.data.get(JOURNALED_VERSION)
-        if version is None:
-            raise StepFailed(f"{target.name}: commit without a patch applied by this process")
+        version = self.applied_version(target, snapshot)
         with step(self.session, f"commit of host {target.name}", retry_safe=True):
-            state = self.read(target.id)
-            if version != UNVERSIONED and state.attributes.get(VERSION) != version:
-                self.session.call(
-                    f"recording the patch version of {target.name}",
-                    lambda content: attributes.set_value(content, state.ref, VERSION, version),
-                    mutating=True,
-                )
-        self._forget(key)
+            self.record_version(self.read(target.id), version)
+        self._forget((target.id, name))
 
     def _forget(self, key: tuple[str, str]) -> None:
+        self.forget(*key)
         with self._lock:
             self.in_flight.discard(key[0])
-            self._installed.pop(key, None)
             self._touched.discard(key)
             self._snapshotted.discard(key)
 
@@ -417,20 +312,12 @@ class HostFlow:
         if not snapshot.data.get("taken"):
             self._forget(key)
             return
-        try:
+        what = (
+            f"host {target.name} could not be put into maintenance mode after a failed"
+            " patch and may be in service"
+        )
+        with self.rollback_failure(what):
             self._rollback(target, snapshot, key)
-        except (RollbackFailed, TransientError):
-            raise
-        except Exception as err:
-            text = (
-                err if isinstance(err, StepFailed | TaskFailed | TaskTimeout) else fault_text(err)
-            )
-            raise RollbackFailed(
-                self.session.scrub(
-                    f"host {target.name} could not be put into maintenance mode after a failed"
-                    f" patch and may be in service: {text}"
-                )
-            ) from None
         self._forget(key)
 
     def _rollback(self, target: Target, snapshot: Snapshot, key: tuple[str, str]) -> None:
@@ -442,13 +329,7 @@ class HostFlow:
             state = self.read(target.id)
             if not state.in_maintenance:
                 raise StepFailed("it is still out of maintenance mode")
-        before = snapshot.data.get("version_before")
-        if before is not None and state.attributes.get(VERSION, "") != before:
-            self.session.call(
-                f"restoring the patch version of {target.name}",
-                lambda content: attributes.set_value(content, state.ref, VERSION, str(before)),
-                mutating=True,
-            )
+        self.restore_version(state, snapshot)
         if state.in_maintenance:
             self.log.warning(
                 "vsphere_host_left_in_maintenance",

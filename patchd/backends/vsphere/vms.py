@@ -30,49 +30,48 @@ metric of the oldest one (no patchd snapshot may outlive its `keep`).
 
 from __future__ import annotations
 
-import contextlib
-import re
-import threading
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar, NoReturn
 
-from patchd import faults, log
+from patchd import faults, poll
 from patchd.backends.base import (
-    JOURNALED_VERSION,
     Retained,
     RollbackFailed,
     Snapshot,
     StepFailed,
     Target,
-    TransientError,
     Update,
 )
-from patchd.backends.vsphere import attributes, command
+from patchd.backends.vsphere import attributes
 from patchd.backends.vsphere.attributes import KEPT, VERSION
-from patchd.backends.vsphere.collector import (
-    TaskFailed,
-    TaskTimeout,
-    read,
-    retrieve,
-    view_spec,
-    wait_for_task,
-)
+from patchd.backends.vsphere.collector import TaskFailed, TaskTimeout
 from patchd.backends.vsphere.config import VSphereConfig
 from patchd.backends.vsphere.connection import Session, fault_text, vmomi
+from patchd.backends.vsphere.flow import (
+    POLL,
+    PREFIX,
+    Flow,
+    Gone,
+    Kind,
+    snapshot_name,
+)
+from patchd.backends.vsphere.snapshots import (
+    PatchdSnapshot,
+    SnapshotNode,
+    flatten,
+    patchd_snapshots,
+)
 from patchd.backends.vsphere.steps import step
-from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
+from patchd.config.schema import PatchModel, SnapshotModel
 
-REF = "patch"
-UNVERSIONED = "unversioned"
-PREFIX = "patchd-"
+__all__ = ["PatchdSnapshot", "VmFlow", "VmState"]
+
 POWERED_ON = "poweredOn"
 POWERED_OFF = "poweredOff"
 TOOLS_RUNNING = "guestToolsRunning"
 GREEN = "green"
-POLL = 0.5
 VM_PROPS = (
     "name",
     "runtime.powerState",
@@ -85,79 +84,6 @@ VM_PROPS = (
     "snapshot",
     "customValue",
 )
-
-
-def read_with_field_names(
-    content: Any, obj: Any, props: Iterable[str], label: str
-) -> tuple[Mapping[str, Any], dict[int, str]]:
-    """One object's properties and the custom field names (key -> name), in one call.
-
-    Raises Gone when the object no longer exists.
-    """
-    vim, vmodl = vmomi()
-    try:
-        found = read(
-            content.propertyCollector,
-            [obj, content.customFieldsManager],
-            {type(obj): props, vim.CustomFieldsManager: ["field"]},
-        )
-    except vmodl.fault.ManagedObjectNotFound:
-        raise Gone(f"{label} no longer exists") from None
-    names: dict[int, str] = {}
-    mine: Mapping[str, Any] | None = None
-    for item in found:
-        if isinstance(item.obj, vim.CustomFieldsManager):
-            names = attributes.field_names(item.get("field"))
-        elif item.moid == obj._moId:
-            mine = item.props
-    if mine is None or "name" not in mine:
-        raise Gone(f"{label} no longer exists")
-    return mine, names
-
-
-class Gone(StepFailed):
-    """The VM no longer exists."""
-
-
-@dataclass(frozen=True)
-class SnapshotNode:
-    name: str
-    moid: str
-    ref: Any
-    created: datetime | None
-    state: str
-    description: str
-
-
-@dataclass(frozen=True)
-class PatchdSnapshot:
-    """A patchd snapshot somewhere in the vCenter (see `VSphereBackend.patchd_snapshots`)."""
-
-    vm: str
-    vm_name: str
-    name: str
-    created: datetime | None
-    kept: bool
-
-
-def flatten(info: Any) -> list[SnapshotNode]:
-    """Every node of a VM's snapshot tree (`snapshot` may be missing: no snapshots)."""
-    nodes: list[SnapshotNode] = []
-    pending = list(getattr(info, "rootSnapshotList", None) or [])
-    while pending:
-        tree = pending.pop(0)
-        nodes.append(
-            SnapshotNode(
-                name=str(tree.name),
-                moid=str(tree.snapshot._moId),
-                ref=tree.snapshot,
-                created=tree.createTime,
-                state=str(tree.state or ""),
-                description=str(tree.description or ""),
-            )
-        )
-        pending.extend(tree.childSnapshotList or [])
-    return nodes
 
 
 @dataclass
@@ -200,88 +126,47 @@ class VmState:
         )
 
 
-def snapshot_name(run_id: str) -> str:
-    return PREFIX + re.sub(r"[^A-Za-z0-9_.:-]", "-", run_id)
-
-
-class VmFlow:
+class VmFlow(Flow[VmState]):
     """The VM half of the vSphere backend."""
 
+    kind: ClassVar[Kind] = Kind("vm", "VM", "", "VirtualMachine", VM_PROPS)
+
     def __init__(self, backend: str, session: Session, config: VSphereConfig) -> None:
-        self.backend = backend
-        self.session = session
-        self.config = config
-        self.log = log.get("patchd.vsphere")
-        self.sleep = time.sleep
-        # (vm moid, snapshot name) -> version applied and not yet committed, in this process.
-        self._installed: dict[tuple[str, str], str] = {}
+        super().__init__(backend, session, config)
         # vm moid -> names of the patchd snapshots this process is working with now.
         self._active: dict[str, set[str]] = {}
-        self._lock = threading.Lock()
 
     # --- reading ------------------------------------------------------------------------
 
-    def read(self, moid: str) -> VmState:
-        vim, _ = vmomi()
+    def build(
+        self, moid: str, ref: Any, props: Mapping[str, Any], fields: dict[int, str]
+    ) -> VmState:
+        return VmState(
+            moid=moid,
+            ref=ref,
+            name=str(props["name"]),
+            power=str(props.get("runtime.powerState", "")),
+            tools=props.get("guest.toolsRunningStatus"),
+            heartbeat=props.get("guestHeartbeatStatus"),
+            ip=str(props.get("guest.ipAddress") or ""),
+            hostname=str(props.get("guest.hostName") or ""),
+            uuid=str(props.get("config.uuid") or ""),
+            boot_time=props.get("summary.runtime.bootTime"),
+            snapshots=flatten(props.get("snapshot")),
+            attributes=attributes.values(props.get("customValue"), fields),
+        )
 
-        def work(content: Any) -> VmState:
-            vm = vim.VirtualMachine(moid, self.session.stub)
-            props, names = read_with_field_names(content, vm, VM_PROPS, f"VM {moid}")
-            return VmState(
-                moid=moid,
-                ref=vm,
-                name=str(props["name"]),
-                power=str(props.get("runtime.powerState", "")),
-                tools=props.get("guest.toolsRunningStatus"),
-                heartbeat=props.get("guestHeartbeatStatus"),
-                ip=str(props.get("guest.ipAddress") or ""),
-                hostname=str(props.get("guest.hostName") or ""),
-                uuid=str(props.get("config.uuid") or ""),
-                boot_time=props.get("summary.runtime.bootTime"),
-                snapshots=flatten(props.get("snapshot")),
-                attributes=attributes.values(props.get("customValue"), names),
-            )
-
-        return self.session.call(f"reading VM {moid}", work)
-
-    def facts(self, state: VmState) -> dict[str, str]:
+    def own_facts(self, state: VmState) -> dict[str, str]:
         return {
-            "name": state.name,
-            "moid": state.moid,
-            "kind": "vm",
-            "uuid": state.uuid,
-            "ip": state.ip,
-            "hostname": state.hostname,
             "power_state": state.power,
             "tools": str(state.tools or ""),
             "heartbeat": str(state.heartbeat or ""),
-            "patch_version": state.attributes.get(VERSION, ""),
         }
-
-    def describe(self, target: Target) -> Mapping[str, str]:
-        with step(self.session, f"describing {target.name}"):
-            return self.facts(self.read(target.id))
 
     # --- writing helpers ----------------------------------------------------------------
 
-    def _task(self, what: str, start: Any, timeout: float | None = None) -> Any:
-        """Start a task with `start(content)` (a change: not retried) and wait for it."""
-        task = self.session.call(what, start, mutating=True)
-        limit = self.config.task_timeout.total_seconds() if timeout is None else timeout
-        return self.session.call(
-            what,
-            lambda content: wait_for_task(content.propertyCollector, task, what, limit),
-        )
-
-    def _set(self, state: VmState, name: str, value: str) -> None:
-        self.session.call(
-            f"setting {name} on {state.name}",
-            lambda content: attributes.set_value(content, state.ref, name, value),
-            mutating=True,
-        )
-
     def _remove(self, state: VmState, node: SnapshotNode) -> None:
-        self._task(
+        self.task(
             f"removing snapshot {node.name} of {state.name}",
             lambda content: node.ref.RemoveSnapshot_Task(removeChildren=False, consolidate=True),
         )
@@ -289,7 +174,7 @@ class VmFlow:
     def _unlist_kept(self, moid: str, name: str) -> None:
         state = self.read(moid)
         if name in state.kept:
-            self._set(state, KEPT, " ".join(n for n in state.kept if n != name))
+            self.set_attribute(state, KEPT, " ".join(n for n in state.kept if n != name))
 
     # --- the flow -----------------------------------------------------------------------
 
@@ -322,23 +207,6 @@ class VmFlow:
                 " snapshot by hand"
             )
 
-    def check_update(
-        self, target: Target, pins: Mapping[str, str], patch: PatchModel
-    ) -> Update | None:
-        with step(self.session, f"checking {target.name} for an update"):
-            state = self.read(target.id)
-        recorded = state.attributes.get(VERSION, "")
-        wanted = pins.get(REF, patch.version)
-        if wanted is not None and wanted == recorded:
-            return None
-        if patch.command is None and not patch.reboot:
-            raise StepFailed(
-                f"{target.name}: the group sets neither patch.command nor patch.reboot:"
-                " nothing to patch with"
-            )
-        self.precheck(state)
-        return Update(ref=REF, current=recorded, available=wanted or UNVERSIONED)
-
     def plan_snapshot(self, target: Target, run_id: str) -> Snapshot:
         return Snapshot(target.id, {"kind": "vm", "vm": target.id, "name": snapshot_name(run_id)})
 
@@ -352,7 +220,7 @@ class VmFlow:
                 self.precheck(state, own=name)
                 self._activate(target.id, name, True)
                 progress.changed = True
-                self._task(
+                self.task(
                     f"creating snapshot {name} of {target.name}",
                     lambda content: state.ref.CreateSnapshot_Task(
                         name=name,
@@ -387,31 +255,12 @@ class VmFlow:
             if state.find(name, snapshot.data["moref"]) is None:
                 raise StepFailed(f"{target.name}: snapshot {name} is gone; not patching")
             if patch.command:
-                values = {
-                    "name": state.name,
-                    "moid": state.moid,
-                    "uuid": state.uuid,
-                    "ip": state.ip,
-                    "hostname": state.hostname,
-                }
-                argv = command.fill(patch.command, values, target.name)
-                env = command.environment(
-                    self.facts(state),
-                    {
-                        "PATCHD_TARGET_ID": target.id,
-                        "PATCHD_TARGET_NAME": target.name,
-                        "PATCHD_TARGET_KIND": target.kind,
-                        "PATCHD_RUN_ID": name.removeprefix(PREFIX),
-                        "PATCHD_PATCH_VERSION": update.available,
-                    },
-                )
                 progress.changed = True
-                command.run(argv, env, patch.timeout.total_seconds(), target.name)
+                self.run_patch_command(target, state, update, name, patch)
             if patch.reboot:
                 progress.changed = True
                 self._reboot(self.read(target.id))
-        with self._lock:
-            self._installed[(target.id, name)] = update.available
+        self.installed(target, name, update.available)
 
     def _reboot(self, state: VmState) -> None:
         vim, vmodl = vmomi()
@@ -437,68 +286,49 @@ class VmFlow:
             else:
                 self._await_guest_down(state)
                 return
-        self._task(f"power cycling {state.name}", lambda content: state.ref.ResetVM_Task())
+        self.task(f"power cycling {state.name}", lambda content: state.ref.ResetVM_Task())
 
     def _await_guest_down(self, before: VmState) -> None:
         """After RebootGuest: wait until the guest is seen going down (Tools stop, or a
         new boot time), so verify does not pass on the state from before the reboot."""
-        deadline = time.monotonic() + self.config.reboot_timeout.total_seconds()
-        while True:
-            now = self.read(before.moid)
-            if now.tools != TOOLS_RUNNING or now.boot_time != before.boot_time:
-                return
-            if time.monotonic() >= deadline:
-                raise StepFailed(
-                    f"{before.name}: the guest did not go down for its reboot within"
-                    f" {self.config.reboot_timeout.total_seconds():g}s"
-                )
-            self.sleep(POLL)
+        limit = self.config.reboot_timeout.total_seconds()
 
-    def verify(self, target: Target, update: Update, health: HealthModel) -> None:
-        timeout = health.timeout.total_seconds()
-        stable_for = health.stable_for.total_seconds()
-        deadline = time.monotonic() + timeout
-        good_since: float | None = None
-        with step(self.session, f"verifying {target.name}"):
-            while True:
-                state = self.read(target.id)
-                now = time.monotonic()
-                if state.power != POWERED_ON:
-                    raise StepFailed(f"{target.name} is {state.power} after the patch")
-                if state.tools_ok:
-                    good_since = now if good_since is None else good_since
-                    if now - good_since >= stable_for:
-                        return
-                else:
-                    good_since = None
-                if now >= deadline:
-                    raise StepFailed(
-                        f"{target.name}: VMware Tools not running with a green heartbeat for"
-                        f" {stable_for:g}s within {timeout:g}s (tools {state.tools or 'unknown'},"
-                        f" heartbeat {state.heartbeat or 'unknown'})"
-                    )
-                self.sleep(min(POLL, max(0.0, deadline - now)))
+        def going_down() -> bool | None:
+            now = self.read(before.moid)
+            return now.tools != TOOLS_RUNNING or now.boot_time != before.boot_time or None
+
+        def expired() -> NoReturn:
+            raise StepFailed(
+                f"{before.name}: the guest did not go down for its reboot within {limit:g}s"
+            )
+
+        poll.until(going_down, self.clock.deadline(limit), expired, POLL, self.clock)
+
+    def healthy(self, target: Target, state: VmState) -> bool:
+        if state.power != POWERED_ON:
+            raise StepFailed(f"{target.name} is {state.power} after the patch")
+        return state.tools_ok
+
+    def unhealthy(self, target: Target, state: VmState, stable_for: float, timeout: float) -> str:
+        return (
+            f"{target.name}: VMware Tools not running with a green heartbeat for"
+            f" {stable_for:g}s within {timeout:g}s (tools {state.tools or 'unknown'},"
+            f" heartbeat {state.heartbeat or 'unknown'})"
+        )
 
     def commit(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> Retained | None:
         name = str(snapshot.data["name"])
-        key = (target.id, name)
-        with self._lock:
-            version = self._installed.get(key) or snapshot.data.get(JOURNALED_VERSION)
-        if version is None:
-            raise StepFailed(
-                f"{target.name}: commit of {name} without a patch applied by this process"
-            )
+        version = self.applied_version(target, snapshot)
         retained = None
         with step(self.session, f"commit of {target.name}", retry_safe=True) as progress:
             state = self.read(target.id)
             progress.changed = True
-            if version != UNVERSIONED and state.attributes.get(VERSION) != version:
-                self._set(state, VERSION, version)
+            self.record_version(state, version)
             faults.hit("vsphere.during_commit")
             node = state.find(name, snapshot.data.get("moref"))
             if node is not None and options.keep:
                 if name not in state.kept:
-                    self._set(state, KEPT, " ".join([*state.kept, name]))
+                    self.set_attribute(state, KEPT, " ".join([*state.kept, name]))
                 retained = Retained(
                     data={
                         "backend": self.backend,
@@ -531,15 +361,8 @@ class VmFlow:
     def rollback(self, target: Target, snapshot: Snapshot) -> None:
         name = str(snapshot.data.get("name", ""))
         try:
-            self._rollback(target, snapshot)
-        except (RollbackFailed, TransientError):
-            raise
-        except (TaskFailed, TaskTimeout, StepFailed) as err:
-            text = self.session.scrub(f"rollback of {target.name} to {name}: {err}")
-            raise RollbackFailed(text) from None
-        except Exception as err:
-            text = self.session.scrub(fault_text(err))
-            raise RollbackFailed(f"rollback of {target.name} to {name}: {text}") from None
+            with self.rollback_failure(f"rollback of {target.name} to {name}"):
+                self._rollback(target, snapshot)
         finally:
             # Whatever happened, a snapshot still there is now a leftover: it blocks the
             # next patch of this VM until a rollback removes it.
@@ -552,7 +375,7 @@ class VmFlow:
         node = state.find(name, data.get("moref"))
         if node is not None:
             try:
-                self._task(
+                self.task(
                     f"reverting {target.name} to {name}",
                     lambda content: node.ref.RevertToSnapshot_Task(suppressPowerOn=False),
                 )
@@ -564,15 +387,13 @@ class VmFlow:
             state = self.read(target.id)
         wanted = data.get("power_state") or (node.state if node is not None else None)
         if wanted == POWERED_ON and state.power != POWERED_ON:
-            self._task(f"powering on {target.name}", lambda content: state.ref.PowerOnVM_Task())
+            self.task(f"powering on {target.name}", lambda content: state.ref.PowerOnVM_Task())
         elif wanted == POWERED_OFF and state.power == POWERED_ON:
-            self._task(f"powering off {target.name}", lambda content: state.ref.PowerOffVM_Task())
+            self.task(f"powering off {target.name}", lambda content: state.ref.PowerOffVM_Task())
         if node is not None and data.get("tools_ok"):
             self._await_tools(target, name)
-        before = data.get("version_before")
         state = self.read(target.id)
-        if before is not None and state.attributes.get(VERSION, "") != before:
-            self._set(state, VERSION, str(before))
+        self.restore_version(state, snapshot)
         if node is not None:
             self._remove(state, node)
         if name in state.kept:
@@ -580,72 +401,23 @@ class VmFlow:
 
     def _await_tools(self, target: Target, name: str) -> None:
         limit = self.config.rollback_timeout.total_seconds()
-        deadline = time.monotonic() + limit
-        while True:
-            state = self.read(target.id)
-            if state.power == POWERED_ON and state.tools_ok:
-                return
-            if time.monotonic() >= deadline:
-                raise RollbackFailed(
-                    f"{target.name} was reverted to {name} and is {state.power}, but VMware Tools"
-                    f" did not report it healthy within {limit:g}s (tools"
-                    f" {state.tools or 'unknown'}, heartbeat {state.heartbeat or 'unknown'});"
-                    f" snapshot {name} is kept"
-                )
-            self.sleep(POLL)
+        last: list[VmState] = []
 
-    # --- the snapshot-age metric --------------------------------------------------------
+        def back() -> bool | None:
+            last[:] = [state := self.read(target.id)]
+            return (state.power == POWERED_ON and state.tools_ok) or None
+
+        def expired() -> NoReturn:
+            state = last[-1]
+            raise RollbackFailed(
+                f"{target.name} was reverted to {name} and is {state.power}, but VMware Tools"
+                f" did not report it healthy within {limit:g}s (tools"
+                f" {state.tools or 'unknown'}, heartbeat {state.heartbeat or 'unknown'});"
+                f" snapshot {name} is kept"
+            )
+
+        poll.until(back, self.clock.deadline(limit), expired, POLL, self.clock)
 
     def patchd_snapshots(self) -> list[PatchdSnapshot]:
         """Every patchd snapshot in the vCenter, oldest first (one collector call)."""
-        vim, _ = vmomi()
-
-        def work(content: Any) -> list[PatchdSnapshot]:
-            view = content.viewManager.CreateContainerView(
-                content.rootFolder, [vim.VirtualMachine], True
-            )
-            try:
-                spec = view_spec(
-                    view,
-                    {
-                        vim.VirtualMachine: ["name", "snapshot", "customValue"],
-                        vim.CustomFieldsManager: ["field"],
-                    },
-                    extra=[content.customFieldsManager],
-                )
-                found = retrieve(content.propertyCollector, [spec])
-            finally:
-                with contextlib.suppress(Exception):
-                    view.DestroyView()
-            return _patchd_snapshots(found)
-
-        return self.session.call("listing patchd snapshots", work)
-
-
-def _patchd_snapshots(found: Iterable[Any]) -> list[PatchdSnapshot]:
-    vim, _ = vmomi()
-
-    found = list(found)
-    names: dict[int, str] = {}
-    for item in found:
-        if isinstance(item.obj, vim.CustomFieldsManager):
-            names = attributes.field_names(item.get("field"))
-    result: list[PatchdSnapshot] = []
-    for item in found:
-        if not isinstance(item.obj, vim.VirtualMachine):
-            continue
-        kept = set(
-            attributes.split_names(attributes.values(item.get("customValue"), names).get(KEPT, ""))
-        )
-        for node in flatten(item.get("snapshot")):
-            if node.name.startswith(PREFIX):
-                result.append(
-                    PatchdSnapshot(
-                        item.moid,
-                        str(item.get("name", "")),
-                        node.name,
-                        node.created,
-                        node.name in kept,
-                    )
-                )
-    return sorted(result, key=lambda s: (s.created.timestamp() if s.created else 0.0, s.vm, s.name))
+        return patchd_snapshots(self.session)

@@ -1,8 +1,17 @@
-"""The backend contract as a test suite that any backend is run through.
+"""The backend contract as a pytest suite that any backend is run through.
 
-Subclass `BackendContract` and provide a `harness` fixture: an object that builds a small
-fleet on the backend's real engine (or FakeBackend), publishes healthy or broken updates,
-and reads the targets' real state back. Every test asserts on that real state.
+Shipped so that a third-party backend runs the same suite as patchd's own: subclass
+`BackendContract` in a test module and provide a `harness` fixture (see `Harness`): an
+object that builds a small fleet on the backend's real engine (or FakeBackend), publishes
+healthy or broken updates, and reads the targets' real state back. Every test asserts on
+that real state. Needs pytest (patchd's `test` extra), which only this module imports.
+
+    from patchd.testing.contract import BackendContract
+
+    class TestMyBackend(BackendContract):
+        @pytest.fixture
+        def harness(self) -> MyHarness:
+            return MyHarness()
 """
 
 from __future__ import annotations

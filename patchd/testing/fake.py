@@ -1,6 +1,8 @@
-"""Test doubles shipped with patchd: FakeBackend, an in-memory backend with no I/O.
+"""FakeBackend, an in-memory backend with no I/O (also the backend type `fake`).
 
-The engine's own tests, the benchmarks and third-party backend authors use it. It keeps
+The engine's own tests, the benchmarks and third-party backend authors use it; a config
+may name it (`type = "fake"`, no keys; its select takes `labels` and `names`) to try
+patchd's commands without touching anything: it starts with no targets. It keeps
 the contract of `patchd.backends.base.Backend` (the contract suite runs against it too),
 and can be told to fail at any step, to report some versions as unhealthy, and to take a
 fixed time per step through an injected sleep.
