@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from patchd import faults
 from patchd.backends.base import (
@@ -35,6 +35,7 @@ from patchd.backends.base import (
     Update,
 )
 from patchd.config.settings import Group
+from patchd.observers import Observer
 from patchd.state import Keep, Store, StoreError
 
 R = TypeVar("R")
@@ -75,24 +76,6 @@ class TargetOutcome:
     retained: Retained | None = None
     # A journal write for this target failed: the run starts no new target.
     journal_failed: bool = False
-
-
-class Observer(Protocol):
-    """Receives every transition and outcome: logs and metrics implement it."""
-
-    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
-        """A target moved to `state`."""
-
-    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
-        """A target reached its end in this run."""
-
-
-class NullObserver:
-    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
-        return None
-
-    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
-        return None
 
 
 class IllegalTransition(RuntimeError):
@@ -153,7 +136,7 @@ class _Journal:
             raise
         self.state = state
         faults.hit(f"journal.after.{state}")
-        ctx.observer.step(ctx.run_id, ctx.group.name, self.target, state, step=step, phase=phase)
+        ctx.observer.step(ctx.run_id, ctx.group, self.target, state, step=step, phase=phase)
 
     def move_anyway(self, state: str, step: str, phase: str, **fields: Any) -> None:
         """Journal a step whose side effect must happen even if the write fails.
@@ -170,7 +153,7 @@ class _Journal:
             ctx = self.ctx
             ctx.observer.step(
                 ctx.run_id,
-                ctx.group.name,
+                ctx.group,
                 self.target,
                 state,
                 step=step,
