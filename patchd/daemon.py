@@ -40,10 +40,10 @@ from patchd.metrics import (
     journal_view,
     serve_metrics,
 )
-from patchd.notify import Notifier, watchdog_interval
 from patchd.observers import BaseObserver, RunLog
 from patchd.runtime import Refusal, Runtime
 from patchd.state import Store, StoreError
+from patchd.systemd import Notifier, watchdog_interval
 from patchd.windows import next_start, window_now
 
 # How long in-flight targets get to finish (or roll back) after SIGTERM.

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from patchd.daemon import Daemon
-from patchd.notify import Notifier
 from patchd.state import Store
+from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
 from patchd.windows import Cron, Weekly, Window, next_start
 

@@ -11,8 +11,8 @@ import pytest
 from patchd.config import Settings, load_settings
 from patchd.daemon import Daemon
 from patchd.engine import RunResult
-from patchd.notify import Notifier
 from patchd.runtime import Refusal, Runtime
+from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
 from tests.unit.test_runner import CONFIG, OPEN, Clock
 

@@ -14,8 +14,8 @@ import pytest
 from patchd import reports
 from patchd.cli import main
 from patchd.daemon import Daemon
-from patchd.notify import Notifier
 from patchd.runtime import Refusal
+from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
 from patchd.windows import next_start, window_now
 
