@@ -18,6 +18,7 @@ from patchd.config.settings import Group
 from patchd.engine import GateResult
 from patchd.engine.target import TargetOutcome
 from patchd.observers import BaseObserver
+from patchd.reconcile import Reconciled
 from patchd.runtime import Refusal, Runtime, open_store
 from patchd.state import Store, StoreError
 
@@ -245,8 +246,15 @@ def _group_names(settings: Settings, wanted: str | None) -> list[str]:
 
 
 class _RunPrinter(BaseObserver):
-    """What `patchd run` prints besides each target's line: the alert gate shutting
-    (the run waits) and opening again."""
+    """What `patchd run` prints besides each target's line: what it reconciled first,
+    and the alert gate shutting (the run waits) and opening again."""
+
+    def reconciled(self, item: Reconciled) -> None:
+        print(
+            f"reconciled {item.target} (run {item.run_id}): {item.was} -> {item.now}"
+            + (f": {item.detail}" if item.detail else ""),
+            file=sys.stderr,
+        )
 
     def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
         if check != "before_start" or not changed:
@@ -276,15 +284,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = _runtime(settings, [_RunPrinter()])
     try:
         try:
-            reconciled = runtime.reconcile([group])
+            runtime.reconcile([group])
         except StoreError as err:
             raise CommandError(f"run of {group} not started: {err}") from None
-        for item in reconciled:
-            print(
-                f"reconciled {item.target} (run {item.run_id}): {item.was} -> {item.now}"
-                + (f": {item.detail}" if item.detail else ""),
-                file=sys.stderr,
-            )
         stop = threading.Event()
 
         def on_signal(signum: int, frame: object) -> None:

@@ -27,19 +27,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 
 from patchd import __version__, log
-from patchd.backends.base import Backend, ListsSnapshots
+from patchd.backends.base import Backend
 from patchd.config import BackendSpec, ConfigError, Settings, load_settings
 from patchd.config.settings import Group
 from patchd.engine import GateResult, RunResult
 from patchd.engine.target import TargetOutcome
-from patchd.metrics import (
-    JournalView,
-    Metrics,
-    MetricsObserver,
-    daemon_collectors,
-    journal_view,
-    serve_metrics,
-)
+from patchd.metrics import DaemonGauges, Metrics, MetricsObserver, serve_metrics
 from patchd.observers import BaseObserver, RunLog
 from patchd.runtime import Refusal, Runtime
 from patchd.state import Store, StoreError
@@ -74,8 +67,6 @@ class Daemon:
         self._lock = threading.RLock()
         self._runs: dict[str, Future[None]] = {}
         self._progress: dict[str, tuple[int, int]] = {}
-        self._oldest_snapshot: dict[str, datetime | None] = {}
-        self._journal = JournalView()
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.pool = ThreadPoolExecutor(max_workers=RUN_WORKERS, thread_name_prefix="run")
 
@@ -95,16 +86,10 @@ class Daemon:
         # Reconciling and patching both need the journal: without it, do not start at all.
         self.store.check_writable()
         self.runtime.connect_all()
-        self._reconcile()
+        self.runtime.reconcile()  # what a stopped patchd left half-done, before anything new
         self.metrics.reload(True, self.clock().timestamp())
         self.metrics.prepare(settings)
-        for collector in daemon_collectors(
-            lambda: self.runtime.settings,
-            self.clock,
-            lambda: dict(self._oldest_snapshot),
-            lambda: self._journal,
-        ):
-            self.metrics.registry.register(collector)
+        self.gauges = DaemonGauges(self.metrics, lambda: self.runtime.settings, self.clock)
         self._refresh_snapshots()
         self.metrics_server = serve_metrics(
             settings.daemon.metrics_host, settings.daemon.metrics_port, self.metrics.registry
@@ -228,46 +213,8 @@ class Daemon:
                 problem=str(issue),
             )
 
-    def _reconcile(self) -> None:
-        """Finish what a stopped patchd left half-done before anything new starts."""
-        for item in self.runtime.reconcile():
-            level = self.log.info if item.now == "rolled_back" else self.log.error
-            level(
-                "reconciled",
-                run_id=item.run_id,
-                target=item.target,
-                was=item.was,
-                now=item.now,
-                detail=item.detail,
-            )
-
     def _refresh_snapshots(self) -> None:
-        """Re-read when each snapshot-keeping backend's oldest patchd snapshot was taken."""
-        found: dict[str, datetime | None] = {}
-        for name, backend in self.runtime.backends.items():
-            if not isinstance(backend, ListsSnapshots):
-                continue
-            try:
-                created = [s.created for s in backend.patchd_snapshots() if s.created]
-            except Exception as err:
-                self.log.warning("snapshot_listing_failed", backend=name, error=str(err))
-                continue
-            found[name] = min(created) if created else None
-        self._oldest_snapshot = found
-
-    def _refresh_journal(self) -> None:
-        """Re-read the store's gauges: what is kept after commits, pending windows, failed
-        rollbacks, and each group's pending targets (so they survive a restart)."""
-        settings = self.settings
-        try:
-            self._journal = journal_view(settings, self.store)
-            for name in settings.groups:
-                last = self.store.last_run(name)
-                if last is not None and last.status != "running":
-                    pending = len(last.detail.get("pending", []))
-                    self.metrics.targets_pending.labels(name).set(pending)
-        except StoreError as err:
-            self.log.error("journal_metrics_failed", error=str(err))
+        self.gauges.refresh_snapshots(self.runtime.backends)
 
     def _on_alert_gate(self, group: str, check: str, answer: GateResult) -> None:
         self.runtime.alert_gate(group, check, answer)
@@ -293,7 +240,7 @@ class Daemon:
                         misfire_grace_time=None,
                         coalesce=True,
                     )
-            self._refresh_journal()
+            self.gauges.refresh_journal(settings, self.store)
             retained = self.store.retained()
             if retained:
                 self.scheduler.add_job(

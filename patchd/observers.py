@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from patchd.config.settings import Group
     from patchd.engine.rollout import GateResult, RunResult
     from patchd.engine.target import TargetOutcome
+    from patchd.reconcile import Reconciled
     from patchd.runner import Refusal
 
 
@@ -46,6 +47,9 @@ class BaseObserver:
 
     def backend_checked(self, backend: str, error: str | None) -> None:
         """A backend's service answered (error None) or did not."""
+
+    def reconciled(self, item: Reconciled) -> None:
+        """A target a stopped patchd left half-done was finished (or left, and why)."""
 
     def run_started(self, group: Group) -> None:
         """A run of the group is about to pass its gates (a refusal may follow)."""
@@ -95,6 +99,10 @@ class Observers(BaseObserver):
     def backend_checked(self, backend: str, error: str | None) -> None:
         for observer in self._each():
             observer.backend_checked(backend, error)
+
+    def reconciled(self, item: Reconciled) -> None:
+        for observer in self._each():
+            observer.reconciled(item)
 
     def run_started(self, group: Group) -> None:
         for observer in self._each():
@@ -175,6 +183,17 @@ class RunLog(BaseObserver):
     def backend_checked(self, backend: str, error: str | None) -> None:
         if error is not None:
             self.log.warning("backend_down", backend=backend, error=error)
+
+    def reconciled(self, item: Reconciled) -> None:
+        level = self.log.info if item.now == "rolled_back" else self.log.error
+        level(
+            "reconciled",
+            run_id=item.run_id,
+            target=item.target,
+            was=item.was,
+            now=item.now,
+            detail=item.detail,
+        )
 
     def run_refused(self, group: Group, refusal: Refusal) -> None:
         self.log.info("run_refused", group=group.name, reason=refusal.reason)

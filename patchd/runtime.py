@@ -137,7 +137,10 @@ class Runtime:
             backend: self.backend(backend)
             for backend in {settings.groups[g].backend for g in names}
         }
-        return reconcile(settings, self.store, backends, self.clock)
+        done = reconcile(settings, self.store, backends, self.clock)
+        for item in done:
+            self.observer.reconciled(item)
+        return done
 
     def run(
         self,
@@ -150,15 +153,19 @@ class Runtime:
     ) -> RunResult | Refusal:
         """One run of the group, or the Refusal that kept it from starting. A journal that
         cannot be written raises StoreError (nothing started); observers hear it all."""
-        with self._lock:
+        with self._lock:  # the group and its backend from the same settings
             settings = self.settings
             group = settings.groups.get(group_name)
             if group is None:
                 return Refusal(f"group {group_name!r} is no longer configured")
-            self._active += 1
+            try:
+                backend = self.backend(group.backend)
+            except Exception as err:
+                self.observer.run_crashed(group, err)
+                raise
+            self._active += 1  # from here a reload retires its backend, never closes it
         self.observer.run_started(group)
         try:
-            backend = self.backend(group.backend)
             self.check(group.backend, backend)
             runner = Runner(
                 settings=settings,
