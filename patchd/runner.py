@@ -1,9 +1,10 @@
-"""Starting one run of a group for real: gates, the per-group lock, retained items.
+"""One run of a group for real: its gates, the per-group lock, retained items.
 
-Shared by `patchd run` and the daemon, so both apply the same rules: the window (unless
-`--now`), freezes (unless `--force`), the stage gate (always), the alert gate
-(`health.prometheus`, always), and one run of a group at a time across processes (a lock
-file in the state directory).
+The runtime calls it for both front doors (`patchd run` and the daemon), so both apply
+the same rules: the window (unless `--now`), freezes (unless `--force`), the stage gate
+(always), the alert gate (`health.prometheus`, always), and one run of a group at a time
+across processes (a lock file in the state directory). A shut gate is a `Refusal`: its
+reason and, when time alone opens it, the instant to retry at.
 """
 
 from __future__ import annotations
