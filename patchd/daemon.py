@@ -30,7 +30,7 @@ from patchd import __version__, log
 from patchd.backends.base import Backend
 from patchd.config import BackendSpec, ConfigError, Settings, load_settings
 from patchd.config.settings import Group
-from patchd.engine import GateResult, RunResult
+from patchd.engine import GateResult
 from patchd.engine.target import TargetOutcome
 from patchd.metrics import DaemonGauges, Metrics, MetricsObserver, serve_metrics
 from patchd.observers import BaseObserver, RunLog
@@ -308,9 +308,9 @@ class Daemon:
         if isinstance(result, Refusal):
             self._retry(group_name, result)
         else:
-            self._after_run(group_name, result)
+            self._after_run(group_name)
 
-    def _after_run(self, group_name: str, result: RunResult) -> None:
+    def _after_run(self, group_name: str) -> None:
         self._refresh_snapshots()
         self._arm()
         # Later stages in an open window go as soon as their soak allows: a refusal

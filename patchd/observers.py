@@ -1,39 +1,28 @@
-"""Who hears what patchd does: the observer interface, the fan-out, and the log observer.
+"""Who hears what patchd does: the fan-out of events to observers, and the log observers.
 
-The engine reports each target's transitions and outcomes (`Observer`: step, outcome);
-the runtime adds what happens around a run (a backend checked, a run started, refused,
-finished or failed, an alert gate's answer). An observer subclasses `BaseObserver` and
+The engine reports each target's transitions and outcomes (`Observer`: step and outcome,
+both taking the Group; the engine defines that protocol, as the port it reports through,
+so that it imports nothing above it; it is re-exported here). The runtime adds what
+happens around a run: a backend checked, a target reconciled, a run started, refused,
+finished or failed, an alert gate's answer. An observer subclasses `BaseObserver` and
 overrides the events it cares about; `Observers` fans every event out to a list of them.
 Logs (here), metrics (patchd.metrics.observer) and, next, notifications plug in this way.
-
-Both engine events take the Group, so an observer never looks a group up by name.
-Only patchd.log is imported at run time: the engine imports this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from patchd import log
+from patchd.backends.base import Target
+from patchd.config.settings import Group
+from patchd.engine.rollout import GateResult, RunResult
+from patchd.engine.target import NullObserver, Observer, TargetOutcome
+from patchd.reconcile import Reconciled
+from patchd.runner import Refusal
 
-if TYPE_CHECKING:
-    from patchd.backends.base import Target
-    from patchd.config.settings import Group
-    from patchd.engine.rollout import GateResult, RunResult
-    from patchd.engine.target import TargetOutcome
-    from patchd.reconcile import Reconciled
-    from patchd.runner import Refusal
-
-
-class Observer(Protocol):
-    """What the engine reports: every transition and outcome of a target."""
-
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
-        """A target moved to `state`."""
-
-    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
-        """A target reached its end in this run."""
+__all__ = ["BaseObserver", "LogObserver", "NullObserver", "Observer", "Observers", "RunLog"]
 
 
 class BaseObserver:
@@ -72,10 +61,6 @@ class BaseObserver:
     def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
         """An answer of the group's alert gate; `changed` when the pre-start gate shut,
         changed its reason or opened again (not at every re-check)."""
-
-
-# The engine's default: nobody listens.
-NullObserver = BaseObserver
 
 
 class Observers(BaseObserver):

@@ -22,8 +22,7 @@ from patchd import health
 from patchd.backends.base import Backend, Target
 from patchd.config.settings import Group, Settings
 from patchd.engine import GateResult, RunRequest, RunResult, run_group, stage_gate
-from patchd.engine.target import Probe, TargetOutcome
-from patchd.observers import Observer
+from patchd.engine.target import Observer, Probe, TargetOutcome
 from patchd.state import Store, StoreError
 from patchd.windows import in_freeze, may_start
 

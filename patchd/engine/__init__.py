@@ -6,8 +6,7 @@ window gate, so its tests run without sleeping.
 
 from patchd.engine.rollout import GateResult, RunRequest, RunResult, dependency_order, run_group
 from patchd.engine.stages import StageGate, stage_gate
-from patchd.engine.target import TargetOutcome, patch_target
-from patchd.observers import NullObserver, Observer
+from patchd.engine.target import NullObserver, Observer, TargetOutcome, patch_target
 
 __all__ = [
     "GateResult",

@@ -30,13 +30,13 @@ from patchd.backends.base import Backend, Target
 from patchd.config.settings import Group
 from patchd.engine.target import (
     FAILED_RESULTS,
+    Observer,
     Probe,
     TargetContext,
     TargetOutcome,
     no_probe,
     patch_target,
 )
-from patchd.observers import Observer
 from patchd.state import Store, StoreError
 
 

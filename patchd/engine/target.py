@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from patchd import faults
 from patchd.backends.base import (
@@ -35,7 +35,6 @@ from patchd.backends.base import (
     Update,
 )
 from patchd.config.settings import Group
-from patchd.observers import Observer
 from patchd.state import Keep, Store, StoreError
 
 R = TypeVar("R")
@@ -76,6 +75,25 @@ class TargetOutcome:
     retained: Retained | None = None
     # A journal write for this target failed: the run starts no new target.
     journal_failed: bool = False
+
+
+class Observer(Protocol):
+    """What the engine reports: every transition and outcome of a target. Both take the
+    Group. patchd.observers fans them out (with the runtime's events) to logs and metrics."""
+
+    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+        """A target moved to `state`."""
+
+    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
+        """A target reached its end in this run."""
+
+
+class NullObserver:
+    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+        return None
+
+    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
+        return None
 
 
 class IllegalTransition(RuntimeError):
