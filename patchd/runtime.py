@@ -156,8 +156,10 @@ class Runtime:
         with self._lock:  # the group and its backend from the same settings
             settings = self.settings
             group = settings.groups.get(group_name)
-            if group is None:
-                return Refusal(f"group {group_name!r} is no longer configured")
+            if group is None:  # a reload dropped it while its run waited
+                refusal = Refusal(f"group {group_name!r} is no longer configured")
+                self.log.info("run_refused", group=group_name, reason=refusal.reason)
+                return refusal
             try:
                 backend = self.backend(group.backend)
             except Exception as err:
