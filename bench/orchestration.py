@@ -165,12 +165,12 @@ def make_observer(kind: str) -> Any:
     if kind not in _observers:
         from patchd import log
         from patchd.metrics import Metrics, MetricsObserver
-        from patchd.runner import Observers
+        from patchd.observers import LogObserver, Observers
 
         sink = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
         log.setup("json", "info", stream=sink)
         metrics = MetricsObserver(Metrics(), lambda: datetime.now(UTC))
-        _observers[kind] = Observers([log.LogObserver(), metrics])
+        _observers[kind] = Observers([LogObserver(), metrics])
     return _observers[kind]
 
 

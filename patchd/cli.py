@@ -11,21 +11,16 @@ import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from patchd import __version__, faults, log, reports
-from patchd.backends import connect
-from patchd.backends.base import Backend
 from patchd.config import DEFAULT_CONFIG, DEFAULT_DROPIN_DIR, ConfigError, Settings, load_settings
-from patchd.durations import format_duration
+from patchd.config.settings import Group
 from patchd.engine import GateResult
 from patchd.engine.target import TargetOutcome
-from patchd.log import LogObserver
-from patchd.metrics import Metrics, MetricsObserver
-from patchd.reconcile import reconcile
-from patchd.runner import Observers, Runner, RunRefused
+from patchd.observers import BaseObserver
+from patchd.reconcile import Reconciled
+from patchd.runtime import Refusal, Runtime, open_store
 from patchd.state import Store, StoreError
-from patchd.windows import WEEKDAYS, Cron, MonthlyOrdinal, Opening, Window, openings_from
 
 EXIT_CONFIG = 2
 EXIT_REFUSED = 3
@@ -207,95 +202,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe(window: Window) -> str:
-    """A short human description of a window's schedule."""
-    schedule = window.schedule
-    if isinstance(schedule, Cron):
-        text = f"cron {schedule.expr!r}"
-    elif isinstance(schedule, MonthlyOrdinal):
-        ordinal = "last" if schedule.ordinal == -1 else f"#{schedule.ordinal}"
-        text = f"monthly {ordinal} {WEEKDAYS[schedule.weekday]}"
-        if schedule.offset_days:
-            text += f" {schedule.offset_days:+d}d"
-        text += f" {schedule.start:%H:%M}"
-    else:
-        days = ",".join(WEEKDAYS[d] for d in sorted(schedule.days))
-        text = f"weekly {days} {schedule.start:%H:%M}"
-    text += f", {format_duration(window.duration)}, {window.tz.key}"
-    if window.cutoff:
-        text += f", cutoff {format_duration(window.cutoff)}"
-    return text
-
-
-def _opening_json(opening: Opening, window: Window, at: datetime) -> dict[str, Any]:
-    return {
-        "start": opening.start.astimezone(window.tz).isoformat(),
-        "end": opening.end.astimezone(window.tz).isoformat(),
-        "start_utc": opening.start.isoformat().replace("+00:00", "Z"),
-        "end_utc": opening.end.isoformat().replace("+00:00", "Z"),
-        "status": opening.status,
-        "current": opening.start <= at < opening.end,
-        "frozen_by": list(opening.frozen_by),
-        "open_parts": [
-            {
-                "start_utc": part.start.isoformat().replace("+00:00", "Z"),
-                "end_utc": part.end.isoformat().replace("+00:00", "Z"),
-            }
-            for part in opening.open_parts
-        ],
-    }
-
-
 def cmd_windows(args: argparse.Namespace) -> int:
     settings = _load(args)
     at: datetime = args.at or datetime.now(UTC)
     if at.tzinfo is None:
         at = at.replace(tzinfo=settings.daemon.timezone)
     at = at.astimezone(UTC)
-    listing: list[tuple[Window, list[Opening]]] = []
-    for window in settings.windows.values():
-        found: list[Opening] = []
-        for opening in openings_from(window, at, settings.freezes):
-            found.append(opening)
-            if len(found) == args.next:
-                break
-        listing.append((window, found))
+    listing = reports.window_listing(settings, at, args.next)
     if args.json:
-        document = {
-            "at": at.isoformat().replace("+00:00", "Z"),
-            "windows": [
-                {
-                    "name": window.name,
-                    "schedule": describe(window),
-                    "timezone": window.tz.key,
-                    "duration": format_duration(window.duration),
-                    "cutoff": format_duration(window.cutoff),
-                    "openings": [_opening_json(o, window, at) for o in found],
-                }
-                for window, found in listing
-            ],
-        }
-        print(json.dumps(document, indent=2))
-        return 0
-    reasons = {freeze.name: freeze.reason for freeze in settings.freezes}
-    print(f"at {at:%Y-%m-%d %H:%M:%S}Z")
-    for window, found in listing:
-        print(f"\n{window.name}: {describe(window)}")
-        if not found:
-            print("  (never opens again)")
-        for opening in found:
-            local = opening.start.astimezone(window.tz)
-            marks = []
-            if opening.start <= at < opening.end:
-                marks.append("now")
-            if opening.frozen_by:
-                marks.append(f"{opening.status} by {', '.join(opening.frozen_by)}")
-                marks.extend(reasons[name] for name in opening.frozen_by if reasons[name])
-            print(
-                f"  {local:%a %Y-%m-%d %H:%M %Z} ({local:%z})  "
-                f"= {opening.start:%Y-%m-%d %H:%M}Z .. {opening.end:%Y-%m-%d %H:%M}Z"
-                + (f"  [{'; '.join(marks)}]" if marks else "")
-            )
+        print(json.dumps(reports.windows_json(settings, listing, at), indent=2))
+    else:
+        print(reports.render_windows(settings, listing, at))
     return 0
 
 
@@ -307,7 +224,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 def _open_store(settings: Settings) -> Store:
     try:
-        return Store(settings.daemon.state_dir / "patchd.db")
+        return open_store(settings)
+    except StoreError as err:
+        raise CommandError(str(err)) from None
+
+
+def _runtime(settings: Settings, observers: Sequence[BaseObserver] = ()) -> Runtime:
+    try:
+        return Runtime(settings, _utcnow, observers)
     except StoreError as err:
         raise CommandError(str(err)) from None
 
@@ -321,82 +245,69 @@ def _group_names(settings: Settings, wanted: str | None) -> list[str]:
     return [wanted]
 
 
-def _connect_for(settings: Settings, groups: list[str]) -> dict[str, Backend]:
-    return {
-        name: connect(settings.backends[name])
-        for name in {settings.groups[g].backend for g in groups}
-    }
+class _RunPrinter(BaseObserver):
+    """What `patchd run` prints besides each target's line: what it reconciled first,
+    and the alert gate shutting (the run waits) and opening again."""
+
+    def reconciled(self, item: Reconciled) -> None:
+        print(
+            f"reconciled {item.target} (run {item.run_id}): {item.was} -> {item.now}"
+            + (f": {item.detail}" if item.detail else ""),
+            file=sys.stderr,
+        )
+
+    def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
+        if check != "before_start" or not changed:
+            return  # a failed check after a patch shows in the target's line
+        if not answer.open:
+            print(f"alert gate shut: {answer.describe()}; waiting", file=sys.stderr, flush=True)
+        else:
+            print("alert gate open", file=sys.stderr, flush=True)
+
+
+def _print_progress(outcome: TargetOutcome, done: int, total: int) -> None:
+    change = ""
+    if outcome.update is not None:
+        change = f" {outcome.update.current[:19]} -> {outcome.update.available[:19]}"
+    error = f": {outcome.error}" if outcome.error else ""
+    print(
+        f"[{done}/{total}] {outcome.target.name}: {outcome.result}{change}"
+        f" ({outcome.seconds:.1f}s){error}",
+        flush=True,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
     [group] = _group_names(settings, args.group)
     log.setup(settings.daemon.log_format, "warning")
-    store = _open_store(settings)
-    backends = _connect_for(settings, [group])
+    runtime = _runtime(settings, [_RunPrinter()])
     try:
-        reconciled = reconcile(settings, store, backends, _utcnow)
-    except StoreError as err:
-        raise CommandError(f"run of {group} not started: {err}") from None
-    for item in reconciled:
-        print(
-            f"reconciled {item.target} (run {item.run_id}): {item.was} -> {item.now}"
-            + (f": {item.detail}" if item.detail else ""),
-            file=sys.stderr,
-        )
-    stop = threading.Event()
+        try:
+            runtime.reconcile([group])
+        except StoreError as err:
+            raise CommandError(f"run of {group} not started: {err}") from None
+        stop = threading.Event()
 
-    def on_signal(signum: int, frame: object) -> None:
-        print("stopping: no new targets; waiting for those in flight", file=sys.stderr)
-        stop.set()
+        def on_signal(signum: int, frame: object) -> None:
+            print("stopping: no new targets; waiting for those in flight", file=sys.stderr)
+            stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    def progress(outcome: TargetOutcome, done: int, total: int) -> None:
-        change = ""
-        if outcome.update is not None:
-            change = f" {outcome.update.current[:19]} -> {outcome.update.available[:19]}"
-        error = f": {outcome.error}" if outcome.error else ""
-        print(
-            f"[{done}/{total}] {outcome.target.name}: {outcome.result}{change}"
-            f" ({outcome.seconds:.1f}s){error}",
-            flush=True,
-        )
-
-    gate_shut: list[str] = []  # the reason the alert gate last held starts for
-
-    def alert_gate(group_name: str, check: str, answer: GateResult) -> None:
-        if check != "before_start":
-            return  # a failed check after a patch shows in the target's line
-        if not answer.open and gate_shut != [answer.reason]:
-            print(f"alert gate shut: {answer.describe()}; waiting", file=sys.stderr, flush=True)
-            gate_shut[:] = [answer.reason]
-        elif answer.open and gate_shut:
-            print("alert gate open", file=sys.stderr, flush=True)
-            gate_shut.clear()
-
-    metrics = Metrics()
-    runner = Runner(
-        settings=settings,
-        store=store,
-        backends=backends,
-        observer=Observers([LogObserver(), MetricsObserver(metrics, _utcnow)]),
-        clock=_utcnow,
-        on_progress=progress,
-        on_alert_gate=alert_gate,
-    )
-    try:
-        result = runner.run(group, now=args.now or args.force, force=args.force, stop=stop)
-    except RunRefused as err:
-        print(f"patchd: run of {group} refused: {err}", file=sys.stderr)
-        return EXIT_REFUSED
-    except StoreError as err:
-        print(f"patchd: run of {group} not started: {err}", file=sys.stderr)
-        return 1
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        force = args.force
+        try:
+            result = runtime.run(
+                group, now=args.now or force, force=force, stop=stop, on_progress=_print_progress
+            )
+        except StoreError as err:
+            print(f"patchd: run of {group} not started: {err}", file=sys.stderr)
+            return 1
     finally:
-        for backend in backends.values():
-            backend.close()
+        runtime.close()
+    if isinstance(result, Refusal):
+        print(f"patchd: run of {group} refused: {result.reason}", file=sys.stderr)
+        return EXIT_REFUSED
     print(
         f"run {result.run_id}: {result.status}; {result.count('success')} patched, "
         f"{result.count('current')} current, {result.failed} failed, "
@@ -410,14 +321,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     settings = _load(args)
     groups = _group_names(settings, args.group)
-    store = _open_store(settings)
-    backends = _connect_for(settings, groups)
+    runtime = _runtime(settings)
     now = _utcnow()
     try:
-        docs = [reports.plan(settings, store, backends, g, now) for g in groups]
+        for name in groups:
+            runtime.backend(settings.groups[name].backend)
+        docs = [reports.plan(settings, runtime.store, runtime.backends, g, now) for g in groups]
     finally:
-        for backend in backends.values():
-            backend.close()
+        runtime.close()
     if args.json:
         print(json.dumps({"at": now.isoformat(), "groups": docs}, indent=2))
     else:

@@ -1,10 +1,11 @@
-"""The long-running process: signals, reload, sd_notify, metrics endpoint, scheduling.
+"""The long-running process: signals, reload, sd_notify, the metrics endpoint, timers.
 
-The main thread only waits for signals (and pets the systemd watchdog); a signal's
-handler only sets a flag, and the interpreter's wakeup pipe ends the wait. APScheduler
-fires one-shot date jobs at the instants the window module computed — the next time each
-window allows a start — so `patchd windows` and the daemon never disagree, and an idle
-daemon sleeps until the next window edge. Runs go to a bounded thread pool.
+Lifecycle only: what patchd does is the runtime's (patchd.runtime), when windows open is
+the window module's. The main thread only waits for signals (and pets the systemd
+watchdog); a signal's handler only sets a flag, and the interpreter's wakeup pipe ends
+the wait. APScheduler fires one-shot date jobs at the instants patchd.windows computed —
+the next time each window allows a start — and at the `retry_at` of a refused run, so
+an idle daemon sleeps until the next edge. Runs go to a bounded thread pool.
 """
 
 from __future__ import annotations
@@ -21,31 +22,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 
 from patchd import __version__, log
-from patchd.backends import connect
-from patchd.backends.base import Backend, ListsSnapshots
+from patchd.backends.base import Backend
 from patchd.config import BackendSpec, ConfigError, Settings, load_settings
+from patchd.config.settings import Group
 from patchd.engine import GateResult
 from patchd.engine.target import TargetOutcome
-from patchd.metrics import (
-    JournalView,
-    Metrics,
-    MetricsObserver,
-    daemon_collectors,
-    journal_view,
-    next_start,
-    serve_metrics,
-)
-from patchd.notify import Notifier, watchdog_interval
-from patchd.reconcile import reconcile
-from patchd.runner import Observers, Runner, RunRefused
+from patchd.metrics import DaemonGauges, Metrics, MetricsObserver, serve_metrics
+from patchd.observers import BaseObserver, RunLog
+from patchd.runtime import Refusal, Runtime
 from patchd.state import Store, StoreError
-from patchd.windows import may_start
+from patchd.systemd import Notifier, watchdog_interval
+from patchd.windows import next_start, window_now
 
 # How long in-flight targets get to finish (or roll back) after SIGTERM.
 DEFAULT_GRACE = timedelta(seconds=90)
@@ -63,7 +55,7 @@ class Daemon:
     clock: Callable[[], datetime] = utcnow
     notifier: Notifier = field(default_factory=Notifier)
     grace: timedelta = DEFAULT_GRACE
-    connector: Callable[[BackendSpec], Backend] = connect
+    connector: Callable[[BackendSpec], Backend] | None = None  # None: patchd.backends
 
     def __post_init__(self) -> None:
         self.log = log.get("patchd.daemon")
@@ -74,11 +66,7 @@ class Daemon:
         self._stop_requested = False
         self._lock = threading.RLock()
         self._runs: dict[str, Future[None]] = {}
-        self._retired: list[Backend] = []  # replaced by a reload, not closed yet
         self._progress: dict[str, tuple[int, int]] = {}
-        self._oldest_snapshot: dict[str, datetime | None] = {}
-        self._journal = JournalView()
-        self._gate_shut: dict[str, str] = {}  # group -> reason its alert gate holds starts
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.pool = ThreadPoolExecutor(max_workers=RUN_WORKERS, thread_name_prefix="run")
 
@@ -89,21 +77,19 @@ class Daemon:
         settings = load_settings(self.config, self.config_dir)
         log.setup(settings.daemon.log_format, settings.daemon.log_level)
         self._log_config_warnings(settings)
-        self.settings = settings
-        self.store = Store(settings.daemon.state_dir / "patchd.db")
+        self.runtime = Runtime(
+            settings,
+            self.clock,
+            [RunLog(), MetricsObserver(self.metrics, self.clock), _StatusObserver(self)],
+            self.connector,
+        )
         # Reconciling and patching both need the journal: without it, do not start at all.
         self.store.check_writable()
-        self.backends = self._connect(settings)
-        self._reconcile()
+        self.runtime.connect_all()
+        self.runtime.reconcile()  # what a stopped patchd left half-done, before anything new
         self.metrics.reload(True, self.clock().timestamp())
         self.metrics.prepare(settings)
-        for collector in daemon_collectors(
-            lambda: self.settings,
-            self.clock,
-            lambda: dict(self._oldest_snapshot),
-            lambda: self._journal,
-        ):
-            self.metrics.registry.register(collector)
+        self.gauges = DaemonGauges(self.metrics, lambda: self.runtime.settings, self.clock)
         self._refresh_snapshots()
         self.metrics_server = serve_metrics(
             settings.daemon.metrics_host, settings.daemon.metrics_port, self.metrics.registry
@@ -118,6 +104,24 @@ class Daemon:
         )
         self.notifier.ready(self.status_line())
         self._run_open_windows()
+
+    # What the runtime holds, as the daemon's tests and status see it.
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    @property
+    def store(self) -> Store:
+        return self.runtime.store
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        return self.runtime.backends
+
+    @property
+    def _gate_shut(self) -> dict[str, str]:
+        return self.runtime.gate_shut
 
     def handle_signals(self) -> None:
         """Take SIGHUP, SIGTERM and SIGINT from now on. Called before start(): READY=1
@@ -171,13 +175,8 @@ class Daemon:
             except Exception as err:  # a run that outlives the grace is journaled mid-way
                 self.log.error("run_not_finished_at_shutdown", error=repr(err))
         self.pool.shutdown(wait=False, cancel_futures=True)
-        for backend in [*self.backends.values(), *self._retired]:
-            try:
-                backend.close()
-            except Exception as err:
-                self.log.warning("backend_close_failed", backend=backend.name, error=str(err))
+        self.runtime.close()
         self.metrics_server.shutdown()
-        self.store.close()
         self.log.info("stopped")
         return 0
 
@@ -191,13 +190,9 @@ class Daemon:
             self.log.error("reload_failed", errors=[str(issue) for issue in err.issues])
             self.notifier.ready(self.status_line())
             return
-        old_backends = self.backends
-        with self._lock:
-            self.backends = self._connect(settings, reuse=old_backends, old=self.settings)
-            self.settings = settings
-            # Replaced backends stay open while any run is going on: it may be using them.
-            self._retired += [b for n, b in old_backends.items() if self.backends.get(n) is not b]
-        self._close_retired()
+        # Runs going on keep the backends they use; replaced ones close when they end.
+        self.runtime.reload(settings)
+        self.runtime.connect_all()
         log.setup(settings.daemon.log_format, settings.daemon.log_level)
         self._log_config_warnings(settings)
         self.metrics.reload(True, self.clock().timestamp())
@@ -218,105 +213,11 @@ class Daemon:
                 problem=str(issue),
             )
 
-    def _close_retired(self) -> None:
-        """Close the backends reloads replaced, once no run can be using them."""
-        with self._lock:
-            if self._runs:
-                return
-            current = list(self.backends.values())
-            retired = [b for b in self._retired if not any(b is c for c in current)]
-            self._retired = []
-        for backend in retired:
-            try:
-                backend.close()
-            except Exception as err:
-                self.log.warning("backend_close_failed", backend=backend.name, error=str(err))
-
-    def _connect(
-        self,
-        settings: Settings,
-        reuse: dict[str, Backend] | None = None,
-        old: Settings | None = None,
-    ) -> dict[str, Backend]:
-        backends: dict[str, Backend] = {}
-        for name, spec in settings.backends.items():
-            if reuse and old and name in reuse and old.backends.get(name) == spec:
-                backends[name] = reuse[name]
-            else:
-                backends[name] = self.connector(spec)
-            self._ping(name, backends[name])
-        return backends
-
-    def _ping(self, name: str, backend: Backend) -> None:
-        try:
-            backend.ping()
-            self.metrics.backend_up.labels(name).set(1)
-        except Exception as err:
-            self.metrics.backend_up.labels(name).set(0)
-            self.log.warning("backend_down", backend=name, error=str(err))
-
-    def _reconcile(self) -> None:
-        """Finish what a stopped patchd left half-done before anything new starts."""
-        for item in reconcile(self.settings, self.store, self.backends, self.clock):
-            level = self.log.info if item.now == "rolled_back" else self.log.error
-            level(
-                "reconciled",
-                run_id=item.run_id,
-                target=item.target,
-                was=item.was,
-                now=item.now,
-                detail=item.detail,
-            )
-
     def _refresh_snapshots(self) -> None:
-        """Re-read when each snapshot-keeping backend's oldest patchd snapshot was taken."""
-        with self._lock:
-            backends = dict(self.backends)
-        found: dict[str, datetime | None] = {}
-        for name, backend in backends.items():
-            if not isinstance(backend, ListsSnapshots):
-                continue
-            try:
-                created = [s.created for s in backend.patchd_snapshots() if s.created]
-            except Exception as err:
-                self.log.warning("snapshot_listing_failed", backend=name, error=str(err))
-                continue
-            found[name] = min(created) if created else None
-        self._oldest_snapshot = found
-
-    def _refresh_journal(self) -> None:
-        """Re-read the store's gauges: what is kept after commits, pending windows, failed
-        rollbacks, and each group's pending targets (so they survive a restart)."""
-        settings = self.settings
-        try:
-            self._journal = journal_view(settings, self.store)
-            for name in settings.groups:
-                last = self.store.last_run(name)
-                if last is not None and last.status != "running":
-                    pending = len(last.detail.get("pending", []))
-                    self.metrics.targets_pending.labels(name).set(pending)
-        except StoreError as err:
-            self.log.error("journal_metrics_failed", error=str(err))
+        self.gauges.refresh_snapshots(self.runtime.backends)
 
     def _on_alert_gate(self, group: str, check: str, answer: GateResult) -> None:
-        """Count the alert gate's shut answers; log when the pre-start gate shuts, changes
-        its reason or opens again (not at every re-check)."""
-        if not answer.open:
-            self.metrics.alert_gate_blocked.labels(group, check, answer.reason).inc()
-        if check != "before_start":
-            return
-        with self._lock:
-            before = self._gate_shut.pop(group, None)
-            if not answer.open:
-                self._gate_shut[group] = answer.reason
-        if not answer.open and before != answer.reason:
-            self.log.warning(
-                "alert_gate_shut", group=group, reason=answer.reason, detail=answer.detail
-            )
-            self.notifier.status(self.status_line())
-        elif answer.open and before is not None:
-            self.log.info("alert_gate_open", group=group)
-            self.notifier.status(self.status_line())
+        self.runtime.alert_gate(group, check, answer)
 
     # --- scheduling -----------------------------------------------------------------------
 
@@ -339,7 +240,7 @@ class Daemon:
                         misfire_grace_time=None,
                         coalesce=True,
                     )
-            self._refresh_journal()
+            self.gauges.refresh_journal(settings, self.store)
             retained = self.store.retained()
             if retained:
                 self.scheduler.add_job(
@@ -356,9 +257,8 @@ class Daemon:
         self._arm()
 
     def _release(self) -> None:
-        runner = self._runner()
         try:
-            count = runner.release_expired()
+            count = self.runtime.release_expired()
             self.log.info("released_expired", count=count)
         except Exception as err:
             self.log.error("release_failed", error=str(err))
@@ -367,8 +267,9 @@ class Daemon:
 
     def _run_open_windows(self) -> None:
         now = self.clock()
-        for name, window in self.settings.windows.items():
-            if may_start(window, now, self.settings.freezes):
+        settings = self.settings
+        for name, window in settings.windows.items():
+            if window_now(window, now, settings.freezes).may_start:
                 self._run_window(name)
 
     def _run_window(self, window: str) -> None:
@@ -390,97 +291,46 @@ class Daemon:
             self._runs[group] = self.pool.submit(self._run, group)
         return True
 
-    def _runner(self) -> Runner:
-        with self._lock:
-            return Runner(
-                settings=self.settings,
-                store=self.store,
-                backends=dict(self.backends),
-                observer=Observers([log.LogObserver(), MetricsObserver(self.metrics, self.clock)]),
-                clock=self.clock,
-                on_alert_gate=self._on_alert_gate,
-            )
-
     def _run(self, group_name: str) -> None:
-        runner = self._runner()
-        settings = runner.settings
-
         def progress(outcome: TargetOutcome, done: int, total: int) -> None:
             self._progress[group_name] = (done, total)
             self.notifier.status(self.status_line())
 
-        runner.on_progress = progress
         try:
-            self.metrics.run_in_progress.labels(group_name).set(1)
-            self._ping(
-                settings.groups[group_name].backend,
-                runner.backends[settings.groups[group_name].backend],
-            )
-            result = runner.run(group_name, stop=self.stop)
-        except RunRefused as err:
-            self.log.info("run_refused", group=group_name, reason=str(err))
-            self._recheck_later(group_name)
-            return
-        except StoreError as err:  # the state directory cannot be written: nothing started
-            self.log.error("run_failed", group=group_name, error=str(err))
-            self.metrics.runs.labels(group_name, "failed").inc()
-            return
-        except Exception as err:
-            self.log.exception("run_crashed", group=group_name, error=str(err))
+            result = self.runtime.run(group_name, stop=self.stop, on_progress=progress)
+        except Exception:  # logged and counted by the runtime's observers
             return
         finally:
-            self.metrics.run_in_progress.labels(group_name).set(0)
             with self._lock:
                 self._runs.pop(group_name, None)
                 self._progress.pop(group_name, None)
-                self._gate_shut.pop(group_name, None)
-            self._close_retired()
             self.notifier.status(self.status_line())
-        self._after_run(group_name, result)
+        if isinstance(result, Refusal):
+            self._retry(group_name, result)
+        else:
+            self._after_run(group_name)
 
-    def _after_run(self, group_name: str, result: Any) -> None:
-        m = self.metrics
-        m.runs.labels(group_name, result.status).inc()
-        if result.status == "halted":
-            m.run_halted.labels(group_name).inc()
-        m.targets_pending.labels(group_name).set(result.count("pending"))
-        level = self.log.error if result.status == "failed" else self.log.info
-        level(
-            "run_finished",
-            run_id=result.run_id,
-            group=group_name,
-            status=result.status,
-            succeeded=result.count("success"),
-            failed=result.failed,
-            pending=result.count("pending"),
-            error=result.error,
-        )
+    def _after_run(self, group_name: str) -> None:
         self._refresh_snapshots()
         self._arm()
-        # Later stages in an open window go as soon as their soak allows.
+        # Later stages in an open window go as soon as their soak allows: a refusal
+        # says when.
         for group in self.settings.groups.values():
             if group.after == group_name:
-                self._recheck_later(group.name)
+                self.start_run(group.name)
 
-    def _recheck_later(self, group_name: str) -> None:
-        """Try a later stage again when its soak ends, if its window still allows it then."""
-        settings = self.settings
-        group = settings.groups.get(group_name)
-        if group is None or group.after is None or self.stop.is_set():
+    def _retry(self, group_name: str, refusal: Refusal) -> None:
+        """Try a refused run again at the instant its refusal names, if any."""
+        if refusal.retry_at is None or self.stop.is_set():
             return
-        last = self.store.last_run(group.after)
-        if last is None or last.finished is None or last.status != "completed" or last.failed:
-            return
-        at = max(last.finished + group.soak, self.clock())
-        if may_start(settings.windows[group.window], at, settings.freezes):
-            self.scheduler.add_job(
-                self.start_run,
-                DateTrigger(run_date=at + timedelta(seconds=1)),
-                args=[group_name],
-                id=f"stage:{group_name}",
-                replace_existing=True,
-                misfire_grace_time=None,
-            )
+        self.scheduler.add_job(
+            self.start_run,
+            DateTrigger(run_date=refusal.retry_at),
+            args=[group_name],
+            id=f"stage:{group_name}",
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
 
     # --- status ---------------------------------------------------------------------------
 
@@ -499,15 +349,27 @@ class Daemon:
                 parts.append(part)
             return "patching: " + ", ".join(parts)
         now = self.clock()
+        settings = self.settings
         upcoming = []
-        for name, window in self.settings.windows.items():
-            start = next_start(window, self.settings.freezes, now)
+        for name, window in settings.windows.items():
+            start = next_start(window, settings.freezes, now)
             if start is not None:
                 upcoming.append((start, name))
         if not upcoming:
             return "idle; no window opens again"
         start, name = min(upcoming)
         return f"idle; next window {name} at {start:%Y-%m-%d %H:%M}Z"
+
+
+class _StatusObserver(BaseObserver):
+    """Tells systemd the new status line when an alert gate shuts or opens."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
+        if changed:
+            self.daemon.notifier.status(self.daemon.status_line())
 
 
 def run_daemon(config: Path | None, config_dir: Path | None) -> int:

@@ -16,10 +16,6 @@ from typing import Any, TextIO
 
 import structlog
 
-from patchd.backends.base import Target
-from patchd.config.settings import Group
-from patchd.engine.target import TargetOutcome
-
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -94,39 +90,3 @@ def setup(log_format: str = "auto", level: str = "info", stream: TextIO | None =
 
 def get(name: str = "patchd") -> Any:
     return structlog.get_logger(name)
-
-
-class LogObserver:
-    """Logs every engine transition and outcome as one structured event."""
-
-    def __init__(self) -> None:
-        self.log = get("patchd.engine")
-
-    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
-        self.log.info(
-            "target_step", run_id=run_id, group=group, target=target.name, state=state, **fields
-        )
-
-    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
-        fields: dict[str, Any] = {
-            "run_id": run_id,
-            "group": group.name,
-            "backend": group.backend,
-            "target": outcome.target.name,
-            "result": outcome.result,
-            "seconds": round(outcome.seconds, 3),
-        }
-        if outcome.update is not None:
-            fields.update(
-                ref=outcome.update.ref,
-                version_from=outcome.update.current,
-                version_to=outcome.update.available,
-            )
-        if outcome.error:
-            fields["error"] = outcome.error
-        if outcome.result == "rollback_failed":
-            self.log.error("target_rollback_failed", **fields)
-        elif outcome.result in ("rolled_back", "failed"):
-            self.log.warning("target_failed", **fields)
-        else:
-            self.log.info("target_done", **fields)

@@ -1,4 +1,7 @@
-"""What `patchd plan`, `status` and `history` show: built as JSON-able data, then text."""
+"""What `patchd windows`, `plan`, `status` and `history` show: JSON-able data, then text.
+
+Every answer to "when" comes from patchd.windows, as the daemon's own.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,19 @@ from typing import Any
 
 from patchd.backends.base import Backend
 from patchd.config.settings import Settings
+from patchd.durations import format_duration
 from patchd.engine import dependency_order, stage_gate
 from patchd.engine.rollout import partition_limits
 from patchd.state import Store
-from patchd.windows import current_opening, may_start, next_openings
+from patchd.windows import (
+    WEEKDAYS,
+    Cron,
+    MonthlyOrdinal,
+    Opening,
+    Window,
+    openings_from,
+    window_now,
+)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -30,13 +42,13 @@ def plan(
     window = settings.windows[group.window]
     backend = backends[group.backend]
     gate = stage_gate(group, store, now)
-    upcoming = next_openings(window, now, 1, settings.freezes)
+    answer = window_now(window, now, settings.freezes)
     doc: dict[str, Any] = {
         "group": group.name,
         "backend": group.backend,
         "window": group.window,
-        "window_allows_start_now": may_start(window, now, settings.freezes),
-        "next_opening": _iso(upcoming[0].start) if upcoming else None,
+        "window_allows_start_now": answer.may_start,
+        "next_opening": _iso(answer.next_start),
         "stage_gate": {"open": gate.open, "reason": gate.reason, "pins": gate.pins},
         "max_concurrency": str(group.max_concurrency),
         "max_errors": str(group.max_errors),
@@ -108,16 +120,16 @@ def status(settings: Settings, store: Store, now: datetime) -> dict[str, Any]:
     for group in settings.groups.values():
         window = settings.windows[group.window]
         last = store.last_run(group.name)
-        upcoming = next_openings(window, now, 1, settings.freezes)
-        current = current_opening(window, now, settings.freezes)
+        answer = window_now(window, now, settings.freezes)
         gate = stage_gate(group, store, now)
         groups.append(
             {
                 "group": group.name,
                 "backend": group.backend,
                 "window": group.window,
-                "window_open": current is not None and current.part_at(now) is not None,
-                "next_opening": _iso(upcoming[0].start) if upcoming else None,
+                # What the daemon acts on: open, unfrozen and before the cutoff.
+                "window_open": answer.may_start,
+                "next_opening": _iso(answer.next_start),
                 "after": group.after,
                 "stage_gate": {"open": gate.open, "reason": gate.reason},
                 "last_run": None
@@ -240,4 +252,118 @@ def render_history(runs: list[dict[str, Any]]) -> str:
             change = f" {(t['from'] or '')[:19]} -> {(t['to'] or '')[:19]}" if t["to"] else ""
             error = f"  ({t['error']})" if t["error"] else ""
             lines.append(f"  {t['target']}: {t['state']}{change}{error}")
+    return "\n".join(lines)
+
+
+# --- windows ------------------------------------------------------------------------------
+
+
+def describe(window: Window) -> str:
+    """A short human description of a window's schedule."""
+    schedule = window.schedule
+    if isinstance(schedule, Cron):
+        text = f"cron {schedule.expr!r}"
+    elif isinstance(schedule, MonthlyOrdinal):
+        ordinal = "last" if schedule.ordinal == -1 else f"#{schedule.ordinal}"
+        text = f"monthly {ordinal} {WEEKDAYS[schedule.weekday]}"
+        if schedule.offset_days:
+            text += f" {schedule.offset_days:+d}d"
+        text += f" {schedule.start:%H:%M}"
+    else:
+        days = ",".join(WEEKDAYS[d] for d in sorted(schedule.days))
+        text = f"weekly {days} {schedule.start:%H:%M}"
+    text += f", {format_duration(window.duration)}, {window.tz.key}"
+    if window.cutoff:
+        text += f", cutoff {format_duration(window.cutoff)}"
+    return text
+
+
+def _opening_json(opening: Opening, window: Window, at: datetime) -> dict[str, Any]:
+    return {
+        "start": opening.start.astimezone(window.tz).isoformat(),
+        "end": opening.end.astimezone(window.tz).isoformat(),
+        "start_utc": opening.start.isoformat().replace("+00:00", "Z"),
+        "end_utc": opening.end.isoformat().replace("+00:00", "Z"),
+        "status": opening.status,
+        "current": opening.start <= at < opening.end,
+        "frozen_by": list(opening.frozen_by),
+        "open_parts": [
+            {
+                "start_utc": part.start.isoformat().replace("+00:00", "Z"),
+                "end_utc": part.end.isoformat().replace("+00:00", "Z"),
+            }
+            for part in opening.open_parts
+        ],
+    }
+
+
+def _answers_json(window: Window, at: datetime, settings: Settings) -> dict[str, Any]:
+    """What patchd.windows answers for the window at `at` (the daemon acts on the same)."""
+    answer = window_now(window, at, settings.freezes)
+    start = answer.next_start
+    return {
+        "open_now": answer.open,
+        "may_start_now": answer.may_start,
+        "time_left": format_duration(answer.time_left),
+        "next_start_utc": start.isoformat().replace("+00:00", "Z") if start else None,
+    }
+
+
+def window_listing(
+    settings: Settings, at: datetime, count: int
+) -> list[tuple[Window, list[Opening]]]:
+    """Each window with its first `count` openings not ended by `at`."""
+    listing: list[tuple[Window, list[Opening]]] = []
+    for window in settings.windows.values():
+        found: list[Opening] = []
+        for opening in openings_from(window, at, settings.freezes):
+            found.append(opening)
+            if len(found) == count:
+                break
+        listing.append((window, found))
+    return listing
+
+
+def windows_json(
+    settings: Settings, listing: list[tuple[Window, list[Opening]]], at: datetime
+) -> dict[str, Any]:
+    return {
+        "at": at.isoformat().replace("+00:00", "Z"),
+        "windows": [
+            {
+                "name": window.name,
+                **_answers_json(window, at, settings),
+                "schedule": describe(window),
+                "timezone": window.tz.key,
+                "duration": format_duration(window.duration),
+                "cutoff": format_duration(window.cutoff),
+                "openings": [_opening_json(o, window, at) for o in found],
+            }
+            for window, found in listing
+        ],
+    }
+
+
+def render_windows(
+    settings: Settings, listing: list[tuple[Window, list[Opening]]], at: datetime
+) -> str:
+    reasons = {freeze.name: freeze.reason for freeze in settings.freezes}
+    lines = [f"at {at:%Y-%m-%d %H:%M:%S}Z"]
+    for window, found in listing:
+        lines.append(f"\n{window.name}: {describe(window)}")
+        if not found:
+            lines.append("  (never opens again)")
+        for opening in found:
+            local = opening.start.astimezone(window.tz)
+            marks = []
+            if opening.start <= at < opening.end:
+                marks.append("now")
+            if opening.frozen_by:
+                marks.append(f"{opening.status} by {', '.join(opening.frozen_by)}")
+                marks.extend(reasons[name] for name in opening.frozen_by if reasons[name])
+            lines.append(
+                f"  {local:%a %Y-%m-%d %H:%M %Z} ({local:%z})  "
+                f"= {opening.start:%Y-%m-%d %H:%M}Z .. {opening.end:%Y-%m-%d %H:%M}Z"
+                + (f"  [{'; '.join(marks)}]" if marks else "")
+            )
     return "\n".join(lines)

@@ -1,9 +1,10 @@
-"""Starting one run of a group for real: gates, the per-group lock, retained items.
+"""One run of a group for real: its gates, the per-group lock, retained items.
 
-Shared by `patchd run` and the daemon, so both apply the same rules: the window (unless
-`--now`), freezes (unless `--force`), the stage gate (always), the alert gate
-(`health.prometheus`, always), and one run of a group at a time across processes (a lock
-file in the state directory).
+The runtime calls it for both front doors (`patchd run` and the daemon), so both apply
+the same rules: the window (unless `--now`), freezes (unless `--force`), the stage gate
+(always), the alert gate (`health.prometheus`, always), and one run of a group at a time
+across processes (a lock file in the state directory). A shut gate is a `Refusal`: its
+reason and, when time alone opens it, the instant to retry at.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import fcntl
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from patchd import health
 from patchd.backends.base import Backend, Target
@@ -27,23 +27,29 @@ from patchd.state import Store, StoreError
 from patchd.windows import in_freeze, may_start
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a run may not start now, and the instant it may be tried again.
+
+    retry_at is set only when the gate that refused opens by time alone and the window
+    still allows a start then (a later stage's soak ending inside the window). None means
+    the window's own next opening starts it again (window shut, past its cutoff, frozen),
+    or nothing will by time alone (another run holds the group, an earlier stage failed).
+    """
+
+    reason: str
+    retry_at: datetime | None = None
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 class RunRefused(Exception):
-    """The run may not start now; the message says why."""
+    """The run may not start now; carries the Refusal (the message is its reason)."""
 
-
-class Observers:
-    """Fans engine events out to several observers."""
-
-    def __init__(self, observers: Sequence[Observer]) -> None:
-        self.observers = list(observers)
-
-    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
-        for observer in self.observers:
-            observer.step(run_id, group, target, state, **fields)
-
-    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
-        for observer in self.observers:
-            observer.outcome(run_id, group, outcome)
+    def __init__(self, refusal: Refusal | str) -> None:
+        self.refusal = refusal if isinstance(refusal, Refusal) else Refusal(refusal)
+        super().__init__(self.refusal.reason)
 
 
 def new_run_id(now: datetime) -> str:
@@ -116,14 +122,15 @@ class Runner:
 
     def run(
         self,
-        group_name: str,
+        group: Group | str,
         *,
         now: bool = False,
         force: bool = False,
         stop: threading.Event | None = None,
     ) -> RunResult:
         """One run of the group; RunRefused when a gate is shut before it starts."""
-        group = self.settings.groups[group_name]
+        if isinstance(group, str):
+            group = self.settings.groups[group]
         at = self.clock()
         may = self.gate(group, now, force)
         if not may(at):
@@ -137,7 +144,10 @@ class Runner:
             )
         stage = stage_gate(group, self.store, at)
         if not stage.open:
-            raise RunRefused(stage.reason)
+            retry_at = stage.opens_at
+            if retry_at is not None and not may(retry_at):
+                retry_at = None  # the window's next opening starts the earlier stage first
+            raise RunRefused(Refusal(stage.reason, retry_at))
         backend = self.backends[group.backend]
         alert_gate, probe = self.alert_gate(group)
         check = group.health.prometheus

@@ -1,5 +1,9 @@
 """Pure maintenance-window math: openings, is-open, time left, cutoff and freezes.
 
+The ONLY place that answers "when": the next start, open now, may start and time left.
+The daemon's scheduler, `patchd status`, `patchd windows` and the window metrics all
+ask here (`window_now` gives the answers for one instant at once), so they cannot disagree.
+
 Nothing here reads the clock: every function takes the instant it reasons about.
 All instants going in and out are timezone-aware; results are in UTC.
 
@@ -280,7 +284,10 @@ def may_start(window: Window, at: datetime, freezes: Iterable[Freeze] = ()) -> b
     The cutoff counts back from the end of the open part, so a freeze that clips a window
     moves its cutoff earlier too.
     """
-    part = open_part_at(window, at, freezes)
+    return _allows_start(window, open_part_at(window, at, freezes), at)
+
+
+def _allows_start(window: Window, part: Interval | None, at: datetime) -> bool:
     return part is not None and at < part.end - window.cutoff
 
 
@@ -289,3 +296,34 @@ def in_freeze(at: datetime, freezes: Iterable[Freeze]) -> Freeze | None:
         if freeze.start <= at < freeze.end:
             return freeze
     return None
+
+
+def next_start(window: Window, freezes: Iterable[Freeze], after: datetime) -> datetime | None:
+    """The first instant after `after` at which the window starts allowing starts (an
+    unfrozen part begins that is longer than the cutoff); None if it never does again."""
+    for opening in openings_from(window, after, freezes):
+        for part in opening.open_parts:
+            if after < part.start < part.end - window.cutoff:
+                return part.start
+    return None
+
+
+@dataclass(frozen=True)
+class WindowNow:
+    """What a window says at one instant: what every front door shows about it."""
+
+    open: bool  # an unfrozen part of an opening holds the instant
+    may_start: bool  # open and before the cutoff: a new target may start
+    time_left: timedelta  # until the open part closes; 0 when shut
+    next_start: datetime | None  # the first later instant at which starts are allowed
+
+
+def window_now(window: Window, at: datetime, freezes: Iterable[Freeze] = ()) -> WindowNow:
+    freezes = tuple(freezes)
+    part = open_part_at(window, at, freezes)
+    return WindowNow(
+        open=part is not None,
+        may_start=_allows_start(window, part, at),
+        time_left=part.end - at if part is not None else timedelta(0),
+        next_start=next_start(window, freezes, at),
+    )

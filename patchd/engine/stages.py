@@ -17,6 +17,8 @@ class StageGate:
     open: bool
     reason: str
     pins: dict[str, str]
+    # When a shut gate opens by time alone (the end of the soak); None if it does not.
+    opens_at: datetime | None = None
 
 
 def stage_gate(group: Group, store: Store, now: datetime) -> StageGate:
@@ -39,7 +41,7 @@ def stage_gate(group: Group, store: Store, now: datetime) -> StageGate:
     ready_at = last.finished + group.soak
     if now < ready_at:
         return StageGate(
-            False, f"stage {group.after!r} is soaking until {ready_at.isoformat()}", {}
+            False, f"stage {group.after!r} is soaking until {ready_at.isoformat()}", {}, ready_at
         )
     pins: dict[str, str] = {}
     for run in reversed(runs):  # oldest first, so the newest verification wins

@@ -76,11 +76,11 @@ class TargetOutcome:
 
 
 class Observer(Protocol):
-    """Receives every transition and outcome: logs and metrics implement it."""
+    """What the engine reports: every transition and outcome of a target. Both take the
+    Group. patchd.observers fans them out (with the runtime's events) to logs and metrics."""
 
-    # `state` is a TargetState (a str); typed str while runner.Observers passes it on as
-    # one.
-    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
+    # `state` is a TargetState (a str enum).
+    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
         """A target moved to `state`."""
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
@@ -88,7 +88,7 @@ class Observer(Protocol):
 
 
 class NullObserver:
-    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
+    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
         return None
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
@@ -153,7 +153,7 @@ class _Journal:
             raise
         self.state = state
         faults.hit(f"journal.after.{state}")
-        ctx.observer.step(ctx.run_id, ctx.group.name, self.target, state, step=step, phase=phase)
+        ctx.observer.step(ctx.run_id, ctx.group, self.target, state, step=step, phase=phase)
 
     def move_anyway(self, state: TargetState, step: str, phase: str, **fields: Any) -> None:
         """Journal a step whose side effect must happen even if the write fails.
@@ -170,7 +170,7 @@ class _Journal:
             ctx = self.ctx
             ctx.observer.step(
                 ctx.run_id,
-                ctx.group.name,
+                ctx.group,
                 self.target,
                 state,
                 step=step,

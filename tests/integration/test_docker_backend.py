@@ -61,7 +61,7 @@ class Recorder(NullObserver):
         self.steps: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
-    def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
+    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
         with self._lock:
             self.steps.append((target.name, state))
 

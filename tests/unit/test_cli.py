@@ -140,14 +140,14 @@ def test_console_script_is_installed() -> None:
 def test_run_says_when_the_alert_gate_holds_and_releases(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from patchd import cli
+    from patchd import runtime
     from patchd.testing import FakeBackend
     from tests.unit.fake_prometheus import FakePrometheus, serve, vector
 
     fake = FakeBackend("d")
     fake.add("c1")
     fake.publish("app", "v2")
-    monkeypatch.setattr(cli, "_connect_for", lambda settings, groups: {"d": fake})
+    monkeypatch.setattr(runtime, "connect", lambda spec: fake)
     with serve() as url:
         # Shut, then open before the start, then empty after the patch.
         FakePrometheus.answers = [(200, vector({"alertname": "Down"}))] + [(200, vector())] * 2

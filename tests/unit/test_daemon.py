@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 
 from patchd.daemon import Daemon
-from patchd.metrics import next_start
-from patchd.notify import Notifier
 from patchd.state import Store
+from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
-from patchd.windows import Cron, Weekly, Window
+from patchd.windows import Cron, Weekly, Window, next_start
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 15) -> None:

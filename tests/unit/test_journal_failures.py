@@ -20,10 +20,10 @@ import pytest
 from patchd.config import Settings, load_settings
 from patchd.config.types import Limit
 from patchd.daemon import Daemon
-from patchd.notify import Notifier
 from patchd.reconcile import reconcile
 from patchd.runner import group_lock
 from patchd.state import SqliteStore, StoreError
+from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
 from tests.unit.test_daemon import config_text, wait_for
 from tests.unit.test_engine import fleet, group, run

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.notify import Notifier, watchdog_interval
+from patchd.systemd import Notifier, watchdog_interval
 
 
 def test_messages_reach_the_socket(tmp_path: Path) -> None:

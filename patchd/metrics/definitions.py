@@ -1,0 +1,126 @@
+"""Every metric patchd exports, named patchd_<subsystem>_<thing>_<unit>.
+
+Metric names and labels are a contract with dashboards and alert rules: add freely,
+rename never. Each Metrics object has its own registry, so tests can make fresh ones.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from patchd import __version__
+from patchd.config.settings import Settings
+
+# Patches take seconds (containers) to an hour (hosts).
+_DURATION_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+# Label values the daemon creates at 0 for every configured group, so that increase() and
+# rate() in alert rules see a counter's first increment.
+RUN_STATUSES = ("completed", "halted", "window_closed", "stopped", "failed")
+RESULTS = ("success", "rolled_back", "rollback_failed", "failed", "skipped")
+GATE_CHECKS = ("before_start", "after_patch")
+GATE_REASONS = ("alerts_firing", "unreachable", "bad_response", "query_error")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build_info = Info("patchd_build", "patchd version", registry=r)
+        self.build_info.info({"version": __version__})
+        self.config_reload_ok = Gauge(
+            "patchd_config_last_reload_successful",
+            "1 if the last config load or reload succeeded, 0 if it failed",
+            registry=r,
+        )
+        self.config_reload_time = Gauge(
+            "patchd_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully",
+            registry=r,
+        )
+        self.update_available = Gauge(
+            "patchd_target_update_available",
+            "1 if the target has an update patchd has not installed yet",
+            ["backend", "group", "target"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "patchd_target_last_success_timestamp_seconds",
+            "When the target was last patched successfully",
+            ["backend", "group", "target"],
+            registry=r,
+        )
+        self.operations = Counter(
+            "patchd_patch_operations",
+            "Targets that reached an end in a run, by result",
+            ["backend", "group", "result"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "patchd_patch_duration_seconds",
+            "Time from a target's start to its end (success or rollback)",
+            ["backend"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.run_halted = Counter(
+            "patchd_run_halted",
+            "Runs halted because their error budget (max_errors) was spent",
+            ["group"],
+            registry=r,
+        )
+        self.runs = Counter(
+            "patchd_runs",
+            "Runs finished, by status",
+            ["group", "status"],
+            registry=r,
+        )
+        self.run_in_progress = Gauge(
+            "patchd_run_in_progress",
+            "1 while a run of the group is going on",
+            ["group"],
+            registry=r,
+        )
+        self.targets_pending = Gauge(
+            "patchd_group_targets_pending",
+            "Targets left for a later window by the group's last run",
+            ["group"],
+            registry=r,
+        )
+        self.target_state = Gauge(
+            "patchd_target_step_timestamp_seconds",
+            "When the target last changed state in a run",
+            ["group", "target"],
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "patchd_backend_up",
+            "1 if the backend's service answered its last check",
+            ["backend"],
+            registry=r,
+        )
+        self.alert_gate_blocked = Counter(
+            "patchd_alert_gate_blocked",
+            "Answers of a group's alert gate (health.prometheus) that held starts (check "
+            "before_start) or failed a patched target (check after_patch), by reason",
+            ["group", "check", "reason"],
+            registry=r,
+        )
+
+    def prepare(self, settings: Settings) -> None:
+        """Create every configured group's counters at 0 (at start and on reload)."""
+        for group in settings.groups.values():
+            self.run_halted.labels(group.name)
+            for status in RUN_STATUSES:
+                self.runs.labels(group.name, status)
+            for result in RESULTS:
+                self.operations.labels(group.backend, group.name, result)
+            if group.health.prometheus is not None:
+                for check in GATE_CHECKS:
+                    for reason in GATE_REASONS:
+                        self.alert_gate_blocked.labels(group.name, check, reason)
+
+    def reload(self, ok: bool, at: float) -> None:
+        self.config_reload_ok.set(1 if ok else 0)
+        if ok:
+            self.config_reload_time.set(at)

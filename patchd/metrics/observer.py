@@ -1,0 +1,65 @@
+"""The metrics observer: engine transitions and outcomes, and the runtime's run events,
+counted into a Metrics object."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from patchd.backends.base import Target
+from patchd.config.settings import Group
+from patchd.engine import GateResult, RunResult
+from patchd.engine.target import TargetOutcome
+from patchd.metrics.definitions import Metrics
+from patchd.observers import BaseObserver
+
+
+class MetricsObserver(BaseObserver):
+    """Feeds engine transitions and outcomes, and the runtime's run events, into Metrics."""
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], datetime]) -> None:
+        self.metrics = metrics
+        self.clock = clock
+
+    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+        self.metrics.target_state.labels(group.name, target.name).set(self.clock().timestamp())
+
+    def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
+        m = self.metrics
+        name = outcome.target.name
+        if outcome.result in ("current", "pending"):
+            if outcome.result == "current":
+                m.update_available.labels(group.backend, group.name, name).set(0)
+            return
+        m.operations.labels(group.backend, group.name, outcome.result).inc()
+        if outcome.update is not None:
+            m.duration.labels(group.backend).observe(outcome.seconds)
+        if outcome.result == "success":
+            m.update_available.labels(group.backend, group.name, name).set(0)
+            m.last_success.labels(group.backend, group.name, name).set(self.clock().timestamp())
+        elif outcome.update is not None:
+            m.update_available.labels(group.backend, group.name, name).set(1)
+
+    def backend_checked(self, backend: str, error: str | None) -> None:
+        self.metrics.backend_up.labels(backend).set(1 if error is None else 0)
+
+    def run_started(self, group: Group) -> None:
+        self.metrics.run_in_progress.labels(group.name).set(1)
+
+    def run_ended(self, group: Group) -> None:
+        self.metrics.run_in_progress.labels(group.name).set(0)
+
+    def run_failed(self, group: Group, error: str) -> None:
+        self.metrics.runs.labels(group.name, "failed").inc()
+
+    def run_finished(self, group: Group, result: RunResult) -> None:
+        m = self.metrics
+        m.runs.labels(group.name, result.status).inc()
+        if result.status == "halted":
+            m.run_halted.labels(group.name).inc()
+        m.targets_pending.labels(group.name).set(result.count("pending"))
+
+    def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
+        if not answer.open:
+            self.metrics.alert_gate_blocked.labels(group.name, check, answer.reason).inc()

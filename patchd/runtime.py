@@ -1,0 +1,231 @@
+"""One patchd, as both front doors (the daemon and the `patchd` command) use it.
+
+The runtime owns the settings in force, the state store, the pool of backends, the
+observers and what a run needs around the engine: reconciling what a stopped patchd left
+half-done, and running a group. A refused run is a value (`Refusal`) carrying its reason
+and the instant it may be retried; the daemon schedules on that instant, never re-decides.
+
+Backends are connected when first needed (the daemon connects all of them at start),
+reused across reloads while their spec is unchanged; a replaced one is retired and closed
+once no run can be using it, and `close()` closes them all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+
+from patchd import log
+from patchd.backends import connect
+from patchd.backends.base import Backend
+from patchd.config import BackendSpec, Settings
+from patchd.config.settings import Group
+from patchd.engine import GateResult, RunResult
+from patchd.engine.target import TargetOutcome
+from patchd.observers import BaseObserver, LogObserver, Observers
+from patchd.reconcile import Reconciled, reconcile
+from patchd.runner import Refusal, Runner, RunRefused
+from patchd.state import StoreError, StoreProtocol
+from patchd.state import open_store as open_journal
+
+__all__ = ["Refusal", "Runtime", "open_store"]
+
+Progress = Callable[[TargetOutcome, int, int], None]
+
+
+def open_store(settings: Settings, *, readonly: bool = False) -> StoreProtocol:
+    """The state store of these settings: the one place that opens it."""
+    return open_journal(settings.daemon.state_dir / "patchd.db", readonly=readonly)
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], datetime],
+        observers: Sequence[BaseObserver] = (),
+        connector: Callable[[BackendSpec], Backend] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.log = log.get("patchd.runtime")
+        self.connector = connector if connector is not None else connect
+        # The engine's transitions are always logged; the front door adds its own.
+        self.observer = Observers([LogObserver(), *observers])
+        self.store = open_store(settings)
+        self._lock = threading.RLock()
+        self._backends: dict[str, Backend] = {}
+        self._retired: list[Backend] = []  # replaced by a reload, not closed yet
+        self._active = 0  # runs going on (they may use retired backends)
+        self.gate_shut: dict[str, str] = {}  # group -> reason its alert gate holds starts
+
+    # --- backends -------------------------------------------------------------------------
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        """The connected backends of the settings in force (a copy)."""
+        with self._lock:
+            return dict(self._backends)
+
+    def backend(self, name: str) -> Backend:
+        """The backend called `name`, connected on first use."""
+        with self._lock:
+            if name not in self._backends:
+                self._backends[name] = self.connector(self.settings.backends[name])
+            return self._backends[name]
+
+    def connect_all(self) -> None:
+        """Connect every configured backend and check that each answers."""
+        for name in self.settings.backends:
+            self.check(name, self.backend(name))
+
+    def check(self, name: str, backend: Backend) -> bool:
+        """Ping a backend; observers hear the answer."""
+        try:
+            backend.ping()
+        except Exception as err:
+            self.observer.backend_checked(name, str(err))
+            return False
+        self.observer.backend_checked(name, None)
+        return True
+
+    def reload(self, settings: Settings) -> None:
+        """Swap in new settings; backends whose spec is unchanged are kept, the others
+        retired (closed once no run is going on)."""
+        with self._lock:
+            old = self.settings
+            kept: dict[str, Backend] = {}
+            for name, backend in self._backends.items():
+                if name in settings.backends and old.backends.get(name) == settings.backends[name]:
+                    kept[name] = backend
+                else:
+                    self._retired.append(backend)
+            self._backends = kept
+            self.settings = settings
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        with self._lock:
+            if self._active:
+                return
+            retired, self._retired = self._retired, []
+        self._close(retired)
+
+    def close(self) -> None:
+        """Close every backend and the store (at the end of the process)."""
+        with self._lock:
+            backends = [*self._backends.values(), *self._retired]
+            self._backends, self._retired = {}, []
+        self._close(backends)
+        self.store.close()
+
+    def _close(self, backends: Iterable[Backend]) -> None:
+        for backend in backends:
+            try:
+                backend.close()
+            except Exception as err:
+                self.log.warning("backend_close_failed", backend=backend.name, error=str(err))
+
+    # --- work -----------------------------------------------------------------------------
+
+    def reconcile(self, groups: Iterable[str] | None = None) -> list[Reconciled]:
+        """Finish what a stopped patchd left half-done, before anything new starts. With
+        `groups`, only their backends are connected (others' targets are left alone)."""
+        settings = self.settings
+        names = settings.groups if groups is None else groups
+        backends = {
+            backend: self.backend(backend)
+            for backend in {settings.groups[g].backend for g in names}
+        }
+        done = reconcile(settings, self.store, backends, self.clock)
+        for item in done:
+            self.observer.reconciled(item)
+        return done
+
+    def run(
+        self,
+        group_name: str,
+        *,
+        now: bool = False,
+        force: bool = False,
+        stop: threading.Event | None = None,
+        on_progress: Progress | None = None,
+    ) -> RunResult | Refusal:
+        """One run of the group, or the Refusal that kept it from starting. A journal that
+        cannot be written raises StoreError (nothing started); observers hear it all."""
+        with self._lock:  # the group and its backend from the same settings
+            settings = self.settings
+            group = settings.groups.get(group_name)
+            if group is None:  # a reload dropped it while its run waited
+                refusal = Refusal(f"group {group_name!r} is no longer configured")
+                self.log.info("run_refused", group=group_name, reason=refusal.reason)
+                return refusal
+            try:
+                backend = self.backend(group.backend)
+            except Exception as err:
+                self.observer.run_crashed(group, err)
+                raise
+            self._active += 1  # from here a reload retires its backend, never closes it
+        self.observer.run_started(group)
+        try:
+            self.check(group.backend, backend)
+            runner = Runner(
+                settings=settings,
+                store=self.store,
+                backends={group.backend: backend},
+                observer=self.observer,
+                clock=self.clock,
+                on_progress=on_progress,
+                on_alert_gate=lambda name, check, answer: self._alert_gate(group, check, answer),
+            )
+            result = runner.run(group, now=now, force=force, stop=stop)
+        except RunRefused as err:
+            self.observer.run_refused(group, err.refusal)
+            return err.refusal
+        except StoreError as err:  # the state directory cannot be written: nothing started
+            self.observer.run_failed(group, str(err))
+            raise
+        except Exception as err:
+            self.observer.run_crashed(group, err)
+            raise
+        finally:
+            with self._lock:
+                self._active -= 1
+                self.gate_shut.pop(group.name, None)
+            self.observer.run_ended(group)
+            self._close_retired()
+        self.observer.run_finished(group, result)
+        return result
+
+    def _alert_gate(self, group: Group, check: str, answer: GateResult) -> None:
+        """Tell observers each answer of the alert gate, and whether the pre-start gate
+        shut, changed its reason or opened again."""
+        changed = False
+        if check == "before_start":
+            with self._lock:
+                before = self.gate_shut.pop(group.name, None)
+                if not answer.open:
+                    self.gate_shut[group.name] = answer.reason
+            changed = (not answer.open and before != answer.reason) or (
+                answer.open and before is not None
+            )
+        self.observer.alert_gate(group, check, answer, changed)
+
+    def alert_gate(self, group_name: str, check: str, answer: GateResult) -> None:
+        """Report an alert gate's answer for a configured group (as a run would)."""
+        self._alert_gate(self.settings.groups[group_name], check, answer)
+
+    def release_expired(self) -> int:
+        """Remove what commits kept and whose time is up; returns how many were released."""
+        with self._lock:
+            self._active += 1
+        try:
+            for name in self.settings.backends:
+                self.backend(name)
+            runner = Runner(self.settings, self.store, self.backends, self.observer, self.clock)
+            return runner.release_expired()
+        finally:
+            with self._lock:
+                self._active -= 1
+            self._close_retired()
