@@ -68,7 +68,7 @@ from patchd.config.schema import HealthModel, SnapshotModel
 from patchd.config.settings import Group
 from patchd.config.types import Limit
 from patchd.engine import NullObserver, RunRequest, run_group
-from patchd.state import Store
+from patchd.state import SqliteStore
 from patchd.testing import FakeBackend, FakeSelect
 
 WALL_TARGET = 1.05
@@ -149,9 +149,9 @@ def make_group(concurrency: int, targets: int) -> Group:
 
 def make_store(kind: str, path: Path) -> Any:
     if kind == "file":
-        return Store(path)
+        return SqliteStore(path)
     if kind == "memory":
-        return Store(Path(":memory:"))
+        return SqliteStore(Path(":memory:"))
     return NullStore()
 
 

@@ -2,11 +2,8 @@
 
 `base` holds the contract every store keeps (the `Store` protocol, its rows and
 StoreError); `sqlite` the SQLite store; `migrations` the SQLite schema versions.
-Callers open a store with `open_store` and type it as `StoreProtocol` (the protocol).
-
-Transition: `Store` still names the SQLite class, because daemon.py and cli.py (another
-branch's) construct `Store(path)`. Once they call `open_store`, `Store` becomes the
-protocol (`Store = base.Store` below) and `StoreProtocol` can go.
+Callers open a store with `open_store` and type it as `Store` (the protocol);
+`StoreProtocol` is the same protocol under its older name.
 """
 
 from __future__ import annotations
@@ -17,11 +14,11 @@ from patchd.state import base
 from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
 from patchd.state.sqlite import SCHEMA_VERSION, SqliteStore
 
+Store = base.Store
 StoreProtocol = base.Store
-Store = SqliteStore  # see the module docstring: becomes base.Store
 
 
-def open_store(path: Path, *, readonly: bool = False) -> StoreProtocol:
+def open_store(path: Path, *, readonly: bool = False) -> Store:
     """The store in the journal file `path`, migrated to the current schema.
 
     readonly: open it only to read (the CLI's report commands): the file is never

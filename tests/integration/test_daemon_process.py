@@ -14,7 +14,7 @@ import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from patchd.state import Store
+from patchd.state import SqliteStore
 from tests.integration.daemon_helpers import (
     GROUP,
     Daemon,
@@ -117,7 +117,7 @@ def test_sigterm_during_a_run_loses_no_container(f: Fleet, tmp_path: Path) -> No
         assert f.inspect(name)["State"]["Running"], f"{name} is not running"
         assert f.digest_of(name) in (v1, v2)
     assert f.leftovers() == []
-    store = Store(tmp_path / "state" / "patchd.db")
+    store = SqliteStore(tmp_path / "state" / "patchd.db")
     assert store.unfinished_targets() == []
     [run] = store.runs("web")
     assert run.status == "stopped"
@@ -151,7 +151,7 @@ def test_kill_9_mid_run_then_restart_reconciles(f: Fleet, tmp_path: Path) -> Non
         first.proc.wait()
     finally:
         first.close()
-    store = Store(tmp_path / "state" / "patchd.db")
+    store = SqliteStore(tmp_path / "state" / "patchd.db")
     assert store.unfinished_targets(), "the kill came after every target had finished"
 
     (tmp_path / "second").mkdir()
@@ -167,7 +167,7 @@ def test_kill_9_mid_run_then_restart_reconciles(f: Fleet, tmp_path: Path) -> Non
     finally:
         second.close()
     assert f.leftovers() == []
-    assert Store(tmp_path / "state" / "patchd.db").unfinished_targets() == []
-    runs = Store(tmp_path / "state" / "patchd.db").runs("web")
+    assert SqliteStore(tmp_path / "state" / "patchd.db").unfinished_targets() == []
+    runs = SqliteStore(tmp_path / "state" / "patchd.db").runs("web")
     assert [r.status for r in runs][-1] == "interrupted"
     assert v1 != v2

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from patchd.state import Store
+from patchd.state import SqliteStore
 from tests.integration.daemon_helpers import GROUP, Daemon, scrape, write_config
 from tests.integration.docker_fleet import Fleet, free_port
 
@@ -205,7 +205,7 @@ def test_a_sighup_storm_during_a_run_keeps_the_daemon_and_the_fleet_whole(
         assert f.inspect(name)["State"]["Running"], f"{name} is not running"
         assert f.digest_of(name) in (v1, v2)
     assert f.leftovers() == []
-    store = Store(tmp_path / "state" / "patchd.db")
+    store = SqliteStore(tmp_path / "state" / "patchd.db")
     assert store.unfinished_targets() == []
     run = store.runs("web")[-1]
     ended = {row.name: row.state for row in store.targets(run.id)}

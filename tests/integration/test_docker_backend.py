@@ -26,7 +26,7 @@ from patchd.config.schema import HealthModel, SnapshotModel
 from patchd.config.settings import Group
 from patchd.config.types import Limit
 from patchd.engine import NullObserver, RunRequest, RunResult, run_group
-from patchd.state import Store
+from patchd.state import SqliteStore, Store
 from tests.integration.conftest import Lab
 from tests.integration.docker_fleet import (
     SECOND,
@@ -49,7 +49,7 @@ def backend(f: Fleet) -> Iterator[DockerBackend]:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    the_store = Store(tmp_path / "state.db")
+    the_store = SqliteStore(tmp_path / "state.db")
     yield the_store
     the_store.close()
 

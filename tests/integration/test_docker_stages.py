@@ -14,7 +14,7 @@ import pytest
 from patchd.config import load_settings
 from patchd.engine import NullObserver
 from patchd.runner import Runner, RunRefused
-from patchd.state import Store
+from patchd.state import SqliteStore
 from tests.integration.docker_fleet import Fleet
 
 
@@ -66,7 +66,11 @@ health = {{ timeout = "20s", stable_for = "1s" }}
     clock = Clock()
     backend = f.backend()
     runner = Runner(
-        settings, Store(tmp_path / "state" / "patchd.db"), {"lab": backend}, NullObserver(), clock
+        settings,
+        SqliteStore(tmp_path / "state" / "patchd.db"),
+        {"lab": backend},
+        NullObserver(),
+        clock,
     )
     try:
         with pytest.raises(RunRefused, match="has not run yet"):

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from patchd import faults
-from patchd.state import Store
+from patchd.state import SqliteStore
 from tests.integration.daemon_helpers import run_patchd
 from tests.integration.docker_fleet import Fleet
 
@@ -162,7 +162,7 @@ def check_crash_then_restart(f: Fleet, cases: list[Case], v1: str, v2: str, fina
             # A health check can time out on a loaded 2-core machine; the rollback that
             # follows is patchd doing its job, so the next window (run) tries again.
             patchd(case.config, "--now")
-        store = Store(case.state / "patchd.db")
+        store = SqliteStore(case.state / "patchd.db")
         first, *later = sorted(store.runs("web"), key=lambda r: r.started)
         rows = store.targets(first.id)
         got = rows[0].state if rows else None

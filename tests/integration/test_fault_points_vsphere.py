@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from patchd import faults
-from patchd.state import Store
+from patchd.state import SqliteStore
 from tests.integration.conftest import VcsimProcess
 from tests.integration.daemon_helpers import run_patchd
 from tests.integration.vsphere_lab import fleet, start, tool
@@ -123,7 +123,7 @@ health = {{ timeout = "10s", stable_for = "0s" }}
             if done.returncode != 3 or "Traceback" in done.stderr:
                 problems.append(f"{point}: reconcile exited {done.returncode}: {done.stderr}")
                 continue
-            store = Store(tmp_path / name / "patchd.db")
+            store = SqliteStore(tmp_path / name / "patchd.db")
             [run] = store.runs("vms")
             [row] = store.targets(run.id)
             wanted = "2026-11" if row.state == "committed" else "2026-10"
@@ -151,7 +151,7 @@ health = {{ timeout = "10s", stable_for = "0s" }}
             assert "Traceback" not in done.stderr, (point, done.stderr)
             final = "2026-10" if point in FAILING_POINTS else "2026-11"
             assert sim.attr(sim.vm(name), VERSION) == final, (point, done.stdout, done.stderr)
-            assert Store(tmp_path / name / "patchd.db").unfinished_targets() == []
+            assert SqliteStore(tmp_path / name / "patchd.db").unfinished_targets() == []
         assert sim.patchd_snapshots() == []
     finally:
         sim.close()

@@ -48,7 +48,7 @@ import pytest
 
 from patchd import reports
 from patchd.config import load_settings
-from patchd.state import Store
+from patchd.state import SqliteStore
 from tests.integration.conftest import LAB_SH, REPO_ROOT, Lab, VcsimProcess
 from tests.integration.daemon_helpers import run_patchd
 from tests.integration.docker_fleet import Fleet
@@ -172,7 +172,7 @@ def journal_state(config: Path, name: str) -> str | None:
 
 def history(config: Path) -> list[dict[str, Any]]:
     """What `patchd history --json` prints (its report, without a process per call)."""
-    store = Store(config.parent / "state" / "patchd.db")
+    store = SqliteStore(config.parent / "state" / "patchd.db")
     try:
         return reports.history(store, None, 20)
     finally:
@@ -182,7 +182,7 @@ def history(config: Path) -> list[dict[str, Any]]:
 def assert_journal_settled(config: Path) -> dict[str, Any]:
     """No unfinished target, no run left "running"; returns what `patchd status --json`
     prints."""
-    store = Store(config.parent / "state" / "patchd.db")
+    store = SqliteStore(config.parent / "state" / "patchd.db")
     try:
         assert store.unfinished_targets() == []
         assert [r.id for r in store.runs() if r.status == "running"] == []
@@ -530,7 +530,7 @@ patch = {{ command = {json.dumps(command)}, version = "v2" }}
         bad: "rolled_back",
     }
     # The steps after the commands did wait for vCenter: they ended after it answered.
-    store = Store(tmp_path / "state" / "patchd.db")
+    store = SqliteStore(tmp_path / "state" / "patchd.db")
     try:
         ends = [store.journal(last["id"], sim.vm(n)._moId)[-1][2] for n in (good, bad)]
     finally:

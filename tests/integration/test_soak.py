@@ -23,7 +23,7 @@ import subprocess
 from pathlib import Path
 
 from patchd import faults
-from patchd.state import Store
+from patchd.state import SqliteStore
 from tests.integration.daemon_helpers import run_patchd
 from tests.integration.docker_fleet import Fleet
 
@@ -71,7 +71,7 @@ health = {{ timeout = "30s", stable_for = "0s", command = {json.dumps(check)} }}
     for i in range(FLEET):
         f.run(f"s{i:02d}", "s")
     f.wait_healthy(*names)
-    store = Store(state / "patchd.db")
+    store = SqliteStore(state / "patchd.db")
 
     started = committed = rolled_back = crashes = cycles = 0
     unexpected_rollbacks = 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.state import Store
+from patchd.state import SqliteStore
 from tests.integration.daemon_helpers import GROUP, Daemon, run_patchd, write_config
 from tests.integration.docker_fleet import Fleet, free_port
 
@@ -103,14 +103,14 @@ def test_a_full_state_dir_before_the_run_touches_no_container(f: Fleet, tmp_path
     _, ids, v1, _ = fleet_of(f, 2)
     with tmpfs(tmp_path / "state", "1m") as state:
         cfg = config(f, tmp_path / "patchd.toml", state, "")
-        Store(state / "patchd.db").close()  # a journal from earlier runs
+        SqliteStore(state / "patchd.db").close()  # a journal from earlier runs
         fill(state)
         # SQLite cannot even open the journal (it needs room for its -shm file).
         unopened = patchd_run(cfg)
         # With the journal open elsewhere (a daemon holds it), it opens, and the first
         # write fails.
         (state / "fill").unlink()
-        holder = Store(state / "patchd.db")
+        holder = SqliteStore(state / "patchd.db")
         fill(state)
         try:
             done = patchd_run(cfg)
@@ -158,7 +158,7 @@ def test_a_daemon_with_a_read_only_state_dir_exits_with_a_clear_error(
     f: Fleet, tmp_path: Path
 ) -> None:
     with tmpfs(tmp_path / "state", "1m") as state:
-        Store(state / "patchd.db").close()
+        SqliteStore(state / "patchd.db").close()
         subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
         cfg = tmp_path / "patchd.toml"
         start = datetime.now(UTC) - timedelta(minutes=1)  # a window open now

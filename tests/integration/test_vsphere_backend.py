@@ -39,7 +39,7 @@ from patchd.config.settings import Group
 from patchd.config.types import Limit
 from patchd.engine import NullObserver, RunRequest, RunResult, run_group
 from patchd.reports import plan
-from patchd.state import Store
+from patchd.state import SqliteStore, Store
 from tests.integration.conftest import VcsimProcess
 from tests.integration.vsphere_lab import Sim, WithPatch, fleet, iter_lines, start, tool
 
@@ -149,7 +149,7 @@ def test_vm_group_by_custom_attribute_in_batches_and_a_failed_patch_reverted(
         version="2026-11",
     )  # fmt: skip
     backend = make_backend(sim, tmp_path, backends)
-    store = Store(tmp_path / "state.db")
+    store = SqliteStore(tmp_path / "state.db")
     grp = group(
         VSphereSelect(custom_attribute={"wave": "1"}),
         patch,
@@ -214,7 +214,7 @@ def test_snapshot_kept_for_keep_then_released_by_a_new_process(
     [name, _] = list(sim.vms())
     fleet(sim, [name], "1", role="db")
     backend = make_backend(sim, tmp_path, backends)
-    store = Store(tmp_path / "state.db")
+    store = SqliteStore(tmp_path / "state.db")
     ok = [sys.executable, "-c", "pass"]
     grp = group(
         VSphereSelect(names=[name]),
@@ -285,7 +285,7 @@ def test_rollback_that_cannot_bring_the_vm_back_fails_and_keeps_the_snapshot(
     fleet(sim, [name], "1")
     patch = PatchModel(command=tool("heartbeat", sim.process.url, "{moid}", "red"), version="2")
     backend = make_backend(sim, tmp_path, backends, rollback_timeout="1s")
-    store = Store(tmp_path / "s.db")
+    store = SqliteStore(tmp_path / "s.db")
     health = HealthModel(timeout="1s", stable_for="0s")
     result = run(backend, group(VSphereSelect(names=[name]), patch, health=health), store)
     [outcome] = result.outcomes
@@ -361,7 +361,7 @@ def test_patch_command_placeholders_environment_and_reboot_fallback(
     )  # fmt: skip
     backend = make_backend(sim, tmp_path, backends)
     boot_before = sim.props(sim.vm(name), "summary.runtime.bootTime")["summary.runtime.bootTime"]
-    result = run(backend, group(VSphereSelect(names=[name]), patch), Store(tmp_path / "s.db"))
+    result = run(backend, group(VSphereSelect(names=[name]), patch), SqliteStore(tmp_path / "s.db"))
     assert [o.result for o in result.outcomes] == ["success"], result.outcomes[0].error
     got = json.loads(out.read_text())
     uuid_ = sim.props(sim.vm(name), "config.uuid")["config.uuid"]
@@ -385,7 +385,7 @@ def test_without_a_version_every_run_patches_and_pins_override(
     [name] = list(sim.vms())
     fleet(sim, [name], "2026-10")
     backend = make_backend(sim, tmp_path, backends)
-    store = Store(tmp_path / "s.db")
+    store = SqliteStore(tmp_path / "s.db")
     unversioned = PatchModel(command=[sys.executable, "-c", "pass"])
     for _ in range(2):
         result = run(backend, group(VSphereSelect(names=[name]), unversioned), store)
@@ -458,7 +458,7 @@ def test_hosts_roll_per_cluster_never_two_in_maintenance_mode(
         result = run(
             backend,
             group(VSphereSelect(kind="host", datacenter="DC0"), patch),
-            Store(tmp_path / "s.db"),
+            SqliteStore(tmp_path / "s.db"),
         )
     finally:
         watcher.stop.set()
@@ -486,7 +486,7 @@ def test_failed_host_stays_in_maintenance_mode_and_halts_its_cluster(
         command=tool("host", sim.process.url, "{moid}", "{name}", "--fail", broken), version="2"
     )
     backend = make_backend(sim, tmp_path, backends)
-    store = Store(tmp_path / "s.db")
+    store = SqliteStore(tmp_path / "s.db")
     grp = group(VSphereSelect(kind="host", names=["DC0_C*"]), patch, max_errors=Limit(count=10))
     result = run(backend, grp, store)
     outcomes = {o.target.name: o for o in result.outcomes}
@@ -733,7 +733,7 @@ patch = {{ command = ["true"], version = "2" }}
     settings = load_settings(config)
     shown = plan(
         settings,
-        Store(tmp_path / "plan.db"),
+        SqliteStore(tmp_path / "plan.db"),
         {"vc": WithPatch(backend, lambda: settings.groups["g"].patch)},  # type: ignore[dict-item]
         "g",
         datetime.now(UTC),

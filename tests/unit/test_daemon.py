@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from patchd.daemon import Daemon
-from patchd.state import Store
+from patchd.state import SqliteStore
 from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
 from patchd.windows import Cron, Weekly, Window, next_start
@@ -110,7 +110,7 @@ def test_shutdown_waits_for_in_flight_targets(daemon: Daemon, fake: FakeBackend)
     assert daemon.start_run("web") or True
     wait_for(lambda: fake.in_flight > 0)
     assert daemon.shutdown() == 0
-    store = Store(daemon.settings.daemon.state_dir / "patchd.db")
+    store = SqliteStore(daemon.settings.daemon.state_dir / "patchd.db")
     run = store.last_run("web")
     assert run is not None and run.status == "stopped"
     assert [row.state for row in store.targets(run.id)] == ["committed", "committed"]
@@ -213,7 +213,7 @@ def test_daemon_exports_pending_targets_and_pending_windows_after_a_restart(
 ) -> None:
     path = tmp_path / "patchd.toml"
     path.write_text(config_text(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2)))
-    store = Store(tmp_path / "state" / "patchd.db")
+    store = SqliteStore(tmp_path / "state" / "patchd.db")
     at = datetime.now(UTC) - timedelta(days=3)
     store.start_run("r1", "web", None, at)
     store.finish_run("r1", "window_closed", at, 3, 1, 0, {"pending": ["c1", "c2"]})

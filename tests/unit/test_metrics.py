@@ -10,7 +10,7 @@ import pytest
 
 from patchd.config import Settings, load_settings
 from patchd.metrics import JournalCollector, journal_view, pending_windows
-from patchd.state import Keep, Store
+from patchd.state import Keep, SqliteStore, Store
 
 CONFIG = """
 [daemon]
@@ -49,7 +49,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "patchd.db")
+    return SqliteStore(tmp_path / "patchd.db")
 
 
 def add_run(

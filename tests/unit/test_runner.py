@@ -16,7 +16,7 @@ from patchd import reports
 from patchd.config import Settings, load_settings
 from patchd.engine import GateResult, NullObserver
 from patchd.runner import Runner, RunRefused, group_lock
-from patchd.state import Store
+from patchd.state import SqliteStore
 from patchd.testing import FakeBackend
 from tests.unit.fake_prometheus import FakePrometheus, serve, vector
 
@@ -81,7 +81,7 @@ def fake() -> FakeBackend:
 
 
 def make_runner(settings: Settings, fake: FakeBackend, clock: Clock) -> Runner:
-    store = Store(settings.daemon.state_dir / "patchd.db")
+    store = SqliteStore(settings.daemon.state_dir / "patchd.db")
     return Runner(settings, store, {"d": fake}, NullObserver(), clock)
 
 
