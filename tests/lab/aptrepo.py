@@ -30,8 +30,11 @@ from pathlib import Path
 
 SUITES = {
     "main": {"Label": "Debian", "Suite": "bookworm", "Codename": "bookworm"},
-    "security": {"Label": "Debian-Security", "Suite": "bookworm-security",
-                 "Codename": "bookworm-security"},
+    "security": {
+        "Label": "Debian-Security",
+        "Suite": "bookworm-security",
+        "Codename": "bookworm-security",
+    },
 }
 
 
@@ -53,8 +56,9 @@ class AptRepo:
     # --- scenarios the tests use -------------------------------------------------------
     def good(self, name: str, version: str, suite: str = "main") -> Published:
         """A package that installs cleanly and changes nothing else."""
-        return self.publish(name, version, suite=suite,
-                            files={f"/usr/share/{name}/version": f"{version}\n"})
+        return self.publish(
+            name, version, suite=suite, files={f"/usr/share/{name}/version": f"{version}\n"}
+        )
 
     def security(self, name: str, version: str) -> Published:
         """A clean package in the security suite."""
@@ -62,12 +66,20 @@ class AptRepo:
 
     def failing_postinst(self, name: str, version: str) -> Published:
         """Unpacks, then its postinst fails: dpkg leaves it half-configured."""
-        return self.publish(name, version, postinst=f"echo '{name} {version}: postinst fails on purpose' >&2\nexit 1")
+        return self.publish(
+            name,
+            version,
+            postinst=f"echo '{name} {version}: postinst fails on purpose' >&2\nexit 1",
+        )
 
     def service(self, name: str, version: str, healthy: bool = True) -> Published:
         """Ships `NAME.service` and (re)starts it; an unhealthy version's service fails at
         once, so `systemctl is-system-running` says degraded and lists it."""
-        start = "/bin/sleep infinity" if healthy else f"/bin/sh -c 'echo {name} {version} broken; exit 3'"
+        start = (
+            "/bin/sleep infinity"
+            if healthy
+            else f"/bin/sh -c 'echo {name} {version} broken; exit 3'"
+        )
         unit = textwrap.dedent(f"""\
             [Unit]
             Description=patchd lab service {name}
@@ -76,21 +88,35 @@ class AptRepo:
             [Install]
             WantedBy=multi-user.target
             """)
-        postinst = (f"systemctl daemon-reload || true\nsystemctl enable {name}.service || true\n"
-                    f"systemctl restart {name}.service || true")
-        return self.publish(name, version, files={f"/lib/systemd/system/{name}.service": unit},
-                            postinst=postinst)
+        postinst = (
+            f"systemctl daemon-reload || true\nsystemctl enable {name}.service || true\n"
+            f"systemctl restart {name}.service || true"
+        )
+        return self.publish(
+            name, version, files={f"/lib/systemd/system/{name}.service": unit}, postinst=postinst
+        )
 
     def needing_reboot(self, name: str, version: str) -> Published:
         """Asks for a reboot the Debian way (/var/run/reboot-required), like a kernel."""
-        return self.publish(name, version, postinst=(
-            "touch /var/run/reboot-required\n"
-            f"echo {name} >> /var/run/reboot-required.pkgs"))
+        return self.publish(
+            name,
+            version,
+            postinst=(
+                f"touch /var/run/reboot-required\necho {name} >> /var/run/reboot-required.pkgs"
+            ),
+        )
 
     # --- the repository ------------------------------------------------------------
-    def publish(self, name: str, version: str, *, suite: str = "main",
-                files: dict[str, str] | None = None, postinst: str | None = None,
-                depends: str | None = None) -> Published:
+    def publish(
+        self,
+        name: str,
+        version: str,
+        *,
+        suite: str = "main",
+        files: dict[str, str] | None = None,
+        postinst: str | None = None,
+        depends: str | None = None,
+    ) -> Published:
         """Build NAME_VERSION_all.deb into SUITE and reindex it."""
         suite_dir = self.root / suite
         suite_dir.mkdir(parents=True, exist_ok=True)
@@ -98,9 +124,15 @@ class AptRepo:
         with tempfile.TemporaryDirectory() as tmp:
             pkg = Path(tmp) / "pkg"
             (pkg / "DEBIAN").mkdir(parents=True)
-            control = [f"Package: {name}", f"Version: {version}", "Architecture: all",
-                       "Maintainer: patchd lab <lab@example.invalid>", "Section: misc",
-                       "Priority: optional", f"Description: patchd lab package {name}"]
+            control = [
+                f"Package: {name}",
+                f"Version: {version}",
+                "Architecture: all",
+                "Maintainer: patchd lab <lab@example.invalid>",
+                "Section: misc",
+                "Priority: optional",
+                f"Description: patchd lab package {name}",
+            ]
             if depends:
                 control.append(f"Depends: {depends}")
             (pkg / "DEBIAN/control").write_text("\n".join(control) + "\n")
@@ -112,8 +144,11 @@ class AptRepo:
                 target = pkg / dest.lstrip("/")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(content)
-            subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(pkg), str(path)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(pkg), str(path)],
+                check=True,
+                capture_output=True,
+            )
         self.index(suite)
         return Published(name, version, suite, path)
 
@@ -137,13 +172,24 @@ class AptRepo:
         suite_dir.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            packages = subprocess.run(["dpkg-scanpackages", "-m", ".", "/dev/null"], cwd=suite_dir,
-                                      check=True, capture_output=True).stdout
+            packages = subprocess.run(
+                ["dpkg-scanpackages", "-m", ".", "/dev/null"],
+                cwd=suite_dir,
+                check=True,
+                capture_output=True,
+            ).stdout
             _atomic_write(suite_dir / "Packages", packages)
-            fields = {"Origin": "Debian", **SUITES[suite], "Architectures": "all amd64",
-                      "Components": "main", "Date": formatdate(usegmt=True)}
+            fields = {
+                "Origin": "Debian",
+                **SUITES[suite],
+                "Architectures": "all amd64",
+                "Components": "main",
+                "Date": formatdate(usegmt=True),
+            }
             release = "".join(f"{k}: {v}\n" for k, v in fields.items())
-            release += (f"SHA256:\n {hashlib.sha256(packages).hexdigest()} {len(packages)} Packages\n")
+            release += (
+                f"SHA256:\n {hashlib.sha256(packages).hexdigest()} {len(packages)} Packages\n"
+            )
             _atomic_write(suite_dir / "Release", release.encode())
 
 
@@ -162,7 +208,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         super().end_headers()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
 

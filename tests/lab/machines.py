@@ -128,7 +128,9 @@ class Bed:
     def address(self, name: str) -> str:
         return f"{self.net}.{int(name.removeprefix(MACHINE_PREFIX))}"
 
-    def docker(self, *args: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    def docker(
+        self, *args: str, check: bool = True, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
         env.update(DOCKER_CONFIG=str(self.dir / "cli"), DOCKER_BUILDKIT="0")
         cmd = ["docker", "-H", f"unix://{self.sock}", *args]
@@ -161,13 +163,33 @@ class Bed:
         t0 = time.monotonic()
         with open(self.dockerd_log, "a") as out:
             proc = subprocess.Popen(
-                ["dockerd", "--data-root", str(self.data), "--exec-root", str(self.run / "x"),
-                 "-H", f"unix://{self.sock}", "--pidfile", str(self.pidfile),
-                 "--iptables=false", "--ip6tables=false", "--bridge=none",
-                 "--storage-driver=overlay2", "--containerd-namespace", self.namespace,
-                 "--containerd-plugins-namespace", f"{self.namespace}-plugins",
-                 "--cgroup-parent", f"/{self.cgroup}", "--shutdown-timeout", "5"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                [
+                    "dockerd",
+                    "--data-root",
+                    str(self.data),
+                    "--exec-root",
+                    str(self.run / "x"),
+                    "-H",
+                    f"unix://{self.sock}",
+                    "--pidfile",
+                    str(self.pidfile),
+                    "--iptables=false",
+                    "--ip6tables=false",
+                    "--bridge=none",
+                    "--storage-driver=overlay2",
+                    "--containerd-namespace",
+                    self.namespace,
+                    "--containerd-plugins-namespace",
+                    f"{self.namespace}-plugins",
+                    "--cgroup-parent",
+                    f"/{self.cgroup}",
+                    "--shutdown-timeout",
+                    "5",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
             )
         deadline = time.monotonic() + ENGINE_TIMEOUT
         while not self.ping():
@@ -188,7 +210,9 @@ class Bed:
         if pid:
             _stop_pid(pid)
             log(f"dockerd (overlay2): stopped pid {pid}")
-        containerd = _our_pid(self.run / "x/containerd/containerd.pid", str(self.run / "x/containerd/containerd.toml"))
+        containerd = _our_pid(
+            self.run / "x/containerd/containerd.pid", str(self.run / "x/containerd/containerd.toml")
+        )
         if containerd:
             _stop_pid(containerd)
         for proc in Path("/proc").iterdir():
@@ -222,8 +246,19 @@ class Bed:
             t0 = time.monotonic()
             with open(sources) as stdin, open(build_log, "w") as out:
                 rc = subprocess.call(
-                    ["mmdebstrap", "--variant=minbase", "--format=tar", f"--include={PACKAGES}",
-                     SUITE, str(partial), "-"], stdin=stdin, stdout=out, stderr=out)
+                    [
+                        "mmdebstrap",
+                        "--variant=minbase",
+                        "--format=tar",
+                        f"--include={PACKAGES}",
+                        SUITE,
+                        str(partial),
+                        "-",
+                    ],
+                    stdin=stdin,
+                    stdout=out,
+                    stderr=out,
+                )
             if rc:
                 partial.unlink(missing_ok=True)
                 raise Failed(f"mmdebstrap failed (exit {rc}); see {build_log}")
@@ -276,14 +311,24 @@ class Bed:
         for suite in ("main", "security"):
             (self.repo / suite).mkdir(parents=True, exist_ok=True)
         sys.path.insert(0, str(HERE))
-        import aptrepo  # noqa: PLC0415  (lab.sh may run this file outside the repo's venv)
+        import aptrepo
 
         aptrepo.AptRepo(self.repo, "").index_all()
         self.apt_addr.unlink(missing_ok=True)
         with open(self.apt_log, "a") as out:
             proc = subprocess.Popen(
-                [sys.executable, str(HERE / "aptrepo.py"), "serve", str(self.repo), str(self.apt_addr)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                [
+                    sys.executable,
+                    str(HERE / "aptrepo.py"),
+                    "serve",
+                    str(self.repo),
+                    str(self.apt_addr),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
         self.apt_pid.write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + 20
         while not self.apt_addr.exists():
@@ -303,17 +348,47 @@ class Bed:
             self.docker("rm", "-f", name, check=False)
             addr = self.address(name)
             if _port_open(addr, SSH_PORT):
-                raise Failed(f"{addr}:{SSH_PORT} is already taken (another lab?): "
-                             "set PATCHD_LAB_MACHINE_NET to a free 127.x.y")
+                raise Failed(
+                    f"{addr}:{SSH_PORT} is already taken (another lab?): "
+                    "set PATCHD_LAB_MACHINE_NET to a free 127.x.y"
+                )
             self.docker(
-                "run", "-d", "--name", name, "--restart", "always",
-                "--cap-add=ALL", "--cap-drop=SYS_RESOURCE", "--security-opt", "seccomp=unconfined",
-                "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
-                "--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp", "-t",
-                "--network", "host", "-e", "container=docker",
-                "-e", f"LAB_MACHINE_ADDR={addr}", "-e", f"LAB_APT_URL=http://{apt_addr}",
-                "-v", f"{self.keys / name}:/lab:ro", "--stop-signal", "SIGRTMIN+3",
-                "--entrypoint", "/usr/local/sbin/lab-init", image)
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--restart",
+                "always",
+                "--cap-add=ALL",
+                "--cap-drop=SYS_RESOURCE",
+                "--security-opt",
+                "seccomp=unconfined",
+                "--cgroupns=host",
+                "-v",
+                "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+                "--tmpfs",
+                "/run",
+                "--tmpfs",
+                "/run/lock",
+                "--tmpfs",
+                "/tmp",
+                "-t",
+                "--network",
+                "host",
+                "-e",
+                "container=docker",
+                "-e",
+                f"LAB_MACHINE_ADDR={addr}",
+                "-e",
+                f"LAB_APT_URL=http://{apt_addr}",
+                "-v",
+                f"{self.keys / name}:/lab:ro",
+                "--stop-signal",
+                "SIGRTMIN+3",
+                "--entrypoint",
+                "/usr/local/sbin/lab-init",
+                image,
+            )
 
     def wait_ssh(self) -> None:
         deadline = time.monotonic() + BOOT_TIMEOUT
@@ -322,7 +397,9 @@ class Bed:
             while not _ssh_banner(addr, SSH_PORT):
                 if time.monotonic() > deadline:
                     tail = self.docker("logs", "--tail", "30", name, check=False).stdout
-                    raise Failed(f"{name}: no sshd on {addr}:{SSH_PORT} after {BOOT_TIMEOUT}s\n{tail}")
+                    raise Failed(
+                        f"{name}: no sshd on {addr}:{SSH_PORT} after {BOOT_TIMEOUT}s\n{tail}"
+                    )
                 time.sleep(0.2)
 
     def write_env(self, apt_addr: str) -> None:
@@ -348,7 +425,9 @@ class Bed:
         self.start_machines(image, apt_addr)
         self.wait_ssh()
         self.write_env(apt_addr)
-        log(f"{self.count} machines on {self.net}.1-{self.count} up in {time.monotonic() - t0:.1f}s")
+        log(
+            f"{self.count} machines on {self.net}.1-{self.count} up in {time.monotonic() - t0:.1f}s"
+        )
 
     def down(self) -> None:
         self.env_file.unlink(missing_ok=True)
@@ -424,7 +503,9 @@ def _kill_cgroup(name: str) -> None:
                     os.kill(int(pid), signal.SIGKILL)
     time.sleep(0.2)
     for root in roots:
-        for d in sorted((p for p in [root, *root.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+        for d in sorted(
+            (p for p in [root, *root.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)
+        ):
             with contextlib.suppress(OSError):
                 d.rmdir()
 
@@ -441,8 +522,11 @@ def _unmount_under(*dirs: Path) -> None:
 
 
 def _keygen(path: Path, comment: str) -> None:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                   check=True, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _port_open(host: str, port: int) -> bool:
