@@ -93,7 +93,11 @@ class AptRepo:
             f"systemctl restart {name}.service || true"
         )
         return self.publish(
-            name, version, files={f"/lib/systemd/system/{name}.service": unit}, postinst=postinst
+            name,
+            version,
+            files={f"/lib/systemd/system/{name}.service": unit},
+            postinst=postinst,
+            prerm=f"systemctl stop {name}.service || true",
         )
 
     def needing_reboot(self, name: str, version: str) -> Published:
@@ -115,6 +119,7 @@ class AptRepo:
         suite: str = "main",
         files: dict[str, str] | None = None,
         postinst: str | None = None,
+        prerm: str | None = None,
         depends: str | None = None,
     ) -> Published:
         """Build NAME_VERSION_all.deb into SUITE and reindex it."""
@@ -136,10 +141,11 @@ class AptRepo:
             if depends:
                 control.append(f"Depends: {depends}")
             (pkg / "DEBIAN/control").write_text("\n".join(control) + "\n")
-            if postinst is not None:
-                script = pkg / "DEBIAN/postinst"
-                script.write_text(f"#!/bin/sh\nset -e\n{postinst}\n")
-                script.chmod(0o755)
+            for script_name, body in (("postinst", postinst), ("prerm", prerm)):
+                if body is not None:
+                    script = pkg / "DEBIAN" / script_name
+                    script.write_text(f"#!/bin/sh\nset -e\n{body}\n")
+                    script.chmod(0o755)
             for dest, content in (files or {}).items():
                 target = pkg / dest.lstrip("/")
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -416,6 +416,10 @@ class Bed:
         self.env_file.write_text("".join(f"export {k}='{v}'\n" for k, v in values.items()))
 
     def up(self) -> None:
+        if self.count == 0:
+            log("PATCHD_LAB_MACHINES=0: no machines")
+            self.env_file.unlink(missing_ok=True)
+            return
         t0 = time.monotonic()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.make_keys()
@@ -443,6 +447,8 @@ class Bed:
     def status(self) -> bool:
         ok = True
         pid = self.engine_pid()
+        if self.count == 0 and not pid:
+            return True
         up = bool(pid) and self.ping()
         print(f"{'machines':<9} {'up' if up else 'down':<5} pid {pid or '-':<8} unix://{self.sock}")
         ok &= up
