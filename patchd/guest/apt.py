@@ -86,7 +86,8 @@ class AptDriver:
             raise self._failure(what, result)
 
     def _failure(self, what: str, result: Result) -> Exception:
-        text = result.stderr + "\n" + result.stdout
+        # dpkg runs under apt's pseudo-terminal: its lines end in \r\n.
+        text = (result.stderr + "\n" + result.stdout).replace("\r\n", "\n")
         name = self.session.name
         if _INTERRUPTED in text:
             return PackageManagerError(

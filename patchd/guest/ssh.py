@@ -257,6 +257,12 @@ class Session:
                 if busy:
                     continue
                 if channel.exit_status_ready():
+                    # Output that arrived between the checks above and the exit status
+                    # is buffered already (the server sends it first): take it all.
+                    while channel.recv_ready():
+                        out += channel.recv(65536)
+                    while channel.recv_stderr_ready():
+                        err_out += channel.recv_stderr(65536)
                     break
                 if not transport.is_active():
                     raise CommandFailed(f"{self.name}: connection lost while running `{shown}`")
