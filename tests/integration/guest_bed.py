@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -95,9 +96,16 @@ class Bed:
     def install(self, names: list[str], versions: dict[str, str]) -> None:
         """Put packages on exact versions (as root, not through patchd)."""
         args = shlex.join(f"{p}={v}" for p, v in versions.items())
-        for name in names:
-            self.root(name, "sh", "-c", f"apt-get update -q && DEBIAN_FRONTEND=noninteractive"
-                      f" apt-get install -y -q --allow-downgrades {args}")  # fmt: skip
+        script = (
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive"
+            f" apt-get install -y -q --allow-downgrades {args}"
+        )
+        self.each(names, "sh", "-c", script)
+
+    def each(self, names: list[str], *argv: str) -> None:
+        """Run a command as root on several machines at once."""
+        with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
+            list(pool.map(lambda name: self.root(name, *argv), names))
 
     def audit(self, name: str) -> str:
         """dpkg's own list of half-installed or half-configured packages (empty = clean)."""
@@ -108,8 +116,7 @@ class Bed:
         for suite in ("main", "security"):
             for deb in (self.repo.root / suite).glob("lab-*.deb"):
                 self.repo.withdraw(deb.name.split("_")[0])
-        for name in self.names:
-            self.root(name, "sh", "-c", _CLEAN)
+        self.each(self.names, "sh", "-c", _CLEAN)
 
     def backend(self, names: list[str] | None = None, **ssh: object) -> SSHBackend:
         """An ssh backend over the machines (all, or `names`), logging in as root."""
