@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from patchd.guest.apt import AptDriver
-from patchd.guest.errors import HostKeyRejected, PackageManagerError, SudoDenied
+from patchd.guest.errors import AuthFailed, HostKeyRejected, PackageManagerError, SudoDenied
 from patchd.guest.settings import SshModel
 from patchd.guest.ssh import Session
 from tests.integration.guest_bed import Bed, bed, machines
@@ -144,3 +144,20 @@ def test_the_dpkg_lock_is_waited_for_then_refused(bed: Bed) -> None:
         assert bed.installed(name, pkg) == "1.0"
     finally:
         bed.root(name, "systemctl", "stop", "lab-lock", check=False)
+
+
+def test_the_key_can_come_from_a_systemd_credential(
+    bed: Bed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = bed.names[0]
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "machines-key").write_bytes(bed.key.read_bytes())
+    base = {"user": "root", "known_hosts": str(bed.known_hosts), "connect_timeout": "10s"}
+    model = SshModel.model_validate({**base, "identity_credential": "machines-key"})
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(AuthFailed, match=r"\$CREDENTIALS_DIRECTORY is not set"):
+        Session(name, bed.addresses[name], model).open()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    with Session(name, bed.addresses[name], model) as s:
+        assert s.run(["id", "-un"]).stdout.strip() == "root"
