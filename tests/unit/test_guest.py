@@ -5,6 +5,7 @@ identities, command lines, apt's error messages, the ssh backend's config and le
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -169,3 +170,13 @@ def test_apt_errors_say_what_to_do() -> None:
     )
     assert isinstance(err, CommandFailed)
     assert "dpkg: error processing package a (--configure):; installed a package" in str(err)
+
+
+def test_paramiko_is_loaded_only_when_a_session_opens() -> None:
+    # The idle daemon's budget (60 MB RSS): loading the ssh backend costs no SSH library.
+    code = (
+        "import sys, patchd.backends.ssh, patchd.guest.apt, patchd.guest.system;"
+        "print(sorted(m for m in ('paramiko', 'cryptography') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
