@@ -22,7 +22,8 @@ Environment:
   PATCHD_LAB_MACHINES      how many machines (default 4)
   PATCHD_LAB_MACHINE_NET   the first three octets of their addresses (default 127.0.10):
                            machine N listens on NET.N. Two labs on one host need two nets.
-  PATCHD_LAB_CACHE         where the rootfs tarball is kept (default /var/cache/patchd-lab)
+  PATCHD_LAB_CACHE         where the rootfs tarball is kept (default /var/cache/patchd-lab,
+                           or ~/.cache/patchd-lab when that is not writable)
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class Bed:
         self.dockerd_log = self.dir / "dockerd.log"
         self.namespace = f"patchd-machines-{lab_id}"
         self.cgroup = f"patchd-machines-{lab_id}"
-        self.cache = Path(os.environ.get("PATCHD_LAB_CACHE") or "/var/cache/patchd-lab")
+        self.cache = _cache_dir()
         self.count = int(os.environ.get("PATCHD_LAB_MACHINES") or 4)
         self.net = os.environ.get("PATCHD_LAB_MACHINE_NET") or "127.0.10"
         self.keys = self.dir / "keys"
@@ -463,6 +464,16 @@ class Bed:
 
 
 # --- small helpers -----------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    """PATCHD_LAB_CACHE, else /var/cache/patchd-lab, else (not root) ~/.cache/patchd-lab."""
+    if os.environ.get("PATCHD_LAB_CACHE"):
+        return Path(os.environ["PATCHD_LAB_CACHE"])
+    system = Path("/var/cache/patchd-lab")
+    if os.access(system if system.exists() else system.parent, os.W_OK):
+        return system
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchd-lab"
 
 
 def _cmdline(pid: int) -> list[str]:
