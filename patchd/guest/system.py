@@ -73,23 +73,33 @@ def wait_running(
     bad_since: float | None = None
     state = "unknown"
     name = "?"
-    while True:
-        try:
-            with connect() as session:
-                name = session.name
+    session: Session | None = None  # kept across polls; a new one after a failure
+    try:
+        while True:
+            try:
+                if session is None:
+                    fresh = connect()
+                    name = fresh.name
+                    session = fresh.open()
                 state = session.run(["systemctl", "is-system-running"], check=False).stdout.strip()
                 if state == "running":
                     return
                 units = failed_units(session) if state not in _STARTING else []
-        except (Unreachable, CommandFailed) as err:
-            state, units = f"unreachable ({err})", []
-        now = time.monotonic()
-        if state in _STARTING or state.startswith("unreachable"):
-            bad_since = None
-        elif bad_since is None:
-            bad_since = now
-        settled = bad_since is not None and now - bad_since >= settle
-        if settled or now >= deadline:
-            detail = f"; failed units: {', '.join(units)}" if units else ""
-            raise StepFailed(f"{name}: systemctl is-system-running says {state}{detail}")
-        sleep(1.0)
+            except (Unreachable, CommandFailed) as err:
+                state, units = f"unreachable ({err})", []
+                if session is not None:
+                    session.close()
+                    session = None
+            now = time.monotonic()
+            if state in _STARTING or state.startswith("unreachable"):
+                bad_since = None
+            elif bad_since is None:
+                bad_since = now
+            settled = bad_since is not None and now - bad_since >= settle
+            if settled or now >= deadline:
+                detail = f"; failed units: {', '.join(units)}" if units else ""
+                raise StepFailed(f"{name}: systemctl is-system-running says {state}{detail}")
+            sleep(1.0)
+    finally:
+        if session is not None:
+            session.close()
