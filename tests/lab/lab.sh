@@ -3,7 +3,8 @@
 # simulator (vcsim), all on this machine, each with its own directory, pid file and a
 # free port chosen at start.
 #
-#   tests/lab/lab.sh up       install missing Debian packages, start (or reuse) everything
+#   tests/lab/lab.sh up       install missing Debian packages, start (or reuse) everything,
+#                             Debian machines and their apt repository included (machines.py)
 #   tests/lab/lab.sh env      print LABDIR/lab.env:  eval "$(tests/lab/lab.sh env)"
 #   tests/lab/lab.sh status   one line per service; exit 0 only if all are up
 #   tests/lab/lab.sh down     stop everything by pid file, clean up dockerd's leftovers
@@ -22,6 +23,8 @@
 #                      .venv/bin/python if present, else python3; without pyVmomi the
 #                      probe falls back to a SOAP request with curl)
 #   PATCHD_LAB_SKIP_APT=1  never run apt-get (fail if a package is missing)
+#   PATCHD_LAB_MACHINES, PATCHD_LAB_MACHINE_NET, PATCHD_LAB_CACHE: see tests/lab/machines.py
+#                      (PATCHD_LAB_MACHINES=0: no machines)
 #
 # It never talks to the system Docker engine: dockerd gets its own data-root,
 # exec-root, socket, containerd namespace and cgroup parent, all named after the lab
@@ -33,7 +36,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 
 PACKAGES=(docker.io docker-registry busybox-static golang-go golang-github-vmware-govmomi-dev
-          prometheus faketime curl openssl systemd)
+          prometheus faketime curl openssl systemd mmdebstrap dpkg-dev openssh-client)
 
 BASE_IMAGE_RAW=patchd-lab/busybox-base:latest
 BASE_IMAGE=patchd-lab/busybox:latest
@@ -606,6 +609,21 @@ start_vcsim() {
     die vcsim "could not bind a free port in 3 attempts" "$VC_LOG"
 }
 
+# --- Debian machines (tests/lab/machines.py) --------------------------------------
+
+# They boot on an engine of their own, in the background while the rest starts.
+start_machines() {
+    MACHINES_LOG=$LAB_DIR/machines.log
+    python3 "$SCRIPT_DIR/machines.py" up "$LAB_DIR" </dev/null >"$MACHINES_LOG" 2>&1 9>&- &
+    MACHINES_PID=$!
+}
+
+wait_machines() {
+    STEP=machines
+    wait "$MACHINES_PID" || die machines "tests/lab/machines.py up failed" "$MACHINES_LOG"
+    cat "$MACHINES_LOG" >&2
+}
+
 # --- commands ----------------------------------------------------------------------
 
 lock_lab() {
@@ -632,6 +650,7 @@ write_env() {
         printf "export PATCHD_LAB_VCSIM_PASSWORD='pass'\n"
         printf "export PATCHD_LAB_VCSIM_BIN='%s'\n" "$VC_BIN"
         printf "export PATCHD_LAB_BASE_IMAGE='%s'\n" "$BASE_IMAGE"
+        if [[ -s $LAB_DIR/machines/env ]]; then cat "$LAB_DIR/machines/env"; fi
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }
@@ -644,11 +663,13 @@ cmd_up() {
     pick_python
     ensure_packages
     mkdir -p "$DK_DIR" "$REG_DIR" "$VC_DIR"
+    start_machines
     start_dockerd
     start_registry
     build_vcsim
     start_vcsim
     build_images
+    wait_machines
     write_env
     STEP="finished"
     log "up in $(since "$t0"); env: $ENV_FILE  (eval \"\$($0 env)\")"
@@ -662,6 +683,7 @@ cmd_down() {
     stop_service vcsim "$VC_PID" "$VC_BIN"
     stop_service registry "$REG_PID" "$REG_CONF"
     stop_dockerd
+    python3 "$SCRIPT_DIR/machines.py" down "$LAB_DIR" 9>&- || log "WARNING: machines.py down failed"
     rm -f "$DK_SOCK"
     [[ $DK_RUN == "$LAB_DIR"/* ]] || rmdir "$DK_RUN" 2>/dev/null || true
     log "down"
@@ -715,6 +737,7 @@ cmd_status() {
     else
         printf '%-9s down  %-12s %s\n' vcsim - "http://$addr/sdk"; all=1
     fi
+    python3 "$SCRIPT_DIR/machines.py" status "$LAB_DIR" || all=1
     return "$all"
 }
 

@@ -1,0 +1,407 @@
+"""SSH backend (`type = "ssh"`): patches the operating system of plain Linux machines with
+their own package manager, over SSH, with no agent and no snapshot.
+
+A target is a machine of the backend's inventory (`hosts`, or an `inventory` TOML file of
+`[[hosts]]`), identified by its name. One patch:
+
+- check_update: refresh the package lists, simulate the full upgrade and take the pending
+  set of exact versions. `Update.ref` is "packages:<driver>"; `available` is the identity
+  of that set (patchd.guest.packages.identity), `current` the identity of the installed
+  versions of the same packages. A pin on the ref (what staging verified) limits the
+  install to that set's versions: packages staging never verified are left alone, and a
+  repository that has moved on since does not matter. Every set seen is kept in a ledger
+  (in memory, and in the `ledger` file when set, so pins resolve after a restart).
+- snapshot: record the installed version of every package the set changes (and run the
+  site's `snapshot_command`, e.g. an LVM snapshot, when set). Nothing is copied.
+- apply: install exactly the set; reboot when the machine asks for it
+  (/var/run/reboot-required) or `patch.reboot` is set, and wait until SSH answers with a
+  new boot id.
+- verify: the installed versions are the set's, and `systemctl is-system-running` says
+  running (degraded fails with the failed units named).
+- rollback: DOWNGRADE exactly the packages whose installed version differs from the
+  recorded one (removing those that were new), check the versions and the system state.
+  It is logged as a downgrade: package scripts ran forward and back, which is not a
+  restore of the disk.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import threading
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, FilePath, ValidationError, model_validator
+
+from patchd.backends.base import (
+    BackendError,
+    Retained,
+    RollbackFailed,
+    Snapshot,
+    StepFailed,
+    Target,
+    TransientError,
+    Update,
+)
+from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
+from patchd.config.types import STRICT, Duration
+from patchd.guest.settings import SshModel
+
+KIND = "machine"
+_SETTLE = 5.0  # seconds a degraded state must last before verify calls it final
+
+
+class Host(BaseModel):
+    """One machine of the inventory."""
+
+    model_config = STRICT
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")]
+    address: Annotated[str, Field(min_length=1)]
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Inventory(BaseModel):
+    model_config = STRICT
+
+    hosts: list[Host] = Field(default_factory=list)
+
+
+class SSHConfig(BaseModel):
+    """`[backends.NAME]` keys for `type = "ssh"`."""
+
+    model_config = STRICT
+
+    hosts: list[Host] = Field(default_factory=list)
+    # A TOML file of [[hosts]] tables (name, address, labels), read at each discover.
+    inventory: FilePath | None = None
+    ssh: SshModel
+    package_manager: Literal["apt"] = "apt"
+    # How long an install waits for another apt or dpkg to release the lock.
+    lock_timeout: Duration = timedelta(minutes=5)
+    # Longest wait for a machine to go down and come back with a new boot id.
+    reboot_timeout: Duration = timedelta(minutes=15)
+    # After a downgrade: longest wait for the machine to be running again.
+    rollback_timeout: Duration = timedelta(minutes=10)
+    # A site hook run ON the machine (with sudo when ssh.sudo) before the install, e.g. an
+    # LVM or btrfs snapshot; "{snapshot}" in an argument becomes the snapshot's name.
+    snapshot_command: Annotated[list[str], Field(min_length=1)] | None = None
+    # Where the package sets seen by check_update are kept, so that staged promotion's
+    # pins resolve after a restart (a JSON file; in memory only when unset).
+    ledger: Path | None = None
+
+    @model_validator(mode="after")
+    def _unique(self) -> SSHConfig:
+        names = [h.name for h in self.hosts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"hosts: duplicate names {', '.join(dup)}")
+        return self
+
+
+class SSHSelect(BaseModel):
+    """A group's `select` for ssh: any name glob (all hosts when none), every label."""
+
+    model_config = STRICT
+
+    names: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What check_update found for one target: the exact versions to install."""
+
+    versions: Mapping[str, str]
+    installed: Mapping[str, str | None]
+    security: frozenset[str]
+
+    @property
+    def available(self) -> str:
+        from patchd.guest.packages import identity
+
+        return identity(self.versions)
+
+
+class _Ledger:
+    """Package sets by identity, shared by every ssh backend of the process (a staging
+    and a production backend may be two tables), optionally kept in a file."""
+
+    _lock = threading.Lock()
+    _sets: ClassVar[dict[str, dict[str, str]]] = {}
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def _load(self) -> None:
+        if self.path is not None and self.path.exists():
+            try:
+                stored = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise StepFailed(f"cannot read the package-set ledger {self.path}: {err}") from None
+            for key, versions in stored.items():
+                self._sets.setdefault(key, dict(versions))
+
+    def add(self, key: str, versions: Mapping[str, str]) -> None:
+        with self._lock:
+            if self._sets.get(key) == dict(versions):
+                return
+            self._sets[key] = dict(versions)
+            if self.path is not None:
+                self._load()
+                tmp = self.path.with_name(f".{self.path.name}.tmp")
+                tmp.write_text(json.dumps(self._sets, sort_keys=True), encoding="utf-8")
+                tmp.replace(self.path)
+
+    def get(self, key: str) -> dict[str, str] | None:
+        with self._lock:
+            if key not in self._sets:
+                self._load()
+            found = self._sets.get(key)
+            return dict(found) if found is not None else None
+
+
+class SSHBackend:
+    """The ssh backend plugin: one `[backends.NAME]` table, an inventory of machines."""
+
+    config_model: ClassVar[type[BaseModel]] = SSHConfig
+    select_model: ClassVar[type[BaseModel]] = SSHSelect
+
+    def __init__(self, name: str, config: Any) -> None:
+        self.name = name
+        self.config: SSHConfig = (
+            config if isinstance(config, SSHConfig) else SSHConfig.model_validate(config)
+        )
+        self.ref = f"packages:{self.config.package_manager}"
+        self.ledger = _Ledger(self.config.ledger)
+        self._plans: dict[tuple[str, str], Plan] = {}
+        self._lock = threading.Lock()
+
+    # --- machines and sessions -----------------------------------------------------------
+    def hosts(self) -> list[Host]:
+        hosts = list(self.config.hosts)
+        path = self.config.inventory
+        if path is not None:
+            try:
+                hosts += Inventory.model_validate(tomllib.loads(path.read_text())).hosts
+            except (OSError, ValueError, ValidationError) as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise BackendError(f"inventory {path}: {reason}") from None
+        return hosts
+
+    def _host(self, target: Target) -> Host:
+        for host in self.hosts():
+            if host.name == target.id:
+                return host
+        raise StepFailed(f"{target.name}: no longer in the inventory of backend {self.name!r}")
+
+    def _connect(self, target: Target) -> Any:
+        from patchd.guest.ssh import Session
+
+        return Session(target.name, self._host(target).address, self.config.ssh)
+
+    def _driver(self, session: Any) -> Any:
+        from patchd.guest.apt import AptDriver
+
+        return AptDriver(session, self.config.lock_timeout.total_seconds())
+
+    def ping(self) -> None:
+        # Machines are many and any may be down; what must work for all is the key.
+        from patchd.guest.ssh import Session
+
+        try:
+            Session(self.name, "", self.config.ssh)._private_key()
+        except StepFailed as err:
+            raise TransientError(str(err)) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+    def discover(self, select: BaseModel) -> Sequence[Target]:
+        assert isinstance(select, SSHSelect)
+        found = []
+        for host in self.hosts():
+            if select.names and not any(fnmatch.fnmatchcase(host.name, p) for p in select.names):
+                continue
+            if any(host.labels.get(k) != v for k, v in select.labels.items()):
+                continue
+            found.append(Target(id=host.name, name=host.name, kind=KIND, labels=host.labels))
+        return sorted(found, key=lambda t: t.name)
+
+    def describe(self, target: Target) -> Mapping[str, str]:
+        host = self._host(target)
+        return {
+            "name": target.name,
+            "address": host.address,
+            "ip": host.address,
+            "user": self.config.ssh.user,
+            "package_manager": self.config.package_manager,
+        }
+
+    # --- what is pending -----------------------------------------------------------------
+    def check_update(
+        self, target: Target, pins: Mapping[str, str], patch: PatchModel
+    ) -> Update | None:
+        from patchd.guest.packages import identity
+
+        with self._connect(target) as session:
+            driver = self._driver(session)
+            driver.refresh()
+            pending = driver.pending()
+        if not pending:
+            return None
+        installed = {p.package: p.installed for p in pending}
+        security = frozenset(p.package for p in pending if p.security)
+        versions = {p.package: p.candidate for p in pending}
+        pin = pins.get(self.ref)
+        if pin is not None:
+            if pin == identity(installed):
+                return None
+            verified = self.ledger.get(pin)
+            if verified is not None:
+                versions = {
+                    p: v for p, v in verified.items() if p in installed and installed[p] != v
+                }
+                if not versions:
+                    return None
+                installed = {p: installed[p] for p in versions}
+        plan = Plan(versions, installed, security & set(versions))
+        if pin is not None and verified is not None:
+            available = pin  # a subset of the verified set, named by it
+        else:
+            available = plan.available
+            self.ledger.add(available, versions)
+        with self._lock:
+            self._plans[(target.id, available)] = plan
+        return Update(ref=self.ref, current=identity(installed), available=available)
+
+    def _plan(self, target: Target, available: str) -> Plan:
+        with self._lock:
+            plan = self._plans.get((target.id, available))
+        if plan is None:
+            raise StepFailed(
+                f"{target.name}: no pending package set {available} was checked for it"
+                " in this process (check_update first)"
+            )
+        return plan
+
+    # --- the patch ---------------------------------------------------------------------
+    def plan_snapshot(self, target: Target, run_id: str) -> Snapshot:
+        return Snapshot(target.id, {"machine": target.id, "name": f"patchd-{run_id}"})
+
+    def snapshot(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> Snapshot:
+        """Record the installed versions of what the latest check found pending."""
+        with self._lock:
+            plans = [p for (tid, _), p in self._plans.items() if tid == target.id]
+        packages = sorted({name for plan in plans for name in plan.versions})
+        with self._connect(target) as session:
+            if not packages:  # no check in this process: record what is pending now
+                packages = [p.package for p in self._driver(session).pending()]
+            recorded = self._driver(session).installed(packages)
+            if self.config.snapshot_command:
+                argv = [
+                    a.replace("{snapshot}", snapshot.data["name"])
+                    for a in self.config.snapshot_command
+                ]
+                session.run(argv, sudo=True)
+        return Snapshot(target.id, {**snapshot.data, "recorded": recorded})
+
+    def apply(self, target: Target, update: Update, snapshot: Snapshot, patch: PatchModel) -> None:
+        from patchd.guest import system
+
+        plan = self._plan(target, update.available)
+        recorded = snapshot.data.get("recorded") or {}
+        unrecorded = sorted(set(plan.versions) - set(recorded))
+        if unrecorded:
+            raise StepFailed(
+                f"{target.name}: the snapshot did not record {', '.join(unrecorded)};"
+                " not installing what could not be rolled back"
+            )
+        with self._connect(target) as session:
+            driver = self._driver(session)
+            driver.install(plan.versions)
+            reason = driver.reboot_required() or ("patch.reboot = true" if patch.reboot else None)
+            if reason is None:
+                return
+            from patchd import log
+
+            log.get().info("rebooting after the install", target=target.name, reason=reason)
+            system.reboot(
+                lambda: self._connect(target),
+                session,
+                self.config.reboot_timeout.total_seconds(),
+            )
+
+    def verify(self, target: Target, update: Update, health: HealthModel) -> None:
+        from patchd.guest import system
+        from patchd.guest.packages import describe
+
+        timeout = health.timeout.total_seconds()
+        system.wait_running(lambda: self._connect(target), timeout, min(_SETTLE, timeout))
+        with self._lock:
+            plan = self._plans.get((target.id, update.available))
+        if plan is not None:
+            with self._connect(target) as session:
+                now = self._driver(session).installed(plan.versions)
+            wrong = {p: v for p, v in now.items() if v != plan.versions[p]}
+            if wrong:
+                raise StepFailed(
+                    f"{target.name}: installed versions differ from the update: {describe(wrong)}"
+                )
+
+    def commit(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> Retained | None:
+        with self._lock:
+            for key in [k for k in self._plans if k[0] == target.id]:
+                del self._plans[key]
+        return None  # nothing is kept: there is no snapshot to remove later
+
+    def release(self, retained: Mapping[str, Any]) -> None:
+        return None
+
+    def rollback(self, target: Target, snapshot: Snapshot) -> None:
+        """Downgrade exactly the packages whose version differs from the recorded one."""
+        from patchd import log
+        from patchd.guest import system
+        from patchd.guest.errors import Unreachable
+        from patchd.guest.packages import describe
+
+        recorded: dict[str, str | None] = dict(snapshot.data.get("recorded") or {})
+        try:
+            with self._connect(target) as session:
+                driver = self._driver(session)
+                now = driver.installed(recorded)
+                changed = {p: v for p, v in recorded.items() if now.get(p) != v}
+                if changed:
+                    log.get().warning(
+                        "rolling back by downgrading packages (no disk snapshot)",
+                        target=target.name,
+                        downgrade=describe(changed),
+                        were=describe({p: now.get(p) for p in changed}),
+                    )
+                    driver.downgrade(changed)
+                    still = {p: v for p, v in driver.installed(changed).items() if v != changed[p]}
+                    if still:
+                        raise RollbackFailed(
+                            f"{target.name}: after the downgrade, still on {describe(still)}"
+                        )
+                    if driver.reboot_required():
+                        system.reboot(
+                            lambda: self._connect(target),
+                            session,
+                            self.config.reboot_timeout.total_seconds(),
+                        )
+            system.wait_running(
+                lambda: self._connect(target),
+                self.config.rollback_timeout.total_seconds(),
+                _SETTLE,
+            )
+        except (Unreachable, RollbackFailed):
+            raise
+        except BackendError as err:
+            raise RollbackFailed(f"downgrade: {err}") from None

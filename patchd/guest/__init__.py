@@ -1,0 +1,12 @@
+"""Patching an operating system over SSH, with no agent on the machine.
+
+- `settings`: the SSH keys of a config table (user, port, key, sudo, known_hosts, timeouts).
+- `ssh`: one connection to one machine: host-key checks, argv commands, timeouts.
+- `packages`: the package-manager driver interface and the identity of a package set.
+- `apt`: the Debian/Ubuntu driver.
+- `system`: boot id, reboot and wait, `systemctl is-system-running`.
+
+Used by the plain `ssh` backend (patchd.backends.ssh) and, next, by the vSphere VM flow.
+Nothing here imports paramiko at import time: it is loaded on the first connection, so an
+idle daemon that patches only containers never pays for it.
+"""

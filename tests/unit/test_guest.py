@@ -1,0 +1,182 @@
+"""The pure parts of guest patching: apt's simulation output, security detection, package-set
+identities, command lines, apt's error messages, the ssh backend's config and ledger.
+(What needs a machine is tested on the lab's real ones: tests/integration/test_guest_*.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from patchd.backends.ssh import SSHBackend, SSHConfig, SSHSelect, _Ledger
+from patchd.guest.apt import AptDriver, is_security, parse_simulation
+from patchd.guest.errors import CommandFailed, PackageManagerError
+from patchd.guest.packages import Pending, identity
+from patchd.guest.settings import SshModel
+from patchd.guest.ssh import Result, Session
+
+SIMULATION = """\
+Reading package lists...
+Inst libssl3 [3.0.11-1~deb12u1] (3.0.15-1~deb12u1 Debian-Security:12/stable-security [amd64])
+Inst openssl [3.0.11-1~deb12u1] (3.0.15-1~deb12u1 Debian:12.8/stable, {SEC} [amd64])
+Inst tzdata [2024a-0+deb12u1] (2024b-0+deb12u1 Debian:12.8/stable-updates [all])
+Inst linux-image-6.1.0-28-amd64 (6.1.119-1 Debian:12.8/stable [amd64])
+Inst base-files [12.4+deb12u5] (12.4+deb12u8 Ubuntu:22.04/jammy-updates [amd64])
+Conf libssl3 (3.0.15-1~deb12u1 Debian-Security:12/stable-security [amd64])
+Remv oldpkg [1.0]
+""".replace("{SEC}", "Debian-Security:12/stable-security")
+
+
+def test_simulation_lists_every_install_with_versions_and_origin() -> None:
+    assert parse_simulation(SIMULATION) == [
+        Pending("base-files", "12.4+deb12u5", "12.4+deb12u8", False, "Ubuntu:22.04/jammy-updates"),
+        Pending(
+            "libssl3", "3.0.11-1~deb12u1", "3.0.15-1~deb12u1", True,
+            "Debian-Security:12/stable-security",
+        ),
+        Pending("linux-image-6.1.0-28-amd64", None, "6.1.119-1", False, "Debian:12.8/stable"),
+        Pending(
+            "openssl", "3.0.11-1~deb12u1", "3.0.15-1~deb12u1", True,
+            "Debian:12.8/stable, Debian-Security:12/stable-security",
+        ),
+        Pending(
+            "tzdata", "2024a-0+deb12u1", "2024b-0+deb12u1", False, "Debian:12.8/stable-updates",
+        ),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("source", "security"),
+    [
+        ("Debian-Security:bookworm-security", True),
+        ("Debian:12.8/stable", False),
+        ("Ubuntu:22.04/jammy-security", True),
+        ("Ubuntu:22.04/jammy-updates, Ubuntu:22.04/jammy-security", True),
+        ("Debian:bookworm", False),
+    ],
+)
+def test_security_is_told_by_label_or_suite(source: str, security: bool) -> None:
+    assert is_security(source) is security
+
+
+def test_a_package_set_has_one_identity_whatever_the_order() -> None:
+    a = identity({"b": "2", "a": "1", "new": None})
+    assert a == identity({"new": None, "a": "1", "b": "2"})
+    assert a != identity({"a": "1", "b": "2"})
+    assert a != identity({"a": "1", "b": "2.1", "new": None})
+    assert a.startswith("pkgs-") and len(a) == 21
+
+
+def _ssh(tmp_path: Path, **kw: Any) -> SshModel:
+    key = tmp_path / "id"
+    if not key.exists():
+        key.write_text("not a key")
+        key.chmod(0o600)
+    return SshModel.model_validate({"identity_file": str(key), **kw})
+
+
+def test_command_lines_are_quoted_word_by_word(tmp_path: Path) -> None:
+    plain = Session("m", "h", _ssh(tmp_path))
+    assert plain.command_line(["printf", "%s", "a b; rm -rf /"]) == "printf %s 'a b; rm -rf /'"
+    # sudo is asked for, but the session is not privileged: no sudo
+    assert plain.command_line(["apt-get", "update"], sudo=True) == "apt-get update"
+    sudo = Session("m", "h", _ssh(tmp_path, sudo=True))
+    line = sudo.command_line(["apt-get", "install", "x=1"], sudo=True, env={"LC_ALL": "C"})
+    assert line == "sudo -n -- env LC_ALL=C apt-get install x=1"
+    # The line really is what a shell splits back into the argv.
+    word = 'it\'s $(id) `id` "x"'
+    out = subprocess.run(
+        ["sh", "-c", plain.command_line(["printf", "%s", word])], capture_output=True, text=True
+    )
+    assert out.stdout == word
+
+
+def test_ssh_settings_want_exactly_one_key(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValidationError, match="exactly one of identity_file or identity_credential"
+    ):
+        SshModel.model_validate({})
+    with pytest.raises(ValidationError, match="exactly one"):
+        _ssh(tmp_path, identity_credential="key")
+    with pytest.raises(ValidationError, match="not the key itself") as err:
+        SshModel.model_validate({"identity_credential": "-----BEGIN OPENSSH PRIVATE KEY-----"})
+    assert "BEGIN" not in str(err.value).split("\n", 2)[1]  # the value is not echoed back
+    key = tmp_path / "open"
+    key.write_text("x")
+    key.chmod(0o644)
+    with pytest.raises(ValidationError, match="every user can read it"):
+        SshModel.model_validate({"identity_file": str(key)})
+
+
+def test_ssh_backend_config_and_discovery(tmp_path: Path) -> None:
+    ssh = {"identity_file": str(_ssh(tmp_path).identity_file)}
+    with pytest.raises(ValidationError, match="duplicate names web1"):
+        SSHConfig.model_validate({"ssh": ssh, "hosts": [{"name": "web1", "address": "a"}] * 2})
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(
+        '[[hosts]]\nname = "db1"\naddress = "10.0.0.9"\nlabels = { role = "db" }\n'
+    )
+    backend = SSHBackend(
+        "m",
+        {
+            "ssh": ssh,
+            "inventory": str(inventory),
+            "hosts": [
+                {"name": "web2", "address": "10.0.0.2", "labels": {"role": "web"}},
+                {"name": "web1", "address": "10.0.0.1", "labels": {"role": "web"}},
+            ],
+        },
+    )
+    assert [t.name for t in backend.discover(SSHSelect())] == ["db1", "web1", "web2"]
+    assert [t.name for t in backend.discover(SSHSelect(labels={"role": "web"}))] == ["web1", "web2"]
+    assert [t.name for t in backend.discover(SSHSelect(names=["*1"]))] == ["db1", "web1"]
+    [db] = backend.discover(SSHSelect(names=["db1"]))
+    assert backend.describe(db)["address"] == "10.0.0.9"
+    assert backend.plan_snapshot(db, "r1") == backend.plan_snapshot(db, "r1")
+
+
+def test_the_ledger_file_resolves_sets_in_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    _Ledger(path).add("pkgs-x", {"a": "1.1"})
+    _Ledger._sets.clear()  # as after a restart
+    assert _Ledger(path).get("pkgs-x") == {"a": "1.1"}
+    assert _Ledger(path).get("pkgs-unknown") is None
+
+
+def _driver_failure(stderr: str, stdout: str = "") -> Exception:
+    driver = AptDriver(SimpleNamespace(name="web1"))  # type: ignore[arg-type]
+    return driver._failure("installing a=1", Result(("apt-get",), 100, stdout, stderr))
+
+
+def test_apt_errors_say_what_to_do() -> None:
+    err = _driver_failure(
+        "E: dpkg was interrupted, you must manually run 'dpkg --configure -a' to correct"
+        " the problem."
+    )
+    assert isinstance(err, PackageManagerError)
+    assert "run `dpkg --configure -a` on the machine" in str(err)
+    err = _driver_failure("E: Version '9.9' for 'nginx' was not found\n")
+    assert isinstance(err, PackageManagerError)
+    assert str(err) == "web1: installing a=1: no repository offers nginx=9.9 (any more)"
+    err = _driver_failure(
+        "E: Sub-process /usr/bin/dpkg returned an error code (1)\n",
+        "dpkg: error processing package a (--configure):\r\n installed a package post-installation"
+        " script subprocess returned error exit status 1\r\n",
+    )
+    assert isinstance(err, CommandFailed)
+    assert "dpkg: error processing package a (--configure):; installed a package" in str(err)
+
+
+def test_paramiko_is_loaded_only_when_a_session_opens() -> None:
+    # The idle daemon's budget (60 MB RSS): loading the ssh backend costs no SSH library.
+    code = (
+        "import sys, patchd.backends.ssh, patchd.guest.apt, patchd.guest.system;"
+        "print(sorted(m for m in ('paramiko', 'cryptography') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
