@@ -24,28 +24,17 @@ import sys
 import threading
 from collections.abc import Mapping
 
+from patchd.states import JOURNALED
+
 ENABLE = "PATCHD_TEST_FAULTS"
 SPEC = "PATCHD_FAULTS"
 CRASH_EXIT = 86  # distinctive, so a test can tell an injected crash from a real one
 
 # Every point patchd reaches; `journal.before.STATE` / `journal.after.STATE` exist for
-# every state of the target state machine (engine/target.py).
-_STATES = (
-    "snapshotting",
-    "snapshotted",
-    "applying",
-    "applied",
-    "verifying",
-    "verified",
-    "committing",
-    "committed",
-    "rolling_back",
-    "rolled_back",
-    "rollback_failed",
-)
+# every state the engine journals (states.JOURNALED, the machine of engine/target.py).
 POINTS = frozenset(
     {
-        *(f"journal.{when}.{state}" for when in ("before", "after") for state in _STATES),
+        *(f"journal.{when}.{state}" for when in ("before", "after") for state in JOURNALED),
         "engine.after_snapshot",  # the snapshot is taken, "snapshotted" not yet written
         "engine.after_apply",  # the patch is in, "applied" not yet written
         "engine.during_verify",  # between the backend's health check and the probes

@@ -29,18 +29,19 @@ from patchd import health
 from patchd.backends.base import JOURNALED_VERSION, Backend, Snapshot, Target, Update
 from patchd.config.settings import Group, Settings
 from patchd.runner import RunRefused, group_lock
-from patchd.state import Keep, Store, TargetRow
+from patchd.state.base import Keep, Store, TargetRow
+from patchd.states import PROVEN, RunStatus, TargetState
 
-# Journaled states after which the new version had passed its checks.
-_PROVEN = ("verified", "committing")
+# Resting states of a target that counts as failed in its run's recount.
+_ENDED_BADLY = frozenset({TargetState.ROLLED_BACK, TargetState.ROLLBACK_FAILED})
 
 
 @dataclass(frozen=True)
 class Reconciled:
     run_id: str
     target: str
-    was: str
-    now: str
+    was: TargetState
+    now: TargetState
     detail: str = ""
 
 
@@ -103,17 +104,17 @@ def reconcile(
         snapshot = Snapshot(row.target, dict(row.snapshot or {}))
         was = row.state
         failure = f"patchd stopped during {was}"
-        if was in _PROVEN:
+        if was in PROVEN:
             error = _commit(store, backend, group, row, target, snapshot, clock)
             if error is None:
-                done.append(Reconciled(row.run_id, row.name, was, "committed"))
+                done.append(Reconciled(row.run_id, row.name, was, TargetState.COMMITTED))
                 continue
             failure += f"; finishing the commit: {error}"
         store.record(
             row.run_id,
             row.target,
             row.name,
-            "rolling_back",
+            TargetState.ROLLING_BACK,
             clock(),
             step="reconcile",
             phase="intent",
@@ -126,30 +127,33 @@ def reconcile(
                 row.run_id,
                 row.target,
                 row.name,
-                "rollback_failed",
+                TargetState.ROLLBACK_FAILED,
                 clock(),
                 step="reconcile",
                 phase="failed",
                 error=f"reconcile: {err}",
             )
-            done.append(Reconciled(row.run_id, row.name, was, "rollback_failed", str(err)))
+            done.append(
+                Reconciled(row.run_id, row.name, was, TargetState.ROLLBACK_FAILED, str(err))
+            )
             continue
         store.record(
-            row.run_id, row.target, row.name, "rolled_back", clock(), step="reconcile", phase="done"
-        )
-        done.append(Reconciled(row.run_id, row.name, was, "rolled_back"))
+            row.run_id, row.target, row.name, TargetState.ROLLED_BACK, clock(),
+            step="reconcile", phase="done",
+        )  # fmt: skip
+        done.append(Reconciled(row.run_id, row.name, was, TargetState.ROLLED_BACK))
     ended = {item.run_id for item in done if item.now != item.was}
     for run in runs:
-        recount = run.status == "interrupted" and run.id in ended
-        if (run.status == "running" or recount) and idle(run.group):
+        recount = run.status == RunStatus.INTERRUPTED and run.id in ended
+        if (run.status == RunStatus.RUNNING or recount) and idle(run.group):
             rows = store.targets(run.id)
             store.finish_run(
                 run.id,
-                "interrupted",
+                RunStatus.INTERRUPTED,
                 clock(),
                 total=len(rows),
-                succeeded=sum(1 for r in rows if r.state == "committed"),
-                failed=sum(1 for r in rows if r.state in ("rolled_back", "rollback_failed")),
+                succeeded=sum(1 for r in rows if r.state == TargetState.COMMITTED),
+                failed=sum(1 for r in rows if r.state in _ENDED_BADLY),
                 detail={"error": "patchd stopped during this run", "verified": {}},
             )
     return done
@@ -172,9 +176,9 @@ def _commit(
             snapshot.target_id, {**snapshot.data, JOURNALED_VERSION: row.version_to}
         )
     try:
-        if row.state == "verified":
+        if row.state == TargetState.VERIFIED:
             store.record(
-                row.run_id, row.target, row.name, "committing", clock(),
+                row.run_id, row.target, row.name, TargetState.COMMITTING, clock(),
                 step="reconcile", phase="intent",
             )  # fmt: skip
         backend.verify(target, update, group.health)
@@ -186,7 +190,7 @@ def _commit(
     if retained is not None:
         keep = Keep(group.backend, retained.description, retained.data, clock() + retained.keep)
     store.record(
-        row.run_id, row.target, row.name, "committed", clock(),
+        row.run_id, row.target, row.name, TargetState.COMMITTED, clock(),
         step="reconcile", phase="done", keep=keep,
     )  # fmt: skip
     return None

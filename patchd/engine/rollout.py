@@ -29,7 +29,6 @@ from datetime import datetime
 from patchd.backends.base import Backend, Target
 from patchd.config.settings import Group
 from patchd.engine.target import (
-    FAILED_RESULTS,
     Observer,
     Probe,
     TargetContext,
@@ -37,7 +36,8 @@ from patchd.engine.target import (
     no_probe,
     patch_target,
 )
-from patchd.state import Store, StoreError
+from patchd.state.base import Store, StoreError
+from patchd.states import FAILED_RESULTS, RunStatus, TargetResult
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,11 @@ class GateResult:
 
 @dataclass(frozen=True)
 class RunResult:
-    """status: completed | halted (error budget) | window_closed | stopped | failed."""
+    """How a run ended (states.RunStatus, never `running` or `interrupted` here)."""
 
     run_id: str
     group: str
-    status: str
+    status: RunStatus
     outcomes: tuple[TargetOutcome, ...]
     error: str | None = None
 
@@ -78,7 +78,7 @@ class RunResult:
         return {
             o.update.ref: o.update.available
             for o in self.outcomes
-            if o.result == "success" and o.update is not None
+            if o.result == TargetResult.SUCCESS and o.update is not None
         }
 
 
@@ -141,11 +141,11 @@ def run_group(request: RunRequest) -> RunResult:
         req.store.start_run(req.run_id, group.name, req.window, started)
     except StoreError as err:
         error = f"no target was started, the journal cannot be written: {err}"
-        return RunResult(req.run_id, group.name, "failed", (), error)
+        return RunResult(req.run_id, group.name, RunStatus.FAILED, (), error)
     try:
         targets = dependency_order(req.backend.discover(group.select))
     except Exception as err:
-        return _finish(req, "failed", [], error=f"discovering targets: {err}")
+        return _finish(req, RunStatus.FAILED, [], error=f"discovering targets: {err}")
 
     ctx = TargetContext(
         run_id=req.run_id,
@@ -169,7 +169,7 @@ def run_group(request: RunRequest) -> RunResult:
     running: dict[Future[TargetOutcome], Target] = {}
     busy: dict[str | None, int] = dict.fromkeys(limits, 0)
     failures = 0
-    status = "completed"
+    status = RunStatus.COMPLETED
     journal_error: str | None = None
 
     def record(outcome: TargetOutcome) -> None:
@@ -187,17 +187,17 @@ def run_group(request: RunRequest) -> RunResult:
     shut: GateResult | None = None  # the gate's last answer while it holds starts
     with ThreadPoolExecutor(max_workers=max(1, sum(limits.values()))) as pool:
         while True:
-            if status == "completed":
+            if status == RunStatus.COMPLETED:
                 if journal_error is not None:
-                    status = "failed"
+                    status = RunStatus.FAILED
                 elif req.stop.is_set():
-                    status = "stopped"
+                    status = RunStatus.STOPPED
                 elif failures >= max_errors:
-                    status = "halted"
+                    status = RunStatus.HALTED
                 elif pending and not req.may_start(req.clock()):
-                    status = "window_closed"
+                    status = RunStatus.WINDOW_CLOSED
             held = False
-            if status == "completed":
+            if status == RunStatus.COMPLETED:
                 ready: list[Target] = []
                 slots = dict(busy)
                 for target in list(pending):
@@ -208,15 +208,15 @@ def run_group(request: RunRequest) -> RunResult:
                         d
                         for d in deps
                         if d in results
-                        and results[d].result != "success"
-                        and results[d].result != "current"
+                        and results[d].result != TargetResult.SUCCESS
+                        and results[d].result != TargetResult.CURRENT
                     ]
                     if broken:
                         pending.remove(target)
                         record(
                             TargetOutcome(
                                 target,
-                                "skipped",
+                                TargetResult.SKIPPED,
                                 error=f"depends on {', '.join(broken)}, which failed",
                             )
                         )
@@ -256,21 +256,21 @@ def run_group(request: RunRequest) -> RunResult:
                     journal_error = f"the journal cannot be written (see {target.name})"
                 record(outcome)
     reason = {
-        "halted": f"error budget spent: {failures} failed (max_errors {max_errors})",
-        "window_closed": "the window closed (or its cutoff or a freeze began)",
-        "stopped": "patchd is stopping",
-        "failed": f"{journal_error}; no new target was started",
-        "completed": "dependency cycle",
+        RunStatus.HALTED: f"error budget spent: {failures} failed (max_errors {max_errors})",
+        RunStatus.WINDOW_CLOSED: "the window closed (or its cutoff or a freeze began)",
+        RunStatus.STOPPED: "patchd is stopping",
+        RunStatus.FAILED: f"{journal_error}; no new target was started",
+        RunStatus.COMPLETED: "dependency cycle",
     }[status]
-    if shut is not None and status != "completed":
+    if shut is not None and status != RunStatus.COMPLETED:
         reason += f"; the alert gate was shut ({shut.describe()})"
     for target in pending:
-        record(TargetOutcome(target, "pending", error=reason))
+        record(TargetOutcome(target, TargetResult.PENDING, error=reason))
     return _finish(req, status, [results[t.name] for t in targets], error=journal_error)
 
 
 def _finish(
-    req: RunRequest, status: str, outcomes: list[TargetOutcome], error: str | None = None
+    req: RunRequest, status: RunStatus, outcomes: list[TargetOutcome], error: str | None = None
 ) -> RunResult:
     result = RunResult(req.run_id, req.group.name, status, tuple(outcomes), error)
     try:
@@ -279,12 +279,12 @@ def _finish(
             status,
             req.clock(),
             total=len(outcomes),
-            succeeded=result.count("success"),
+            succeeded=result.count(TargetResult.SUCCESS),
             failed=result.failed,
             detail={
                 "verified": result.verified,
                 "error": error,
-                "pending": [o.target.name for o in outcomes if o.result == "pending"],
+                "pending": [o.target.name for o in outcomes if o.result == TargetResult.PENDING],
             },
         )
     except StoreError as err:

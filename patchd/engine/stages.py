@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from patchd.config.settings import Group
-from patchd.state import Store
+from patchd.state.base import Store
+from patchd.states import ENDED, RunStatus
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ def stage_gate(group: Group, store: Store, now: datetime) -> StageGate:
     if not runs:
         return StageGate(False, f"stage {group.after!r} has not run yet", {})
     last = runs[0]
-    if last.status != "completed" or last.failed or last.finished is None:
+    if last.status != RunStatus.COMPLETED or last.failed or last.finished is None:
         return StageGate(
             False,
             f"stage {group.after!r} last run {last.id} ended {last.status} "
@@ -42,6 +43,6 @@ def stage_gate(group: Group, store: Store, now: datetime) -> StageGate:
         )
     pins: dict[str, str] = {}
     for run in reversed(runs):  # oldest first, so the newest verification wins
-        if run.status in ("completed", "halted", "window_closed", "stopped"):
+        if run.status in ENDED:
             pins.update(run.detail.get("verified", {}))
     return StageGate(True, f"stage {group.after!r} passed at {last.finished.isoformat()}", pins)

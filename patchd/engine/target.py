@@ -35,40 +35,38 @@ from patchd.backends.base import (
     Update,
 )
 from patchd.config.settings import Group
-from patchd.state import Keep, Store, StoreError
+from patchd.state.base import Keep, Store, StoreError
+from patchd.states import FAILED_RESULTS, TargetResult, TargetState
 
-R = TypeVar("R")
+T = TypeVar("T")
 
-_WORKING = ("snapshotting", "snapshotted", "applying", "applied", "verifying", "verified")
-TRANSITIONS: Mapping[str, frozenset[str]] = {
-    "snapshotting": frozenset({"pending"}),
-    "snapshotted": frozenset({"snapshotting"}),
-    "applying": frozenset({"snapshotted"}),
-    "applied": frozenset({"applying"}),
-    "verifying": frozenset({"applied"}),
-    "verified": frozenset({"verifying"}),
-    "committing": frozenset({"verified"}),
-    "committed": frozenset({"committing"}),
-    "rolling_back": frozenset({*_WORKING, "committing"}),
-    "rolled_back": frozenset({"rolling_back"}),
-    "rollback_failed": frozenset({"rolling_back"}),
+S = TargetState
+R = TargetResult
+_WORKING = (S.SNAPSHOTTING, S.SNAPSHOTTED, S.APPLYING, S.APPLIED, S.VERIFYING, S.VERIFIED)
+# state -> the states it may be entered from
+TRANSITIONS: Mapping[TargetState, frozenset[TargetState]] = {
+    S.SNAPSHOTTING: frozenset({S.PENDING}),
+    S.SNAPSHOTTED: frozenset({S.SNAPSHOTTING}),
+    S.APPLYING: frozenset({S.SNAPSHOTTED}),
+    S.APPLIED: frozenset({S.APPLYING}),
+    S.VERIFYING: frozenset({S.APPLIED}),
+    S.VERIFIED: frozenset({S.VERIFYING}),
+    S.COMMITTING: frozenset({S.VERIFIED}),
+    S.COMMITTED: frozenset({S.COMMITTING}),
+    S.ROLLING_BACK: frozenset({*_WORKING, S.COMMITTING}),
+    S.ROLLED_BACK: frozenset({S.ROLLING_BACK}),
+    S.ROLLBACK_FAILED: frozenset({S.ROLLING_BACK}),
 }
 
-# Outcomes that spend the error budget.
-FAILED_RESULTS = frozenset({"rolled_back", "rollback_failed", "failed"})
+__all__ = ["FAILED_RESULTS", "TRANSITIONS"]  # FAILED_RESULTS: kept importable from here
 
 
 @dataclass(frozen=True)
 class TargetOutcome:
-    """How one target ended in a run.
-
-    result: success | rolled_back | rollback_failed | failed (nothing was changed) |
-    current (no update) | skipped (not to be patched in this run) | pending (left for
-    the next window).
-    """
+    """How one target ended in a run (states.TargetResult says what each result means)."""
 
     target: Target
-    result: str
+    result: TargetResult
     update: Update | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -80,6 +78,8 @@ class TargetOutcome:
 class Observer(Protocol):
     """Receives every transition and outcome: logs and metrics implement it."""
 
+    # `state` is a TargetState (a str); typed str while runner.Observers passes it on as
+    # one.
     def step(self, run_id: str, group: str, target: Target, state: str, **fields: Any) -> None:
         """A target moved to `state`."""
 
@@ -129,10 +129,10 @@ class _Journal:
     def __init__(self, ctx: TargetContext, target: Target) -> None:
         self.ctx = ctx
         self.target = target
-        self.state = "pending"
+        self.state = TargetState.PENDING
         self.failed = False  # a write to the store failed
 
-    def move(self, state: str, step: str, phase: str, **fields: Any) -> None:
+    def move(self, state: TargetState, step: str, phase: str, **fields: Any) -> None:
         if self.state not in TRANSITIONS[state]:
             raise IllegalTransition(f"{self.target.name}: {self.state} -> {state}")
         ctx = self.ctx
@@ -155,7 +155,7 @@ class _Journal:
         faults.hit(f"journal.after.{state}")
         ctx.observer.step(ctx.run_id, ctx.group.name, self.target, state, step=step, phase=phase)
 
-    def move_anyway(self, state: str, step: str, phase: str, **fields: Any) -> None:
+    def move_anyway(self, state: TargetState, step: str, phase: str, **fields: Any) -> None:
         """Journal a step whose side effect must happen even if the write fails.
 
         The target's state on the backend matters more than its record. Used where the
@@ -179,7 +179,7 @@ class _Journal:
             )
 
 
-def _retrying(ctx: TargetContext, call: Callable[[], R]) -> R:
+def _retrying(ctx: TargetContext, call: Callable[[], T]) -> T:
     """Run a backend call, retrying TransientError with backoff; then it is a failure."""
     for attempt in range(ctx.retries + 1):
         try:
@@ -212,25 +212,25 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     started = ctx.clock()
     journal = _Journal(ctx, target)
 
-    def done(result: str, **kw: Any) -> TargetOutcome:
+    def done(result: TargetResult, **kw: Any) -> TargetOutcome:
         seconds = (ctx.clock() - started).total_seconds()
         return TargetOutcome(target, result, seconds=seconds, journal_failed=journal.failed, **kw)
 
     try:
         update, reason = find_update(ctx, target)
     except Exception as err:  # fail closed: a target we cannot read is not patched
-        return done("failed", error=f"checking for an update: {err}")
+        return done(R.FAILED, error=f"checking for an update: {err}")
     if update is None:
-        return done("skipped" if reason else "current", error=reason)
+        return done(R.SKIPPED if reason else R.CURRENT, error=reason)
 
     backend = ctx.backend
     try:
         snapshot: Snapshot = backend.plan_snapshot(target, ctx.run_id)
     except Exception as err:  # nothing was changed yet
-        return done("failed", update=update, error=f"planning the snapshot: {err}")
+        return done(R.FAILED, update=update, error=f"planning the snapshot: {err}")
     try:
         journal.move(
-            "snapshotting",
+            S.SNAPSHOTTING,
             "snapshot",
             "intent",
             version_from=update.current,
@@ -238,29 +238,29 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
             snapshot=snapshot.data,
         )
     except StoreError as err:  # no record, no side effect: the target is not started
-        return done("failed", update=update, error=f"not started, the journal failed: {err}")
+        return done(R.FAILED, update=update, error=f"not started, the journal failed: {err}")
     committed = False
     try:
         snapshot = _retrying(ctx, lambda: backend.snapshot(target, snapshot, ctx.group.snapshot))
         faults.hit("engine.after_snapshot")
-        journal.move("snapshotted", "snapshot", "done", snapshot=snapshot.data)
-        journal.move("applying", "apply", "intent")
+        journal.move(S.SNAPSHOTTED, "snapshot", "done", snapshot=snapshot.data)
+        journal.move(S.APPLYING, "apply", "intent")
         _retrying(ctx, lambda: backend.apply(target, update, snapshot, ctx.group.patch))
         faults.hit("engine.after_apply")
-        journal.move("applied", "apply", "done")
-        journal.move("verifying", "verify", "intent")
+        journal.move(S.APPLIED, "apply", "done")
+        journal.move(S.VERIFYING, "verify", "intent")
         _retrying(ctx, lambda: backend.verify(target, update, ctx.group.health))
         faults.hit("engine.during_verify")
         ctx.probe(target, backend.describe(target), ctx.group)
-        journal.move("verified", "verify", "done")
+        journal.move(S.VERIFIED, "verify", "done")
         # Rolling back without this row would leave "verified" on record for a target on
         # its old version, which a restart would then commit.
-        journal.move_anyway("committing", "commit", "intent")
+        journal.move_anyway(S.COMMITTING, "commit", "intent")
         retained = _retrying(ctx, lambda: backend.commit(target, snapshot, ctx.group.snapshot))
         faults.hit("engine.after_commit")
         committed = True
-        journal.move("committed", "commit", "done", keep=_keep(ctx, retained))
-        return done("success", update=update, retained=retained)
+        journal.move(S.COMMITTED, "commit", "done", keep=_keep(ctx, retained))
+        return done(R.SUCCESS, update=update, retained=retained)
     except IllegalTransition:
         raise
     except Exception as err:
@@ -268,15 +268,15 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
             # The commit is done and cannot be undone (the old container or snapshot is
             # gone). The journal still says committing: a restart's reconciliation checks
             # the target again and finishes the commit, which is idempotent.
-            return done("success", update=update, retained=retained, error=f"journal: {err}")
+            return done(R.SUCCESS, update=update, retained=retained, error=f"journal: {err}")
         failure = f"{journal.state}: {err}"
-    journal.move_anyway("rolling_back", "rollback", "intent", error=failure)
+    journal.move_anyway(S.ROLLING_BACK, "rollback", "intent", error=failure)
     try:
         _retrying(ctx, lambda: backend.rollback(target, snapshot))
         faults.hit("engine.after_rollback")
     except Exception as err:
         failure = f"{failure}; rollback: {err}"
-        journal.move_anyway("rollback_failed", "rollback", "failed", error=failure)
-        return done("rollback_failed", update=update, error=failure)
-    journal.move_anyway("rolled_back", "rollback", "done")
-    return done("rolled_back", update=update, error=failure)
+        journal.move_anyway(S.ROLLBACK_FAILED, "rollback", "failed", error=failure)
+        return done(R.ROLLBACK_FAILED, update=update, error=failure)
+    journal.move_anyway(S.ROLLED_BACK, "rollback", "done")
+    return done(R.ROLLED_BACK, update=update, error=failure)

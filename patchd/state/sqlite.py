@@ -1,8 +1,10 @@
-"""The state store: runs, the per-target journal and history, in SQLite (WAL).
+"""The SQLite implementation of the Store protocol (state/base.py): one file in WAL mode.
 
-Every step of a target is written here BEFORE its side effect (an "intent" row) and after
-it (the outcome), with synchronous=FULL so a crash right after a write cannot lose it.
-On restart, unfinished targets are found by their last journal row.
+Durability: synchronous=FULL, so a transaction that committed is on disk; a write method
+returns only after its transaction committed. Group commit: concurrent journal writes
+share one transaction (see `SqliteStore._write`). The schema is created and migrated at
+open (state/migrations.py); a read-only handle (`readonly=True`) opens the file with
+SQLite's `mode=ro`, never creates it and never migrates it.
 """
 
 from __future__ import annotations
@@ -14,116 +16,19 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-SCHEMA_VERSION = 1
+from patchd.state import migrations
+from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
+from patchd.states import RESTING, RunStatus, TargetState
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    grp TEXT NOT NULL,
-    window TEXT,
-    started REAL NOT NULL,
-    finished REAL,
-    status TEXT NOT NULL,
-    total INTEGER NOT NULL DEFAULT 0,
-    succeeded INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS runs_by_group ON runs (grp, started);
-CREATE TABLE IF NOT EXISTS targets (
-    run_id TEXT NOT NULL REFERENCES runs (id),
-    target TEXT NOT NULL,
-    name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    version_from TEXT,
-    version_to TEXT,
-    snapshot TEXT,
-    error TEXT,
-    updated REAL NOT NULL,
-    PRIMARY KEY (run_id, target)
-);
-CREATE INDEX IF NOT EXISTS targets_by_state ON targets (state);
-CREATE TABLE IF NOT EXISTS journal (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL,
-    target TEXT NOT NULL,
-    step TEXT NOT NULL,
-    phase TEXT NOT NULL,
-    at REAL NOT NULL,
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS journal_by_target ON journal (run_id, target);
-CREATE TABLE IF NOT EXISTS retained (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    backend TEXT NOT NULL,
-    target TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    description TEXT NOT NULL,
-    data TEXT NOT NULL,
-    expires REAL NOT NULL
-);
-"""
+# Kept for callers of the first store; the version is migrations.CURRENT.
+SCHEMA_VERSION = migrations.CURRENT
 
-# States a target may rest in when no patchd is working on it.
-FINAL_STATES = frozenset({"committed", "rolled_back", "rollback_failed", "skipped", "pending"})
-
-
-class StoreError(Exception):
-    """The store cannot be read or written; patchd must not touch targets without it."""
-
-
-@dataclass(frozen=True)
-class RetainedRow:
-    id: int
-    backend: str
-    target: str
-    run_id: str
-    description: str
-    data: Mapping[str, Any]
-    expires: datetime
-
-
-@dataclass(frozen=True)
-class Keep:
-    """Something a commit kept (a snapshot, an old image), to remove when it expires."""
-
-    backend: str
-    description: str
-    data: Mapping[str, Any]
-    expires: datetime
-
-
-@dataclass(frozen=True)
-class RunRow:
-    id: str
-    group: str
-    window: str | None
-    started: datetime
-    finished: datetime | None
-    status: str
-    total: int
-    succeeded: int
-    failed: int
-    detail: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class TargetRow:
-    run_id: str
-    target: str
-    name: str
-    state: str
-    version_from: str | None
-    version_to: str | None
-    snapshot: Mapping[str, Any] | None
-    error: str | None
-    updated: datetime
+E = TypeVar("E", bound=StrEnum)
 
 
 def _ts(value: datetime) -> float:
@@ -156,30 +61,56 @@ class _Write:
         self.error: BaseException | None = None
 
 
-class Store:
-    """A thread-safe handle on the SQLite state file."""
+class SqliteStore:
+    """A thread-safe handle on the SQLite state file (implements state.base.Store)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
+        self.readonly = readonly
         self._lock = threading.Lock()
         self._queue: list[_Write] = []  # journal writes waiting for a group commit
         self._queue_lock = threading.Lock()
+        self._db = self._open_readonly() if readonly else self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        path = self.path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         except (sqlite3.Error, OSError) as err:
             raise StoreError(f"cannot open state store {path}: {err}{_why(path.parent)}") from err
-        version = self._scalar("SELECT value FROM meta WHERE key = 'schema_version'")
-        if version != str(SCHEMA_VERSION):
-            raise StoreError(f"state store {path} has schema {version}, expected {SCHEMA_VERSION}")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            migrations.migrate(db, path)
+        except (sqlite3.Error, OSError, StoreError) as err:
+            db.close()
+            if isinstance(err, StoreError):
+                raise
+            raise StoreError(f"cannot open state store {path}: {err}{_why(path.parent)}") from err
+        return db
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        path = self.path
+        if not path.exists():
+            # mode=ro would fail with SQLite's "unable to open database file"; say why.
+            raise StoreError(
+                f"state store {path} does not exist yet: no patchd has run with this state_dir"
+            )
+        try:
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        except (sqlite3.Error, OSError) as err:
+            raise StoreError(f"cannot open state store {path} to read: {err}") from err
+        try:
+            migrations.check_current(db, path)
+        except (sqlite3.Error, StoreError) as err:
+            db.close()
+            if isinstance(err, StoreError):
+                raise
+            raise StoreError(f"cannot read state store {path}: {err}") from err
+        return db
 
     def close(self) -> None:
         with self._lock:
@@ -251,10 +182,15 @@ class Store:
                 " DO UPDATE SET value = CAST(value AS INTEGER) + 1"
             )
 
-    def _scalar(self, sql: str, *args: object) -> Any:
-        with self._lock:
-            row = self._db.execute(sql, args).fetchone()
-        return None if row is None else row[0]
+    def _known(self, kind: type[E], value: str) -> E:
+        """A state or status read back; one this code does not know is a StoreError."""
+        try:
+            return kind(value)
+        except ValueError:
+            raise StoreError(
+                f"state store {self.path}: unknown {kind.__name__} {value!r} (written by"
+                " another patchd version?)"
+            ) from None
 
     # --- runs -----------------------------------------------------------------------------
 
@@ -262,13 +198,13 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO runs (id, grp, window, started, status) VALUES (?, ?, ?, ?, ?)",
-                (run_id, group, window, _ts(at), "running"),
+                (run_id, group, window, _ts(at), RunStatus.RUNNING.value),
             )
 
     def finish_run(
         self,
         run_id: str,
-        status: str,
+        status: RunStatus,
         at: datetime,
         total: int,
         succeeded: int,
@@ -279,8 +215,11 @@ class Store:
             db.execute(
                 "UPDATE runs SET finished = ?, status = ?, total = ?, succeeded = ?, failed = ?,"
                 " detail = ? WHERE id = ?",
-                (_ts(at), status, total, succeeded, failed, json.dumps(dict(detail)), run_id),
-            )
+                (
+                    _ts(at), RunStatus(status).value, total, succeeded, failed,
+                    json.dumps(dict(detail)), run_id,
+                ),
+            )  # fmt: skip
 
     def runs(self, group: str | None = None, limit: int = 100) -> list[RunRow]:
         sql = "SELECT * FROM runs"
@@ -298,7 +237,7 @@ class Store:
                 window=r[2],
                 started=datetime.fromtimestamp(r[3], UTC),
                 finished=_dt(r[4]),
-                status=r[5],
+                status=self._known(RunStatus, r[5]),
                 total=r[6],
                 succeeded=r[7],
                 failed=r[8],
@@ -318,7 +257,7 @@ class Store:
         run_id: str,
         target: str,
         name: str,
-        state: str,
+        state: TargetState,
         at: datetime,
         *,
         step: str,
@@ -335,6 +274,7 @@ class Store:
         Fields given as None keep their previous value. `keep` is recorded in the same
         transaction, so a commit and what it kept are never journaled apart.
         """
+        state = TargetState(state)  # ValueError for a state the code does not know
         snap = None if snapshot is None else json.dumps(dict(snapshot))
         info = json.dumps(dict(detail or {}))
 
@@ -353,7 +293,7 @@ class Store:
                 " version_to = COALESCE(excluded.version_to, version_to),"
                 " snapshot = COALESCE(excluded.snapshot, snapshot),"
                 " error = COALESCE(excluded.error, error), updated = excluded.updated",
-                (run_id, target, name, state, version_from, version_to, snap, error, _ts(at)),
+                (run_id, target, name, state.value, version_from, version_to, snap, error, _ts(at)),
             )
             if keep is not None:
                 db.execute(
@@ -372,8 +312,9 @@ class Store:
 
     def unfinished_targets(self) -> list[TargetRow]:
         """Targets whose last state is not a resting one: a patchd died working on them."""
-        marks = ",".join("?" for _ in FINAL_STATES)
-        return self._targets(f"WHERE state NOT IN ({marks}) ORDER BY updated", tuple(FINAL_STATES))
+        resting = tuple(sorted(s.value for s in RESTING))
+        marks = ",".join("?" for _ in resting)
+        return self._targets(f"WHERE state NOT IN ({marks}) ORDER BY updated", resting)
 
     def rollback_failures(self) -> dict[str, datetime]:
         """group -> when its newest target in rollback_failed was recorded."""
@@ -405,7 +346,7 @@ class Store:
                 run_id=r[0],
                 target=r[1],
                 name=r[2],
-                state=r[3],
+                state=self._known(TargetState, r[3]),
                 version_from=r[4],
                 version_to=r[5],
                 snapshot=None if r[6] is None else json.loads(r[6]),

@@ -1,0 +1,172 @@
+"""The Store contract: what every state store (SQLite today, PostgreSQL next) promises,
+the rows it hands back, and the one error it raises.
+
+The store holds runs, the per-target journal (an append-only list of steps) with each
+target's current state, and what commits kept (snapshots, old images) until it expires.
+The engine writes a target's intent BEFORE each side effect and its outcome after, so a
+restart finds targets a dead patchd left mid-patch by their last journal row.
+
+Contract shared by every method and every implementation (tests/store/ checks it):
+
+- Durability: a write method that returns has made its write durable. A process that
+  dies (kill -9, power loss) right after the call returns loses nothing of it; a call
+  that raises wrote nothing of that call (each write is one transaction).
+- Group commit: write methods may be called from many threads at once. An implementation
+  may carry concurrent writes in one transaction (one fsync for many targets), but each
+  caller still returns only after its own write is durable, and a write that fails
+  fails only its own caller: the others land.
+- Errors: every failure to open, read or write is a StoreError whose message names the
+  store (its path or address) and the cause in plain words. Nothing else escapes except
+  ValueError for a state or status the code does not know (a programming error).
+- Times go in as aware datetimes and come back in UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from patchd.states import RunStatus, TargetState
+
+
+class StoreError(Exception):
+    """The store cannot be read or written; patchd must not touch targets without it."""
+
+
+@dataclass(frozen=True)
+class RetainedRow:
+    """Something a commit kept, as stored: `id` is what `released` takes."""
+
+    id: int
+    backend: str
+    target: str
+    run_id: str
+    description: str
+    data: Mapping[str, Any]
+    expires: datetime
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Something a commit kept (a snapshot, an old image), to remove when it expires."""
+
+    backend: str
+    description: str
+    data: Mapping[str, Any]
+    expires: datetime
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: str
+    group: str
+    window: str | None
+    started: datetime
+    finished: datetime | None
+    status: RunStatus
+    total: int
+    succeeded: int
+    failed: int
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """A target's current state in one run (the newest of its journal rows), with the
+    versions, snapshot data and error its rows carried."""
+
+    run_id: str
+    target: str
+    name: str
+    state: TargetState
+    version_from: str | None
+    version_to: str | None
+    snapshot: Mapping[str, Any] | None
+    error: str | None
+    updated: datetime
+
+
+class Store(Protocol):
+    """A handle on patchd's state; thread-safe. See the module docstring for the
+    durability, group-commit and error contract every method keeps."""
+
+    def close(self) -> None:
+        """Release the handle; later calls are errors. Idempotent."""
+
+    def check_writable(self) -> None:
+        """Write and commit something harmless, so a store that cannot be written (a
+        read-only or full file system, a read-only handle) is found before anything
+        depends on it; StoreError if not."""
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def start_run(self, run_id: str, group: str, window: str | None, at: datetime) -> None:
+        """Record a new run with status `running`. A run id is used once."""
+
+    def finish_run(
+        self,
+        run_id: str,
+        status: RunStatus,
+        at: datetime,
+        total: int,
+        succeeded: int,
+        failed: int,
+        detail: Mapping[str, Any],
+    ) -> None:
+        """Set a run's end: its status, counts and detail (JSON-able). May be called again
+        for the same run (a reconciliation recounts an interrupted run)."""
+
+    def runs(self, group: str | None = None, limit: int = 100) -> list[RunRow]:
+        """Runs newest first (by start; among equal starts, the later recorded first), of
+        one group or all, at most `limit`."""
+
+    def last_run(self, group: str) -> RunRow | None:
+        """The group's newest run (as `runs(group, 1)`), None if it never ran."""
+
+    # --- targets and the journal --------------------------------------------------------
+
+    def record(
+        self,
+        run_id: str,
+        target: str,
+        name: str,
+        state: TargetState,
+        at: datetime,
+        *,
+        step: str,
+        phase: str,
+        version_from: str | None = None,
+        version_to: str | None = None,
+        snapshot: Mapping[str, Any] | None = None,
+        error: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        keep: Keep | None = None,
+    ) -> None:
+        """Append a journal row (step, phase) and set the target's state, in one
+        transaction. Fields given as None keep their previous value. `keep` is recorded in
+        the same transaction, so a commit and what it kept are never journaled apart.
+        This is the write the group commit is for."""
+
+    def targets(self, run_id: str) -> list[TargetRow]:
+        """The run's targets in the order they were first recorded."""
+
+    def unfinished_targets(self) -> list[TargetRow]:
+        """Targets, of any run, whose state is not a resting one (states.RESTING): a
+        patchd stopped while working on them. Least recently updated first."""
+
+    def rollback_failures(self) -> dict[str, datetime]:
+        """group -> when its newest target in rollback_failed was recorded."""
+
+    def journal(self, run_id: str, target: str) -> list[tuple[str, str, datetime]]:
+        """A target's journal rows in a run, in the order written: (step, phase, at)."""
+
+    # --- things kept after a commit, to remove when they expire -------------------------
+
+    def retained(self, due_by: datetime | None = None) -> list[RetainedRow]:
+        """Everything retained, soonest expiry first; only what expires by `due_by` (that
+        instant included) if given."""
+
+    def released(self, retained_id: int) -> None:
+        """Forget a retained item (it was removed); an unknown id is no error."""
