@@ -30,6 +30,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -40,10 +41,10 @@ __all__ = [
     "Change",
     "Fence",
     "LeaderLoop",
+    "Leadership",
     "LeaseBackend",
     "LeaseTimes",
     "LeaseView",
-    "Leadership",
     "NotLeader",
     "Role",
     "Step",
@@ -377,10 +378,8 @@ class LeaderLoop:
             fence = Fence(self.leadership.holder, self.leadership.epoch)
         if not was_leader:
             return
-        try:
+        with suppress(StoreError):  # if not, the lease expires by itself
             self.backend.release(fence)
-        except StoreError:
-            pass  # the lease expires by itself
         with self._lock:
             change = self.leadership.released(self.clock())
         if change is not None:

@@ -176,11 +176,15 @@ class PostgresStore:
     @staticmethod
     def _retryable(err: psycopg.Error, conn: Conn | None) -> bool:
         state = err.sqlstate or ""
-        if conn is None or conn.broken or conn.closed:
-            return True
-        if isinstance(err, psycopg.OperationalError) and not state:
-            return True  # a connection failure (libpq gives no SQLSTATE)
-        return state.startswith("08") or state in _RETRY_STATES
+        if state:
+            return state.startswith("08") or state in _RETRY_STATES
+        if isinstance(err, psycopg.OperationalError) and "FATAL:" in str(err):
+            # The server refused the connection: a wrong user, password or database is
+            # for a person to fix; only a server starting or stopping is worth a wait.
+            return "the database system is" in str(err)
+        return (
+            conn is None or conn.broken or conn.closed or isinstance(err, psycopg.OperationalError)
+        )
 
     def _with_retries(self, fn: Callable[[], T]) -> T:
         """Run `fn` (which may reconnect), again after a lost connection until outage_wait
