@@ -133,7 +133,7 @@ def test_acquiring_counts_the_lease_from_when_the_request_was_sent() -> None:
     assert state.next_step() == (Step.RENEW, pytest.approx(53.0))
     assert state.may_act(58.0)
     assert not state.may_act(58.1)
-    with pytest.raises(NotLeader, match="not renewed for 8.1s"):
+    with pytest.raises(NotLeader, match=r"not renewed for 8\.1s"):
         state.fence(58.1)
 
 
