@@ -147,7 +147,8 @@ class Store(Protocol):
         """Append a journal row (step, phase) and set the target's state, in one
         transaction. Fields given as None keep their previous value. `keep` is recorded in
         the same transaction, so a commit and what it kept are never journaled apart.
-        This is the write the group commit is for."""
+        The run must have been started (StoreError otherwise). This is the write the
+        group commit is for."""
 
     def targets(self, run_id: str) -> list[TargetRow]:
         """The run's targets in the order they were first recorded."""
