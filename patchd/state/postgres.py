@@ -97,7 +97,7 @@ class PostgresStore:
         self,
         url: str,
         *,
-        password: str | None = None,
+        password: str | Callable[[], str] | None = None,
         readonly: bool = False,
         outage_wait: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
@@ -136,7 +136,9 @@ class PostgresStore:
             raise StoreError(f"state store {self.where} is closed")
         extra: dict[str, Any] = dict(self._options)
         if self._password is not None:
-            extra["password"] = self._password
+            # Read at every connection: a rotated password file is used at the next one.
+            password = self._password
+            extra["password"] = password if isinstance(password, str) else password()
         conn = psycopg.connect(self.url, autocommit=True, application_name="patchd", **extra)
         try:
             conn.execute(
