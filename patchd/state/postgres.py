@@ -47,15 +47,16 @@ RECONNECT_PAUSE = 0.25
 CONNECT_TIMEOUT = 5  # seconds, unless the URL says otherwise
 # A session left idle inside a transaction (its process paused mid-write) is ended by the
 # server after this long, so its FOR SHARE lock on the lease never holds up a takeover.
-IDLE_IN_TRANSACTION = "5s"
+IDLE_IN_TRANSACTION = "2s"
 # Libpq keepalives (unless the URL sets them): a server that vanished without closing the
 # connection is noticed within about 11 s instead of TCP's minutes.
 _KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
                "keepalives_count": "3"}  # fmt: skip
 # SQLSTATEs after which the same work may be tried again on a fresh connection or
-# transaction: connection failures (08), the server shutting down (57P01-57P03),
+# transaction: connection failures (08), the server shutting down (57P01-57P03), a session
+# ended for idling in a transaction (25P03: this process was paused mid-write),
 # serialization failure and deadlock (40001, 40P01).
-_RETRY_STATES = ("57P01", "57P02", "57P03", "40001", "40P01")
+_RETRY_STATES = ("57P01", "57P02", "57P03", "25P03", "40001", "40P01")
 
 
 class _Unreachable(StoreError):
@@ -178,6 +179,8 @@ class PostgresStore:
     @staticmethod
     def _retryable(err: psycopg.Error, conn: Conn | None) -> bool:
         state = err.sqlstate or ""
+        if conn is not None and (conn.broken or conn.closed):
+            return True  # whatever the server said last, the session is gone: a new one
         if state:
             return state.startswith("08") or state in _RETRY_STATES
         if isinstance(err, psycopg.OperationalError) and "FATAL:" in str(err):

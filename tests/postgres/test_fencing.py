@@ -245,3 +245,30 @@ def _wait(condition: Any, timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_a_write_paused_inside_its_transaction_does_not_hold_up_a_takeover(pg_url: str) -> None:
+    """A leader frozen between its fence check and its COMMIT holds the lease row FOR
+    SHARE. The store's sessions set idle_in_transaction_session_timeout, so the server
+    ends that session, the lock goes, and a standby takes the expired lease."""
+    store = PostgresStore(pg_url)
+    try:
+        lease = PgLease(store)
+        view = lease.acquire("frozen", 1.0)
+        paused = store._connect()  # a session as the store makes them
+        paused.execute("BEGIN")
+        pglease.check_fence(paused, Fence("frozen", view.epoch))
+        paused.execute("INSERT INTO meta (key, value) VALUES ('half', 'done')")
+        t0 = time.monotonic()
+        time.sleep(1.1)  # the lease has expired; the frozen session still holds its lock
+        taken = lease.acquire("standby", 10.0)  # waits for the server to end that session
+        waited = time.monotonic() - t0
+        assert (taken.holder, taken.epoch) == ("standby", 2)
+        assert waited < 4.0, waited
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            paused.execute("COMMIT")
+        assert paused.broken
+    finally:
+        store.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'half'").fetchone() is None

@@ -9,6 +9,7 @@ database is real; only the moment of the break is staged."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,3 +60,27 @@ def test_a_lost_commit_answer_is_resolved_exactly_once(
     with psycopg.connect(pg_url) as conn:
         rows = conn.execute("SELECT step FROM journal").fetchall()
     assert rows == [("apply",)]
+
+
+def test_a_write_paused_past_the_idle_timeout_is_tried_again_once(pg_url: str) -> None:
+    """The server ends a session idle in a transaction for 2 s (a paused process): the
+    store's next statement finds the session gone, and the write is done again, once,
+    on a new connection."""
+    store = PostgresStore(pg_url, outage_wait=10)
+    attempts = 0
+
+    def work(conn: psycopg.Connection[Any], epoch: int | None) -> None:
+        nonlocal attempts
+        attempts += 1
+        conn.execute("INSERT INTO meta (key, value) VALUES ('paused', %s)", (str(attempts),))
+        if attempts == 1:
+            time.sleep(2.5)  # frozen inside the transaction, past the server's limit
+
+    try:
+        store._write(work)
+    finally:
+        store.close()
+    assert attempts == 2
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT value FROM meta WHERE key = 'paused'").fetchall()
+    assert rows == [("2",)]
