@@ -92,10 +92,14 @@ MIGRATIONS: tuple[Migration, ...] = (
 CURRENT = MIGRATIONS[-1].version
 
 
+def user_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
 def found_version(db: sqlite3.Connection, path: Path) -> int:
     """The journal's schema version (0: empty, nothing created yet); StoreError for a
     file that is not a patchd journal."""
-    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    version = user_version(db)
     if version != 0:
         return version
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -125,10 +129,17 @@ def _refuse_newer(version: int, path: Path) -> None:
 def migrate(db: sqlite3.Connection, path: Path) -> int:
     """Bring the journal to CURRENT in one transaction; returns the version it had.
 
-    `db` is in autocommit mode (isolation_level=None) and outside a transaction."""
+    `db` is in autocommit mode (isolation_level=None) and outside a transaction. A
+    journal already current is only read: opening it writes nothing, so it opens on a
+    full disk (and its first real write is what fails) and takes no write lock that
+    would make other patchd processes wait."""
+    was = found_version(db, path)
+    _refuse_newer(was, path)
+    if was == CURRENT and user_version(db) == CURRENT:
+        return was
     db.execute("BEGIN IMMEDIATE")
     try:
-        was = found_version(db, path)
+        was = found_version(db, path)  # again, under the lock: another may have migrated
         _refuse_newer(was, path)
         for migration in MIGRATIONS:
             if migration.version > was:

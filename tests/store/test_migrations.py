@@ -136,3 +136,18 @@ def test_migrations_are_numbered_in_order() -> None:
         range(1, len(migrations.MIGRATIONS) + 1)
     )
     assert migrations.MIGRATIONS[-1].version == CURRENT
+
+
+def test_opening_a_current_journal_writes_nothing(tmp_path: Path) -> None:
+    # So it opens on a full disk and while another process holds the write lock.
+    path = tmp_path / "patchd.db"
+    open_store(path).close()
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        store = open_store(path)  # would wait out SQLite's busy timeout, then fail
+        assert store.runs() == []
+        store.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
