@@ -4,7 +4,7 @@ daemon on SQLite never loads psycopg.
 
 `open_shared(state)` gives the store; `Ha.start(store, ha, on_change)` puts leadership on
 it: the loop thread, the fence on every write, and a `status()` for metrics and
-`patchd status`.
+`patchd status`; `leader_of(store)` reads the lease from any node.
 """
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ from pathlib import Path
 from patchd import log
 from patchd.config.schema import HaModel, StateModel
 from patchd.state.base import StoreError
-from patchd.state.leader import Change, LeaderLoop, Leadership, LeaseTimes, Role, new_holder
+from patchd.state.leader import (
+    Change,
+    LeaderLoop,
+    Leadership,
+    LeaseTimes,
+    LeaseView,
+    Role,
+    new_holder,
+)
 from patchd.state.pglease import PgLease
 from patchd.state.postgres import PostgresStore
 
@@ -65,6 +73,12 @@ def open_shared(state: StateModel, *, readonly: bool = False) -> PostgresStore:
         readonly=readonly,
         outage_wait=state.outage_wait.total_seconds(),
     )
+
+
+def leader_of(store: PostgresStore) -> LeaseView:
+    """The lease as the database holds it now, for `patchd status` on any node (a
+    read-only store will do): holder ("" if never held), epoch, seconds left, age."""
+    return PgLease(store).read()
 
 
 @dataclass(frozen=True)

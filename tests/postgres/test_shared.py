@@ -14,7 +14,7 @@ from patchd import log
 from patchd.config.schema import HaModel, StateModel
 from patchd.state.base import StoreError
 from patchd.state.leader import Change, NotLeader, Role
-from patchd.state.shared import Ha, open_shared, password_reader
+from patchd.state.shared import Ha, leader_of, open_shared, password_reader
 from patchd.states import TargetState
 
 AT = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
@@ -75,6 +75,13 @@ def test_two_nodes_one_leads_the_other_waits_and_takes_over_on_stop(pg_url: str)
         assert first.lease_age is not None and first.lease_age < 3
         assert second.role is Role.STANDBY and second.leader == first.holder
         assert nodes[1].may_act() is False
+        reader = open_shared(state, readonly=True)  # `patchd status` on any node
+        try:
+            seen_lease = leader_of(reader)
+        finally:
+            reader.close()
+        assert (seen_lease.holder, seen_lease.epoch) == (first.holder, 1)
+        assert 0 < seen_lease.remaining <= 1.8 and seen_lease.age < 1.8
 
         stores[0].start_run("r1", "web", None, AT)
         with pytest.raises(NotLeader):
