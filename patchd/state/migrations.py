@@ -24,6 +24,7 @@ and add a journal of version N to the migration test.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +155,8 @@ def migrate(db: sqlite3.Connection, path: Path) -> int:
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
-            db.execute("ROLLBACK")
+            with suppress(sqlite3.Error):  # on a full disk this may fail too
+                db.execute("ROLLBACK")
         raise
     return was
 

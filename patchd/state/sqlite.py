@@ -50,8 +50,16 @@ def _why(directory: Path) -> str:
     return ""
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    """End a failed transaction, if one is open. On a full disk (or a closed handle) this
+    may fail too: the caller must still see the first error, as a StoreError."""
+    with suppress(sqlite3.Error):
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+
+
 class _Write:
-    """A journal write waiting for the next group commit (see `Store._write`)."""
+    """A journal write waiting for the next group commit (see `SqliteStore._write`)."""
 
     __slots__ = ("done", "error", "work")
 
@@ -124,10 +132,7 @@ class SqliteStore:
                 yield self._db
                 self._db.execute("COMMIT")
             except sqlite3.Error as err:
-                if self._db.in_transaction:
-                    # On a full disk this may fail too; the caller must see a StoreError.
-                    with suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
+                _rollback(self._db)
                 raise StoreError(f"state store {self.path}: {err}") from err
 
     def _write(self, work: Callable[[sqlite3.Connection], None]) -> None:
@@ -161,9 +166,7 @@ class SqliteStore:
                 entry.work(db)
             db.execute("COMMIT")
         except BaseException as err:
-            if db.in_transaction:
-                with suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
+            _rollback(db)
             if len(batch) > 1 and isinstance(err, Exception):
                 for entry in batch:  # nothing was written: each on its own now
                     self._commit_group([entry])
@@ -181,6 +184,14 @@ class SqliteStore:
                 "INSERT INTO meta (key, value) VALUES ('write_checks', '1') ON CONFLICT (key)"
                 " DO UPDATE SET value = CAST(value AS INTEGER) + 1"
             )
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        """Run a read; a failure (a closed handle, an I/O error) is a StoreError."""
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as err:
+                raise StoreError(f"state store {self.path}: {err}") from err
 
     def _known(self, kind: type[E], value: str) -> E:
         """A state or status read back; one this code does not know is a StoreError."""
@@ -228,8 +239,7 @@ class SqliteStore:
             sql += " WHERE grp = ?"
             args = (group,)
         sql += " ORDER BY started DESC, rowid DESC LIMIT ?"
-        with self._lock:
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        rows = self._query(sql, (*args, limit))
         return [
             RunRow(
                 id=r[0],
@@ -318,29 +328,27 @@ class SqliteStore:
 
     def rollback_failures(self) -> dict[str, datetime]:
         """group -> when its newest target in rollback_failed was recorded."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT runs.grp, MAX(targets.updated) FROM targets"
-                " JOIN runs ON runs.id = targets.run_id"
-                " WHERE targets.state = 'rollback_failed' GROUP BY runs.grp"
-            ).fetchall()
+        rows = self._query(
+            "SELECT runs.grp, MAX(targets.updated) FROM targets"
+            " JOIN runs ON runs.id = targets.run_id"
+            " WHERE targets.state = ? GROUP BY runs.grp",
+            (TargetState.ROLLBACK_FAILED.value,),
+        )
         return {r[0]: datetime.fromtimestamp(r[1], UTC) for r in rows}
 
     def journal(self, run_id: str, target: str) -> list[tuple[str, str, datetime]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT step, phase, at FROM journal WHERE run_id = ? AND target = ? ORDER BY seq",
-                (run_id, target),
-            ).fetchall()
+        rows = self._query(
+            "SELECT step, phase, at FROM journal WHERE run_id = ? AND target = ? ORDER BY seq",
+            (run_id, target),
+        )
         return [(r[0], r[1], datetime.fromtimestamp(r[2], UTC)) for r in rows]
 
     def _targets(self, where: str, args: tuple[object, ...]) -> list[TargetRow]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT run_id, target, name, state, version_from, version_to, snapshot, error,"
-                f" updated FROM targets {where}",
-                args,
-            ).fetchall()
+        rows = self._query(
+            "SELECT run_id, target, name, state, version_from, version_to, snapshot, error,"
+            f" updated FROM targets {where}",
+            args,
+        )
         return [
             TargetRow(
                 run_id=r[0],
@@ -365,8 +373,7 @@ class SqliteStore:
         if due_by is not None:
             sql += " WHERE expires <= ?"
             args = (_ts(due_by),)
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY expires", args).fetchall()
+        rows = self._query(sql + " ORDER BY expires", args)
         return [
             RetainedRow(
                 r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), datetime.fromtimestamp(r[6], UTC)

@@ -409,6 +409,12 @@ def test_a_closed_store_may_be_closed_again_and_reopened(harness: Harness) -> No
     store.start_run("r1", "web", None, T0)
     store.close()
     store.close()
+    with pytest.raises(StoreError):
+        store.runs()
+    with pytest.raises(StoreError):
+        store.start_run("r2", "web", None, T0)
+    with pytest.raises(StoreError):
+        put(store, "r1", "c1", S.APPLYING, 1)
     again = harness.open()
     try:
         assert [r.id for r in again.runs()] == ["r1"]

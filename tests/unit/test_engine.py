@@ -16,7 +16,7 @@ from patchd.config.schema import HealthModel, SnapshotModel
 from patchd.config.settings import Group
 from patchd.config.types import Limit
 from patchd.engine import GateResult, NullObserver, RunRequest, RunResult, run_group, stage_gate
-from patchd.state import Store
+from patchd.state import Store, open_store
 from patchd.testing import FakeBackend, FakeSelect
 
 T0 = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
@@ -54,7 +54,7 @@ def group(name: str = "web", **changes: Any) -> Group:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "state.db")
+    return open_store(tmp_path / "state.db")
 
 
 def fleet(count: int, **fields: Any) -> FakeBackend:

@@ -14,7 +14,7 @@ import pytest
 from patchd import faults
 from patchd.config import load_settings
 from patchd.engine import NullObserver, RunRequest, run_group
-from patchd.state import Store
+from patchd.state import open_store
 from patchd.testing import FakeBackend
 
 PACKAGE = Path(__file__).resolve().parents[2] / "patchd"
@@ -118,7 +118,7 @@ def test_a_raise_at_any_engine_point_leaves_the_target_consistent(
     path = tmp_path / "patchd.toml"
     path.write_text(CONFIG.format(state=tmp_path / "state"))
     settings = load_settings(path)
-    store = Store(settings.daemon.state_dir / "patchd.db")
+    store = open_store(settings.daemon.state_dir / "patchd.db")
     fake = FakeBackend("d")
     fake.add("c1")
     fake.latest["app"] = "v2"

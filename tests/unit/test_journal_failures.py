@@ -1,7 +1,7 @@
 """A journal that cannot be written: no target starts without its first row, a target
 whose later row fails is still rolled back, and the run starts nothing new.
 
-`BrokenStore` is a real Store whose SQLite connection is switched to `query_only` at a
+`BrokenStore` is a real SqliteStore whose SQLite connection is switched to `query_only` at a
 chosen moment, so every later write fails inside SQLite as on a read-only or full disk.
 It stands in for those because a unit test cannot mount a file system; the integration
 test test_state_dir_failures.py uses a real full and a real read-only tmpfs.
@@ -23,7 +23,7 @@ from patchd.daemon import Daemon
 from patchd.notify import Notifier
 from patchd.reconcile import reconcile
 from patchd.runner import group_lock
-from patchd.state import Store, StoreError
+from patchd.state import SqliteStore, StoreError
 from patchd.testing import FakeBackend
 from tests.unit.test_daemon import config_text, wait_for
 from tests.unit.test_engine import fleet, group, run
@@ -31,7 +31,7 @@ from tests.unit.test_engine import fleet, group, run
 T0 = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
 
 
-class BrokenStore(Store):
+class BrokenStore(SqliteStore):
     """A Store whose writes fail from the first moment `breaks(target, state)` says so."""
 
     def __init__(self, path: Path, breaks: Callable[[str, str], bool]) -> None:

@@ -9,7 +9,7 @@ from patchd.backends.base import RollbackFailed
 from patchd.config import load_settings
 from patchd.reconcile import reconcile
 from patchd.runner import group_lock
-from patchd.state import Store
+from patchd.state import Store, open_store
 from patchd.testing import FakeBackend
 
 T0 = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
@@ -31,7 +31,7 @@ def crashed_mid_apply(tmp_path: Path) -> tuple[object, Store, FakeBackend]:
     path = tmp_path / "patchd.toml"
     path.write_text(CONFIG.format(state=tmp_path / "state"))
     settings = load_settings(path)
-    store = Store(settings.daemon.state_dir / "patchd.db")
+    store = open_store(settings.daemon.state_dir / "patchd.db")
     fake = FakeBackend("d")
     fake.add("c1")
     fake.add("c2")

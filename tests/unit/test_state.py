@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from patchd.state import SqliteStore, Store, StoreError, open_store
+from patchd.state import SqliteStore, StoreError, open_store
 from patchd.states import TargetState
 
 T0 = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
 
 
 def test_wal_mode_is_on(tmp_path: Path) -> None:
-    Store(tmp_path / "state.db").close()
+    SqliteStore(tmp_path / "state.db").close()
     db = sqlite3.connect(tmp_path / "state.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -32,7 +32,7 @@ def test_unopenable_store_is_a_store_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(StoreError):
-        Store(blocker / "state.db")
+        SqliteStore(blocker / "state.db")
 
 
 def test_a_read_only_handle_never_creates_the_journal(tmp_path: Path) -> None:
