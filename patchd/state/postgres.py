@@ -17,6 +17,9 @@ database, that the lease still holds this process's epoch (pglease.check_fence);
 of a process that lost its lease is refused (leader.NotLeader), nothing of it lands, and
 the leadership is told at once. The lease itself uses a connection of its own, so a
 write waiting out an outage never delays a renewal.
+
+Sessions (their settings, which failures a new one may cure) are pgsession.py's; the
+schema is pgschema.py's; the lease's SQL and the fence check are pglease.py's.
 """
 
 from __future__ import annotations
@@ -30,10 +33,9 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Json
 
-from patchd.state import pglease, pgschema
+from patchd.state import pglease, pgschema, pgsession
 from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
 from patchd.state.leader import Fence, NotLeader
 from patchd.states import RESTING, RunStatus, TargetState
@@ -42,36 +44,6 @@ E = TypeVar("E", bound=StrEnum)
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
 Work = Callable[[Conn, int | None], None]
-
-RECONNECT_PAUSE = 0.25
-CONNECT_TIMEOUT = 5  # seconds, unless the URL says otherwise
-# A session left idle inside a transaction (its process paused mid-write) is ended by the
-# server after this long, so its FOR SHARE lock on the lease never holds up a takeover.
-IDLE_IN_TRANSACTION = "2s"
-# Libpq keepalives (unless the URL sets them): a server that vanished without closing the
-# connection is noticed within about 11 s instead of TCP's minutes.
-_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
-               "keepalives_count": "3"}  # fmt: skip
-# SQLSTATEs after which the same work may be tried again on a fresh connection or
-# transaction: connection failures (08), the server shutting down (57P01-57P03), a session
-# ended for idling in a transaction (25P03: this process was paused mid-write),
-# serialization failure and deadlock (40001, 40P01).
-_RETRY_STATES = ("57P01", "57P02", "57P03", "25P03", "40001", "40P01")
-
-
-class _Unreachable(StoreError):
-    """The database did not answer within outage_wait (not split into single writes)."""
-
-
-def describe(url: str) -> str:
-    """The URL as messages show it: user, host, port and database, never a password."""
-    try:
-        info = conninfo_to_dict(url)
-    except psycopg.Error:
-        return "postgresql://<unparsable URL>"
-    user = f"{info['user']}@" if info.get("user") else ""
-    port = f":{info['port']}" if info.get("port") else ""
-    return f"postgresql://{user}{info.get('host', '')}{port}/{info.get('dbname', '')}"
 
 
 def _utc(value: datetime) -> datetime:
@@ -105,7 +77,7 @@ class PostgresStore:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.url = url
-        self.where = describe(url)
+        self.where = pgsession.describe(url)
         self.readonly = readonly
         self.outage_wait = outage_wait
         self._password = password
@@ -120,13 +92,7 @@ class PostgresStore:
         self._fence: Callable[[], Fence] | None = None
         self._on_refused: Callable[[str], None] | None = None
         self._closed = False
-        try:
-            params = conninfo_to_dict(url)
-        except psycopg.Error as err:
-            raise StoreError(f"state.url: not a PostgreSQL URL ({err})") from None
-        self._options = {k: v for k, v in _KEEPALIVES.items() if k not in params}
-        if "connect_timeout" not in params:
-            self._options["connect_timeout"] = str(CONNECT_TIMEOUT)
+        self._options = pgsession.options(url)
         with self._lock:
             self._conn = self._with_retries(self._open)
 
@@ -135,23 +101,10 @@ class PostgresStore:
     def _connect(self) -> Conn:
         if self._closed:
             raise StoreError(f"state store {self.where} is closed")
-        extra: dict[str, Any] = dict(self._options)
-        if self._password is not None:
-            # Read at every connection: a rotated password file is used at the next one.
-            password = self._password
-            extra["password"] = password if isinstance(password, str) else password()
-        conn = psycopg.connect(self.url, autocommit=True, application_name="patchd", **extra)
-        try:
-            conn.execute(
-                "SET TIME ZONE 'UTC'; SET synchronous_commit TO on;"
-                f" SET idle_in_transaction_session_timeout TO '{IDLE_IN_TRANSACTION}'"
-            )
-            if self.readonly:
-                conn.execute("SET default_transaction_read_only TO on")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        password = self._password
+        if password is not None and not isinstance(password, str):
+            password = password()  # read at every connection: a rotated one is used
+        return pgsession.connect(self.url, self._options, password, self.readonly)
 
     def _open(self) -> Conn:
         conn = self._connect()
@@ -176,21 +129,6 @@ class PostgresStore:
                 self._conn.close()
             self._conn = None
 
-    @staticmethod
-    def _retryable(err: psycopg.Error, conn: Conn | None) -> bool:
-        state = err.sqlstate or ""
-        if conn is not None and (conn.broken or conn.closed):
-            return True  # whatever the server said last, the session is gone: a new one
-        if state:
-            return state.startswith("08") or state in _RETRY_STATES
-        if isinstance(err, psycopg.OperationalError) and "FATAL:" in str(err):
-            # The server refused the connection: a wrong user, password or database is
-            # for a person to fix; only a server starting or stopping is worth a wait.
-            return "the database system is" in str(err)
-        return (
-            conn is None or conn.broken or conn.closed or isinstance(err, psycopg.OperationalError)
-        )
-
     def _with_retries(self, fn: Callable[[], T]) -> T:
         """Run `fn` (which may reconnect), again after a lost connection until outage_wait
         has passed. The caller holds self._lock."""
@@ -199,15 +137,15 @@ class PostgresStore:
             try:
                 return fn()
             except psycopg.Error as err:
-                if not self._retryable(err, self._conn):
+                if not pgsession.retryable(err, self._conn):
                     raise StoreError(f"state store {self.where}: {err}") from err
                 self._drop()
                 if self._clock() >= deadline:
-                    raise _Unreachable(
+                    raise pgsession.Unreachable(
                         f"state store {self.where} did not answer for {self.outage_wait:g}s:"
                         f" {str(err).strip() or type(err).__name__}"
                     ) from err
-                self._sleep(RECONNECT_PAUSE)
+                self._sleep(pgsession.RECONNECT_PAUSE)
 
     def close(self) -> None:
         with self._lock, self._lease_lock:
@@ -271,7 +209,7 @@ class PostgresStore:
             if self._on_refused is not None:
                 self._on_refused(str(err))
         except Exception as err:
-            if len(batch) > 1 and not isinstance(err, _Unreachable) and not unsure:
+            if len(batch) > 1 and not isinstance(err, pgsession.Unreachable) and not unsure:
                 for entry in batch:  # nothing was written: each on its own now
                     self._commit_group([entry])
                 return
