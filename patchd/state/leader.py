@@ -120,6 +120,7 @@ class LeaseView:
     epoch: int
     remaining: float  # seconds until it expires; <= 0: expired
     age: float  # seconds since it was acquired or last renewed
+    previous: str = ""  # acquire only: who held the lease before the call ("" if nobody)
 
 
 class Role(StrEnum):
@@ -191,7 +192,8 @@ class Leadership:
         after it. Returns the Change if this process became the leader."""
         self.unreachable = False
         if view.holder == self.holder and view.remaining > 0:
-            previous = self.leader_seen if self.leader_seen != self.holder else ""
+            previous = view.previous or self.leader_seen
+            previous = "" if previous == self.holder else previous
             self._lead(view.epoch, sent_at)
             self.reason = f"took the lease at epoch {view.epoch}"
             self.leader_seen = self.holder

@@ -7,6 +7,7 @@ clocks disagree still agree on when a lease expires. Each method is one short tr
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from patchd.state.leader import Fence, LeaseView, NotLeader
@@ -90,8 +91,15 @@ class PgLease:
 
     def acquire(self, holder: str, ttl: float) -> LeaseView:
         def work(conn: psycopg.Connection[Any]) -> LeaseView:
+            # Who held it before (a dead leader's name, for the takeover's log and metric).
+            before = conn.execute(
+                "SELECT holder FROM ha_lease WHERE name = %s FOR UPDATE", (self.lease,)
+            ).fetchone()
             conn.execute(_ACQUIRE, (holder, ttl, self.lease))
-            return self._read(conn)
+            view = self._read(conn)
+            if before is None or view.holder != holder:
+                return view
+            return dataclasses.replace(view, previous=before[0])
 
         return self.store.lease_transaction(work)
 

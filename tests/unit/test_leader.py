@@ -304,3 +304,10 @@ def test_run_returns_after_stop_and_releases_the_lease() -> None:
     assert not thread.is_alive()
     assert [c.role for c in changes] == [Role.LEADER, Role.STANDBY]
     assert lease.expires is not None and lease.expires <= time.monotonic()
+
+
+def test_the_previous_holder_comes_from_the_database_when_it_says() -> None:
+    state = Leadership("me", TIMES)  # a new process: it never saw the old leader
+    view = LeaseView("me", 7, 9.0, 0.0, previous="old/1/ab")
+    change = state.acquire_answered(view, sent_at=0.0)
+    assert change is not None and change.previous_holder == "old/1/ab"
