@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from patchd.state.base import StoreError
-from patchd.state.leader import LeaderLoop, Leadership, LeaseTimes, Role, new_holder
+from patchd.state.leader import LeaderLoop, Leadership, LeaseTimes, NotLeader, Role, new_holder
 from patchd.state.pglease import PgLease
 from patchd.state.postgres import PostgresStore
 from patchd.states import TargetState
@@ -143,3 +143,47 @@ def test_a_leader_keeps_its_lease_through_a_short_crash(pg: PgLab, pg_url: str) 
     in_db = _steps_in_db(pg_url)
     assert not set(returned) - set(in_db)
     assert len(in_db) == len(set(in_db))
+
+
+def test_a_database_outage_longer_than_the_lease_stops_writes_then_leads_again(
+    pg: PgLab, pg_url: str
+) -> None:
+    """ha.takeover = 3 s (a lease of 1.8 s) and a 4 s outage: the leader's writes wait, then
+    fail as NotLeader once its lease may have run out (not after outage_wait: it must
+    not act on a lease it cannot renew), it steps down; when the database is back it
+    takes the lease again under a new epoch and its writes land under that epoch."""
+    store = PostgresStore(pg_url, outage_wait=60)
+    changes: list[str] = []
+    leadership = Leadership(new_holder("node-a"), LeaseTimes.for_takeover(3))
+    loop = LeaderLoop(leadership, PgLease(store), time.monotonic,
+                      lambda change: changes.append(f"{change.role} {change.epoch}"))  # fmt: skip
+    store.set_fence(loop.fence, loop.refused)
+    runner = threading.Thread(target=loop.run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while leadership.role is not Role.LEADER:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        store.start_run("run-1", "web", None, AT)
+        pg.stop("fast")
+        t0 = time.monotonic()
+        with pytest.raises(NotLeader):
+            store.record("run-1", "t", "t", TargetState.APPLYING, AT, step="in-outage",
+                         phase="p")  # fmt: skip
+        assert time.monotonic() - t0 < 5, "the write waited past the lease"
+        time.sleep(max(0.0, 4 - (time.monotonic() - t0)))
+        pg.start()
+        deadline = time.monotonic() + 30
+        while not (leadership.role is Role.LEADER and leadership.epoch == 2):
+            assert time.monotonic() < deadline, leadership.reason
+            time.sleep(0.05)
+        store.record("run-1", "t", "t", TargetState.APPLYING, AT, step="after", phase="p")
+    finally:
+        loop.stop()
+        runner.join(10)
+        store.close()
+    assert changes[:3] == ["leader 1", "standby 1", "leader 2"]
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT step, epoch FROM journal ORDER BY seq").fetchall()
+    assert rows == [("after", 2)]
