@@ -9,7 +9,8 @@ so a database is never left half migrated.
 The tables match the SQLite store's (patchd/state/migrations.py) with PostgreSQL types:
 TIMESTAMPTZ times, JSON details (kept as written, as SQLite's text), a `seq` column for
 "in the order recorded" (SQLite's rowid), the writer's lease epoch on each journal row
-(proof of who wrote it), and the lease row of leader.py.
+(proof of who wrote it), the lease row of leader.py, and each store handle's last
+write mark.
 
 To add a migration: append Migration(N + 1, ...) whose statements take version N to N + 1.
 """
@@ -85,6 +86,9 @@ _V1 = (
         expires TIMESTAMPTZ
     )""",
     "INSERT INTO ha_lease (name) VALUES ('leader')",
+    # One row per open store handle: the mark of its last committed write transaction,
+    # read back after a COMMIT whose answer was lost (postgres.py).
+    "CREATE TABLE write_marks (writer TEXT PRIMARY KEY, mark TEXT NOT NULL)",
 )
 
 MIGRATIONS: tuple[Migration, ...] = (

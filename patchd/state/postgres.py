@@ -8,9 +8,10 @@ writes share one transaction. The schema is migrated at open under an advisory l
 
 Outages: a write or read whose connection breaks (the server restarted, the network
 dropped) is tried again on a new connection until `outage_wait` has passed, then fails
-with a StoreError. A commit whose answer was lost is not guessed at: the transaction's id
-was read first, and after reconnecting `pg_xact_status` says whether it committed; so a
-database restart neither loses a returned write nor writes one twice.
+with a StoreError. A commit whose answer was lost is not guessed at: each write
+transaction also sets a random mark in this handle's row of `write_marks`; after
+reconnecting (and once the old session is gone or idle), the mark says whether it
+committed. So a database restart neither loses a returned write nor writes one twice.
 
 Fencing: with leadership on (`set_fence`), every write transaction first checks, in the
 database, that the lease still holds this process's epoch (pglease.check_fence); a write
@@ -24,6 +25,8 @@ schema is pgschema.py's; the lease's SQL and the fence check are pglease.py's.
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -92,6 +95,9 @@ class PostgresStore:
         self._fence: Callable[[], Fence] | None = None
         self._on_refused: Callable[[str], None] | None = None
         self._closed = False
+        # This handle's row in write_marks (see _transaction); removed at close.
+        self._writer = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self._session: tuple[int, str] = (0, "")  # the write session: backend pid, start
         self._options = pgsession.options(url)
         with self._lock:
             self._conn = self._with_retries(self._open)
@@ -121,6 +127,10 @@ class PostgresStore:
     def _connection(self) -> Conn:
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
+            row = self._conn.execute(
+                "SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ).fetchone()
+            self._session = (self._conn.info.backend_pid, "" if row is None else row[0])
         return self._conn
 
     def _drop(self) -> None:
@@ -149,6 +159,9 @@ class PostgresStore:
 
     def close(self) -> None:
         with self._lock, self._lease_lock:
+            if self._conn is not None and not self._conn.closed and not self.readonly:
+                with suppress(psycopg.Error):  # this handle's mark row, no longer needed
+                    self._conn.execute("DELETE FROM write_marks WHERE writer = %s", (self._writer,))
             self._drop()
             if self._lease_conn is not None:
                 with suppress(psycopg.Error):
@@ -222,36 +235,51 @@ class PostgresStore:
             entry.done = True
 
     def _transaction(self, batch: list[_Write], unsure: list[str]) -> None:
-        conn = self._connection()
-        if unsure:  # an earlier attempt sent COMMIT and lost the connection
-            row = conn.execute("SELECT pg_xact_status(%s::xid8)", (unsure[0],)).fetchone()
-            status = None if row is None else row[0]
-            if status == "committed":
-                return
-            if status == "in progress":  # the server has not finished it yet: ask again
-                raise psycopg.errors.SerializationFailure("commit still in progress")
-            if status != "aborted":
-                raise StoreError(
-                    f"state store {self.where}: the connection was lost while committing and"
-                    f" the database no longer knows transaction {unsure[0]}"
-                )
-            unsure.clear()
+        """One attempt at committing `batch`. `unsure` holds the mark of an earlier attempt
+        whose COMMIT got no answer: whether that one landed is read back first."""
+        if unsure:
+            mark, pid, started = unsure
+            conn = self._connection()
+            # The old session may still be finishing that COMMIT (a network break, not a
+            # crash): wait until it is gone or idle, so its outcome is final.
+            row = conn.execute(
+                "SELECT state FROM pg_stat_activity WHERE pid = %s AND backend_start::text = %s",
+                (int(pid), started),
+            ).fetchone()
+            if row is not None and row[0] not in ("idle", "idle in transaction (aborted)"):
+                raise psycopg.errors.SerializationFailure("the lost COMMIT is still running")
+            row = conn.execute(
+                "SELECT mark FROM write_marks WHERE writer = %s", (self._writer,)
+            ).fetchone()
+            if row is not None and row[0] == mark:
+                return  # it committed: done
+            unsure.clear()  # it did not: do it again
+        # The fence first, before waiting on a connection: a leader whose lease may have
+        # run out during an outage stops here, not after outage_wait.
         fence = self._fence() if self._fence is not None else None
+        conn = self._connection()
+        mark = secrets.token_hex(8)
         conn.execute("BEGIN")
         try:
-            row = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
-            assert row is not None
-            xid = str(row[0])
             if fence is not None:
                 pglease.check_fence(conn, fence)
             for entry in batch:
                 entry.work(conn, None if fence is None else fence.epoch)
+            # The transaction's mark, in this handle's own row: after a lost COMMIT it says
+            # whether the transaction landed. (Not pg_xact_status: after a crash a
+            # transaction id whose WAL was never flushed is handed out again, so a lost
+            # transaction could read as another's commit.)
+            conn.execute(
+                "INSERT INTO write_marks (writer, mark) VALUES (%s, %s)"
+                " ON CONFLICT (writer) DO UPDATE SET mark = excluded.mark",
+                (self._writer, mark),
+            )
         except BaseException:
             if not conn.broken:
                 with suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
             raise
-        unsure.append(xid)
+        unsure[:] = [mark, str(self._session[0]), self._session[1]]
         conn.execute("COMMIT")
         unsure.clear()
 

@@ -1,6 +1,6 @@
 """A COMMIT whose answer is lost: the connection breaks after the COMMIT was sent. The store
 must neither report a write that did not land nor write it twice: it asks the database
-(pg_xact_status of the transaction id it read first) after reconnecting.
+(the mark each write transaction sets in write_marks) after reconnecting.
 
 Breaking a connection at exactly that instant cannot be arranged from outside the
 process, so the store's connection is wrapped: the real COMMIT is sent (or not), then the
