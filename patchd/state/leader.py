@@ -77,9 +77,10 @@ class LeaseTimes:
     leader stays unreplaced.
 
     A leader dead right after a renewal leaves a lease that expires `ttl` later; a standby
-    reads the lease's remaining time and tries again just after it ends, and at the latest
-    every `poll_every`; so takeover <= ttl + poll_every, with 10 % left for query latency.
-    The leader renews every ttl/3, so two lost renewals in a row still leave it leading.
+    reads the lease's remaining time and tries again just after it ends, and at least
+    every `renew_every` (a released lease is taken then); so takeover <= ttl + poll_every
+    (the bound of a standby's wait), with 10 % left for query latency. The leader renews
+    every ttl/3, so two lost renewals in a row still leave it leading.
     """
 
     takeover: float
@@ -199,9 +200,9 @@ class Leadership:
             self.leader_seen = self.holder
             return Change(Role.LEADER, view.epoch, self.reason, previous)
         self.leader_seen = view.holder if view.remaining > 0 else ""
-        # Try again just after the current lease ends (it may be renewed meanwhile), at
-        # the latest after poll_every.
-        wait = self.times.poll_every
+        # Try again just after the current lease ends (it may be renewed meanwhile), and
+        # at least every renew_every: a lease released by a clean shutdown is taken then.
+        wait = min(self.times.poll_every, self.times.renew_every)
         if view.remaining > 0:
             wait = min(wait, view.remaining + 0.05)
             self.reason = f"standby: {view.holder} leads (epoch {view.epoch})"

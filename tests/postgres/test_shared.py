@@ -63,7 +63,7 @@ def test_two_nodes_one_leads_the_other_waits_and_takes_over_on_stop(pg_url: str)
     state = StateModel(url=pg_url)
     stores = [open_shared(state), open_shared(state)]
     seen: list[list[Change]] = [[], []]
-    ha = HaModel(takeover=timedelta(seconds=3))
+    ha = HaModel(takeover=timedelta(seconds=6))  # slack for a loaded machine
     nodes: list[Ha] = []
     try:
         nodes.append(Ha.start(stores[0], ha.model_copy(update={"node": "n0"}), seen[0].append))
@@ -72,7 +72,7 @@ def test_two_nodes_one_leads_the_other_waits_and_takes_over_on_stop(pg_url: str)
         _wait(lambda: nodes[1].status().reason.startswith("standby: n0/"))
         first, second = nodes[0].status(), nodes[1].status()
         assert (first.node, first.epoch, first.takeovers) == ("n0", 1, 1)
-        assert first.lease_age is not None and first.lease_age < 3
+        assert first.lease_age is not None and first.lease_age < 3.6
         assert second.role is Role.STANDBY and second.leader == first.holder
         assert nodes[1].may_act() is False
         reader = open_shared(state, readonly=True)  # `patchd status` on any node
@@ -81,7 +81,7 @@ def test_two_nodes_one_leads_the_other_waits_and_takes_over_on_stop(pg_url: str)
         finally:
             reader.close()
         assert (seen_lease.holder, seen_lease.epoch) == (first.holder, 1)
-        assert 0 < seen_lease.remaining <= 1.8 and seen_lease.age < 1.8
+        assert 0 < seen_lease.remaining <= 3.6 and seen_lease.age < 3.6
 
         stores[0].start_run("r1", "web", None, AT)
         with pytest.raises(NotLeader):

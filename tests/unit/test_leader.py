@@ -142,9 +142,10 @@ def test_a_standby_tries_again_just_after_the_lease_ends() -> None:
     assert state.acquire_answered(LeaseView("other", 2, 1.5, 7.5), sent_at=10.0) is None
     assert state.next_step() == (Step.ACQUIRE, pytest.approx(11.55))
     assert state.reason == "standby: other leads (epoch 2)"
-    # A lease just renewed: wait at most poll_every, not its whole remaining time.
+    # A lease just renewed: try again after renew_every (3 s), not its whole remaining
+    # time: a leader that shut down cleanly released it.
     state.acquire_answered(LeaseView("other", 2, 9.0, 0.0), sent_at=20.0)
-    assert state.next_step() == (Step.ACQUIRE, pytest.approx(24.5))
+    assert state.next_step() == (Step.ACQUIRE, pytest.approx(23.0))
 
 
 def test_a_renewal_refused_steps_down_with_the_taker_named() -> None:
