@@ -103,9 +103,10 @@ def test_a_database_restart_mid_run_loses_no_returned_write(
 def test_a_leader_keeps_its_lease_through_a_short_crash(pg: PgLab, pg_url: str) -> None:
     """A crash shorter than the lease: the leader's renewals fail meanwhile, its writes
     wait, and once the server is back it renews the same epoch and its writes land
-    (fenced by that epoch). ha.takeover = 30 s: a lease of 18 s, longer than the restart."""
+    (fenced by that epoch). ha.takeover = 60 s: a lease of 36 s, far longer than the
+    restart even on a loaded machine."""
     store = PostgresStore(pg_url, outage_wait=60)
-    leadership = Leadership(new_holder("node-a"), LeaseTimes.for_takeover(30))
+    leadership = Leadership(new_holder("node-a"), LeaseTimes.for_takeover(60))
     loop = LeaderLoop(leadership, PgLease(store), time.monotonic, lambda change: None)
     store.set_fence(loop.fence, loop.refused)
     runner = threading.Thread(target=loop.run, daemon=True)
