@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, Field, HttpUrl, field_validator
+from pydantic import BaseModel, Field, HttpUrl, field_validator, model_validator
 
+from patchd.config.secret_files import SecretFile
 from patchd.config.types import STRICT, Duration, Limit, LimitValue, Moment, TimeOfDay, Zone
 
 DEFAULT_METRICS_PORT = 9863
@@ -47,6 +48,65 @@ def split_address(value: str) -> tuple[str, int]:
         host = host[1:-1]
         ipaddress.IPv6Address(host)
     return host, port
+
+
+class StateModel(BaseModel):
+    """`[state]`: where the journal lives. Without `url`, SQLite in daemon.state_dir; with
+    it, a PostgreSQL database several daemons share (see `[ha]`)."""
+
+    model_config = STRICT
+
+    # postgresql://USER@HOST[:PORT]/DB[?sslmode=verify-full&sslrootcert=...]: libpq's
+    # options (TLS included) pass through. Never a password: password_file or credential.
+    url: str | None = None
+    password_file: SecretFile | None = None
+    credential: str | None = None  # a systemd credential (LoadCredential=) name
+    # How long a write or read waits for a database that does not answer before failing.
+    outage_wait: Duration = timedelta(seconds=30)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in ("postgresql", "postgres"):
+            raise ValueError('expected a URL like "postgresql://patchd@db.example/patchd"')
+        userinfo = rest.split("/", 1)[0].rpartition("@")[0]
+        if ":" in userinfo or "password=" in rest:
+            # Not echoed: it holds a password.
+            raise ValueError(
+                "the URL holds a password: put it in password_file or a systemd credential"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> StateModel:
+        if self.password_file is not None and self.credential is not None:
+            raise ValueError("give password_file or credential, not both")
+        if self.url is None and (self.password_file is not None or self.credential is not None):
+            raise ValueError("password_file and credential are for a PostgreSQL url")
+        return self
+
+
+class HaModel(BaseModel):
+    """`[ha]`: leadership among daemons sharing a PostgreSQL `[state] url`."""
+
+    model_config = STRICT
+
+    # On by default with a PostgreSQL url: one leader acts, the others stand by.
+    enabled: bool = True
+    # This daemon's name in the lease and in `patchd status` (default: the host name).
+    node: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    # A dead or paused leader is replaced within this long (the lease lasts 60 % of it).
+    takeover: Duration = timedelta(seconds=15)
+
+    @field_validator("takeover")
+    @classmethod
+    def _takeover(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=3):
+            raise ValueError("must be at least 3s")
+        return value
 
 
 class WindowModel(BaseModel):
@@ -163,4 +223,4 @@ class GroupModel(BaseModel):
     patch: PatchModel = PatchModel()
 
 
-SECTIONS = ("daemon", "windows", "freezes", "backends", "groups")
+SECTIONS = ("daemon", "windows", "freezes", "backends", "groups", "state", "ha")

@@ -26,9 +26,11 @@ from patchd.config.schema import (
     DaemonModel,
     FreezeModel,
     GroupModel,
+    HaModel,
     HealthModel,
     PatchModel,
     SnapshotModel,
+    StateModel,
     WindowModel,
     split_address,
 )
@@ -94,6 +96,9 @@ class Settings:
     files: tuple[Path, ...]
     # Problems that do not stop patchd (a secret file a shared group can read).
     warnings: tuple[ConfigIssue, ...] = ()
+    # [state] (url None: SQLite in daemon.state_dir) and [ha] (used with a url only).
+    state: StateModel = field(default_factory=StateModel)
+    ha: HaModel = field(default_factory=HaModel)
 
     def stages(self) -> list[list[str]]:
         """Chains of groups linked by `after`, each listed from first to last stage."""
@@ -186,6 +191,8 @@ def build_settings(merged: Merged) -> Settings:
     daemon_raw = merged.data.get("daemon", {})
     daemon_model = b.validate(DaemonModel, daemon_raw, ("daemon",))
     daemon = _daemon(daemon_model or DaemonModel())
+    state = b.validate(StateModel, merged.data.get("state", {}), ("state",)) or StateModel()
+    ha = b.validate(HaModel, merged.data.get("ha", {}), ("ha",)) or HaModel()
 
     windows: dict[str, Window] = {}
     window_raw = b.tables("windows")  # once: each call reports a malformed table again
@@ -226,6 +233,8 @@ def build_settings(merged: Merged) -> Settings:
         groups=MappingProxyType(groups),
         files=tuple(merged.files),
         warnings=tuple(b.warnings),
+        state=state,
+        ha=ha,
     )
 
 

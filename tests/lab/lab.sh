@@ -9,7 +9,8 @@
 #   tests/lab/lab.sh status   one line per service; exit 0 only if all are up
 #   tests/lab/lab.sh down     stop everything by pid file, clean up dockerd's leftovers
 #   tests/lab/lab.sh stop SERVICE    stop one service of a lab that is up (docker,
-#                                    registry or vcsim), as an outage would; the rest stays
+#                                    registry, vcsim or postgres), as an outage would; the
+#                                    rest stays (tests/lab/postgres.sh stop immediate: a crash)
 #   tests/lab/lab.sh start SERVICE   start it again on the same address (lab.env stays true)
 #
 # `stop docker` lets dockerd shut down as its service manager would (SIGTERM: the engine
@@ -36,7 +37,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 
 PACKAGES=(docker.io docker-registry busybox-static golang-go golang-github-vmware-govmomi-dev
-          prometheus faketime curl openssl systemd mmdebstrap dpkg-dev openssh-client)
+          prometheus faketime curl openssl systemd mmdebstrap dpkg-dev openssh-client postgresql)
 
 BASE_IMAGE_RAW=patchd-lab/busybox-base:latest
 BASE_IMAGE=patchd-lab/busybox:latest
@@ -651,6 +652,7 @@ write_env() {
         printf "export PATCHD_LAB_VCSIM_BIN='%s'\n" "$VC_BIN"
         printf "export PATCHD_LAB_BASE_IMAGE='%s'\n" "$BASE_IMAGE"
         if [[ -s $LAB_DIR/machines/env ]]; then cat "$LAB_DIR/machines/env"; fi
+        "$SCRIPT_DIR/postgres.sh" env
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }
@@ -670,6 +672,8 @@ cmd_up() {
     start_vcsim
     build_images
     wait_machines
+    STEP=postgres
+    "$SCRIPT_DIR/postgres.sh" up 9>&-
     write_env
     STEP="finished"
     log "up in $(since "$t0"); env: $ENV_FILE  (eval \"\$($0 env)\")"
@@ -682,6 +686,7 @@ cmd_down() {
     rm -f "$ENV_FILE"
     stop_service vcsim "$VC_PID" "$VC_BIN"
     stop_service registry "$REG_PID" "$REG_CONF"
+    "$SCRIPT_DIR/postgres.sh" down || true
     stop_dockerd
     python3 "$SCRIPT_DIR/machines.py" down "$LAB_DIR" 9>&- || log "WARNING: machines.py down failed"
     rm -f "$DK_SOCK"
@@ -700,6 +705,7 @@ cmd_service() {
         stop:docker) stop_dockerd "" engine ;;
         stop:registry) stop_service registry "$REG_PID" "$REG_CONF" ;;
         stop:vcsim) stop_service vcsim "$VC_PID" "$VC_BIN" ;;
+        stop:postgres|start:postgres) "$SCRIPT_DIR/postgres.sh" "$action" 9>&- ;;
         start:docker)
             start_dockerd ;;
         start:registry)
@@ -738,6 +744,7 @@ cmd_status() {
         printf '%-9s down  %-12s %s\n' vcsim - "http://$addr/sdk"; all=1
     fi
     python3 "$SCRIPT_DIR/machines.py" status "$LAB_DIR" || all=1
+    "$SCRIPT_DIR/postgres.sh" status || all=1
     return "$all"
 }
 

@@ -18,6 +18,7 @@ from typing import Protocol
 import pytest
 
 from patchd.state import SqliteStore, StoreProtocol, open_store
+from tests.postgres.harness import PostgresHarness
 
 
 class Harness(Protocol):
@@ -64,7 +65,10 @@ class SqliteHarness:
         return lambda: commits
 
 
-IMPLEMENTATIONS: dict[str, Callable[[Path], Harness]] = {"sqlite": SqliteHarness}
+IMPLEMENTATIONS: dict[str, Callable[[Path], Harness]] = {
+    "sqlite": SqliteHarness,
+    "postgres": PostgresHarness,  # on the test bed's PostgreSQL (started if not up)
+}
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))

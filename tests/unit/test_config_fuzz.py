@@ -43,7 +43,15 @@ from patchd.backends.docker import DockerConfig, DockerSelect
 from patchd.backends.vsphere.config import VSphereConfig, VSphereSelect
 from patchd.cli import main
 from patchd.config import ConfigError, load_settings
-from patchd.config.schema import SECTIONS, DaemonModel, FreezeModel, GroupModel, WindowModel
+from patchd.config.schema import (
+    SECTIONS,
+    DaemonModel,
+    FreezeModel,
+    GroupModel,
+    HaModel,
+    StateModel,
+    WindowModel,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = sorted(
@@ -88,7 +96,7 @@ def _keys_of(*models: type[BaseModel]) -> set[str]:
 
 def known_keys() -> list[str]:
     seen = set(SECTIONS) | _keys_of(
-        DaemonModel, WindowModel, FreezeModel, GroupModel,
+        DaemonModel, WindowModel, FreezeModel, GroupModel, StateModel, HaModel,
         DockerConfig, DockerSelect, VSphereConfig, VSphereSelect,
     )  # fmt: skip
     for data in SEED_DATA.values():
@@ -107,6 +115,8 @@ SECTION_KEYS = {
         "freezes": [FreezeModel],
         "backends": [DockerConfig, VSphereConfig],
         "groups": [GroupModel, DockerSelect, VSphereSelect],
+        "state": [StateModel],
+        "ha": [HaModel],
     }.items()
 }
 
@@ -249,7 +259,7 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
     for section in draw(st.lists(st.sampled_from(SECTIONS), unique=True, max_size=5)):
         own = st.sampled_from(SECTION_KEYS[section])
         table = st.dictionaries(weighted((4, own), (1, keys)), leaves)
-        if section == "daemon":
+        if section in ("daemon", "state", "ha"):  # flat tables
             doc[section] = draw(table)
         else:
             doc[section] = draw(st.dictionaries(names, table | values, max_size=3))

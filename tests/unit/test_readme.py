@@ -14,7 +14,14 @@ from pydantic import BaseModel
 
 from patchd.backends import installed_types, load_plugin
 from patchd.cli import main
-from patchd.config.schema import DaemonModel, FreezeModel, GroupModel, WindowModel
+from patchd.config.schema import (
+    DaemonModel,
+    FreezeModel,
+    GroupModel,
+    HaModel,
+    StateModel,
+    WindowModel,
+)
 from patchd.metrics import JournalView, Metrics, daemon_collectors
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -44,6 +51,7 @@ def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def test_every_config_key_is_documented() -> None:
     wanted = keys(DaemonModel) + keys(WindowModel) + keys(FreezeModel) + keys(GroupModel)
+    wanted += keys(StateModel) + keys(HaModel)
     for type_name in installed_types():
         plugin = load_plugin(type_name)
         wanted += keys(plugin.config_model) + keys(plugin.select_model)
