@@ -8,14 +8,22 @@ clocks disagree still agree on when a lease expires. Each method is one short tr
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from patchd.state.leader import Fence, LeaseView, NotLeader
 
 if TYPE_CHECKING:
     import psycopg
 
-    from patchd.state.postgres import PostgresStore
+T = TypeVar("T")
+
+
+class LeaseDatabase(Protocol):
+    """What the lease needs of PostgresStore (typed here so that the store may import
+    this module without a circle)."""
+
+    def lease_transaction(self, work: Callable[[psycopg.Connection[Any]], T]) -> T: ...
 
 LEASE = "leader"
 
@@ -85,7 +93,7 @@ class PgLease:
     """leader.LeaseBackend on a PostgresStore's database (its own connection handling,
     retries and errors: each call is one `store.lease_transaction`)."""
 
-    def __init__(self, store: PostgresStore, lease: str = LEASE) -> None:
+    def __init__(self, store: LeaseDatabase, lease: str = LEASE) -> None:
         self.store = store
         self.lease = lease
 
