@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -110,7 +111,7 @@ class Daemon:
     A thread reads the socket all the time, in order, into `messages`: it holds only 10
     datagrams here (net.unix.max_dgram_qlen) and the daemon waits at most 1 s for room
     for READY and RELOADING, so a reader that looked away would lose some. `on_notify`
-    is called with each message as it arrives (in that thread)."""
+    is called with each message as it is read."""
 
     def __init__(
         self, config: Path, tmp: Path, on_notify: Callable[[str], None] | None = None
@@ -118,8 +119,8 @@ class Daemon:
         self.sock_path = tmp / "notify.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.sock_path))
-        self.sock.settimeout(0.2)
         self.messages: list[str] = []
+        self._lock = threading.Lock()
         self.on_notify = on_notify
         self._closing = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -135,28 +136,23 @@ class Daemon:
 
     def _read(self) -> None:
         while not self._closing.is_set():
-            try:
-                message = self.sock.recv(4096).decode()
-            except TimeoutError:
-                continue
-            except OSError:  # closed
-                return
-            self.messages.append(message)
-            if self.on_notify is not None:
-                self.on_notify(message)
+            ready, _, _ = select.select([self.sock], [], [], 0.2)
+            if ready:
+                self.drain()
 
     def drain(self) -> list[str]:
-        """Every message so far, and those still queued once the process has exited."""
-        if self.proc.poll() is not None and self._reader.is_alive():
-            self._closing.set()
-            self._reader.join()
-            self.sock.setblocking(False)
+        """Every message so far: those read before and those queued now (a message the
+        daemon sent before the test saw its effect is one or the other)."""
+        with self._lock:
             while True:
                 try:
-                    self.messages.append(self.sock.recv(4096).decode())
-                except BlockingIOError:
+                    message = self.sock.recv(4096, socket.MSG_DONTWAIT).decode()
+                except (BlockingIOError, OSError):
                     break
-        return list(self.messages)
+                self.messages.append(message)
+                if self.on_notify is not None:
+                    self.on_notify(message)
+            return list(self.messages)
 
     def saw(self, text: str) -> bool:
         return any(text in m for m in self.drain())
@@ -170,8 +166,9 @@ class Daemon:
         self.log.flush()
         self.log.seek(0)
         found = []
-        for line in self.log.read().splitlines():
-            if line.startswith("{"):
+        # Whole lines only: the daemon may be writing the last one right now.
+        for line in self.log.read().splitlines(keepends=True):
+            if line.startswith("{") and line.endswith("\n"):
                 found.append(json.loads(line))
         return found
 
@@ -179,9 +176,9 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self.drain()
         self._closing.set()
         self._reader.join()
+        self.drain()
         self.sock.close()
         self.log.close()
 
