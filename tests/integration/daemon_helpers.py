@@ -28,7 +28,7 @@ from tests.integration.docker_fleet import Fleet
 def run_patchd(
     *args: str,
     fault: str | None = None,
-    timeout: float = 180,
+    timeout: float = 600,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:

@@ -136,7 +136,7 @@ def web_group(f: Fleet, **settings: Any) -> dict[str, Any]:
     }
 
 
-def patchd(config: Path, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+def patchd(config: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return run_patchd(*args, "-c", str(config), timeout=timeout)
 
 

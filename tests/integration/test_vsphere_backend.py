@@ -40,6 +40,7 @@ from patchd.config.types import Limit
 from patchd.engine import NullObserver, RunRequest, RunResult, run_group
 from patchd.reports import plan
 from patchd.state import Store
+from tests.conftest import write_config
 from tests.integration.conftest import VcsimProcess
 from tests.integration.vsphere_lab import Sim, WithPatch, fleet, iter_lines, start, tool
 
@@ -710,25 +711,30 @@ def test_password_never_in_logs_errors_describe_or_plan(
 
     # `patchd plan` for a group of this backend: the powered-off VM shows as an error.
     config = tmp_path / "patchd.toml"
-    config.write_text(
-        f"""
-[windows.w]
-days = ["sat"]
-duration = "4h"
-[backends.vc]
-type = "vsphere"
-host = "{sim.process.host}"
-port = {sim.process.port}
-protocol = "http"
-insecure = true
-username = "user"
-password_file = "{tmp_path / "secret"}"
-[groups.g]
-backend = "vc"
-window = "w"
-select = {{ tags = ["wave:1"] }}
-patch = {{ command = ["true"], version = "2" }}
-"""
+    write_config(
+        config,
+        {
+            "windows": {"w": {"days": ["sat"], "duration": "4h"}},
+            "backends": {
+                "vc": {
+                    "type": "vsphere",
+                    "host": sim.process.host,
+                    "port": sim.process.port,
+                    "protocol": "http",
+                    "insecure": True,
+                    "username": "user",
+                    "password_file": tmp_path / "secret",
+                }
+            },
+            "groups": {
+                "g": {
+                    "backend": "vc",
+                    "window": "w",
+                    "select": {"tags": ["wave:1"]},
+                    "patch": {"command": ["true"], "version": "2"},
+                }
+            },
+        },
     )
     settings = load_settings(config)
     shown = plan(
