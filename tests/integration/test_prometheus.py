@@ -116,19 +116,19 @@ class Prometheus:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.log()}")
+
+        def ready() -> bool:
             try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as r:
+                    return r.status == 200
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prometheus not ready in 30s:\n{self.log()}")
-            time.sleep(0.2)
+                return False
+
+        def exited() -> str | None:
+            code = self.proc.poll()
+            return None if code is None else f"prometheus exited {code}:\n{self.log()}"
+
+        wait_until(ready, 120, "prometheus to be ready", give_up=exited)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
