@@ -49,8 +49,13 @@ class Recorder(Notifier):
 
 
 @pytest.fixture
-def fake() -> FakeBackend:
+def fake(request: pytest.FixtureRequest) -> FakeBackend:
+    """Three targets, v2 published; a test may make each step take `request.param`
+    seconds (indirect parametrization)."""
     backend = FakeBackend("d")
+    if getattr(request, "param", 0):
+        backend.step_time = request.param
+        backend.sleep = time.sleep
     for i in range(3):
         backend.add(f"c{i}")
     backend.publish("app", "v2")
@@ -58,9 +63,11 @@ def fake() -> FakeBackend:
 
 
 @pytest.fixture
-def start() -> datetime:
-    """When the `daemon` fixture's window opens."""
-    return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+def start(request: pytest.FixtureRequest) -> datetime:
+    """When the `daemon` fixture's window opens: in 3 s, or `request.param` s from now."""
+    return datetime.now(UTC).replace(microsecond=0) + timedelta(
+        seconds=getattr(request, "param", 3)
+    )
 
 
 @pytest.fixture
@@ -109,9 +116,10 @@ def test_broken_reload_keeps_the_old_config(daemon: Daemon, tmp_path: Path) -> N
     assert daemon.metrics.config_reload_ok._value.get() == 1  # type: ignore[attr-defined]
 
 
+# The window is open at start, and the fake's steps take 1 s from the first one on.
+@pytest.mark.parametrize("start", [-60], indirect=True)
+@pytest.mark.parametrize("fake", [1], indirect=True)
 def test_shutdown_waits_for_in_flight_targets(daemon: Daemon, fake: FakeBackend) -> None:
-    fake.step_time = 1
-    fake.sleep = time.sleep
     assert daemon.start_run("web") or True
     # Both of the first batch (max_concurrency 2) have started: the stop leaves c2 alone.
     wait_until(lambda: fake.in_flight == 2, 120, "two targets in flight")
