@@ -122,7 +122,7 @@ class Fleet:
         self.docker_host = docker_host
         self.images = images
         self.token = f"t{uuid.uuid4().hex[:8]}"
-        self.health = HealthModel(timeout=timedelta(seconds=20), stable_for=timedelta(seconds=1))
+        self.health = HealthModel(timeout=timedelta(seconds=120), stable_for=timedelta(seconds=1))
 
     # --- names --------------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ def run(
         "max_concurrency": Limit(count=1),
         "max_errors": Limit(count=1),
         "snapshot": SnapshotModel(),
-        "health": HealthModel(timeout=timedelta(seconds=20), stable_for=timedelta(seconds=1)),
+        "health": HealthModel(timeout=timedelta(seconds=120), stable_for=timedelta(seconds=1)),
     }
     fields.update(changes)
     return run_group(
