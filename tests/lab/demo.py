@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -28,6 +26,9 @@ from typing import Any
 import docker
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.lab import bed  # noqa: E402  (the test bed's lab.env, read as the tests read it)
+
 CONFIG = ROOT / "config" / "lab.toml"
 PATCHD = [sys.executable, "-m", "patchd.cli"]
 LABEL = "patchd.demo"
@@ -35,13 +36,7 @@ METRICS = "http://127.0.0.1:9863/metrics"
 
 
 def lab_env() -> dict[str, str]:
-    lab_dir = Path(os.environ.get("PATCHD_LAB_DIR", "/tmp/patchd-lab"))
-    env: dict[str, str] = {}
-    for line in (lab_dir / "lab.env").read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].partition("=")
-            env[key] = shlex.split(value)[0] if value else ""
-    return env
+    return bed.read_env(bed.lab_dir("PATCHD_LAB_DIR", default="/tmp/patchd-lab") / "lab.env")
 
 
 def say(text: str) -> None:
