@@ -21,6 +21,7 @@ from patchd.observers import BaseObserver
 from patchd.reconcile import Reconciled
 from patchd.runtime import Refusal, Runtime, open_store
 from patchd.state import Store, StoreError
+from patchd.states import RunStatus, TargetResult
 
 EXIT_CONFIG = 2
 EXIT_REFUSED = 3
@@ -309,12 +310,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"patchd: run of {group} refused: {result.reason}", file=sys.stderr)
         return EXIT_REFUSED
     print(
-        f"run {result.run_id}: {result.status}; {result.count('success')} patched, "
-        f"{result.count('current')} current, {result.failed} failed, "
-        f"{result.count('pending')} pending, {result.count('skipped')} skipped"
+        f"run {result.run_id}: {result.status}; {result.count(TargetResult.SUCCESS)} patched, "
+        f"{result.count(TargetResult.CURRENT)} current, {result.failed} failed, "
+        f"{result.count(TargetResult.PENDING)} pending, "
+        f"{result.count(TargetResult.SKIPPED)} skipped"
         + (f"; {result.error}" if result.error else "")
     )
-    ok = result.status == "completed" and not result.failed and not result.count("pending")
+    ok = (
+        result.status == RunStatus.COMPLETED
+        and not result.failed
+        and not result.count(TargetResult.PENDING)
+    )
     return 0 if ok else 1
 
 

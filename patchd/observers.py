@@ -21,6 +21,7 @@ from patchd.engine.rollout import GateResult, RunResult
 from patchd.engine.target import NullObserver, Observer, TargetOutcome
 from patchd.reconcile import Reconciled
 from patchd.runner import Refusal
+from patchd.states import RunStatus, TargetResult, TargetState
 
 __all__ = ["BaseObserver", "LogObserver", "NullObserver", "Observer", "Observers", "RunLog"]
 
@@ -28,7 +29,9 @@ __all__ = ["BaseObserver", "LogObserver", "NullObserver", "Observer", "Observers
 class BaseObserver:
     """Every event, each doing nothing: subclass it and override what you need."""
 
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         """A target moved to `state`."""
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
@@ -73,7 +76,9 @@ class Observers(BaseObserver):
         # Engine-only observers (step and outcome alone) are welcome; they hear no more.
         return [o for o in self.observers if isinstance(o, BaseObserver)]
 
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         for observer in self.observers:
             observer.step(run_id, group, target, state, **fields)
 
@@ -124,7 +129,9 @@ class LogObserver(BaseObserver):
     def __init__(self) -> None:
         self.log = log.get("patchd.engine")
 
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         self.log.info(
             "target_step",
             run_id=run_id,
@@ -151,9 +158,9 @@ class LogObserver(BaseObserver):
             )
         if outcome.error:
             fields["error"] = outcome.error
-        if outcome.result == "rollback_failed":
+        if outcome.result == TargetResult.ROLLBACK_FAILED:
             self.log.error("target_rollback_failed", **fields)
-        elif outcome.result in ("rolled_back", "failed"):
+        elif outcome.result in (TargetResult.ROLLED_BACK, TargetResult.FAILED):
             self.log.warning("target_failed", **fields)
         else:
             self.log.info("target_done", **fields)
@@ -170,7 +177,7 @@ class RunLog(BaseObserver):
             self.log.warning("backend_down", backend=backend, error=error)
 
     def reconciled(self, item: Reconciled) -> None:
-        level = self.log.info if item.now == "rolled_back" else self.log.error
+        level = self.log.info if item.now == TargetState.ROLLED_BACK else self.log.error
         level(
             "reconciled",
             run_id=item.run_id,
@@ -190,15 +197,15 @@ class RunLog(BaseObserver):
         self.log.exception("run_crashed", group=group.name, error=str(error))
 
     def run_finished(self, group: Group, result: RunResult) -> None:
-        level = self.log.error if result.status == "failed" else self.log.info
+        level = self.log.error if result.status == RunStatus.FAILED else self.log.info
         level(
             "run_finished",
             run_id=result.run_id,
             group=group.name,
             status=result.status,
-            succeeded=result.count("success"),
+            succeeded=result.count(TargetResult.SUCCESS),
             failed=result.failed,
-            pending=result.count("pending"),
+            pending=result.count(TargetResult.PENDING),
             error=result.error,
         )
 

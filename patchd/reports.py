@@ -15,6 +15,7 @@ from patchd.durations import format_duration
 from patchd.engine import dependency_order, stage_gate
 from patchd.engine.rollout import partition_limits
 from patchd.state import Store
+from patchd.states import TargetState
 from patchd.windows import (
     WEEKDAYS,
     Cron,
@@ -153,7 +154,7 @@ def status(settings: Settings, store: Store, now: datetime) -> dict[str, Any]:
     needs_person = []
     for run in store.runs(limit=1000):
         for row in store.targets(run.id):
-            if row.state == "rollback_failed":
+            if row.state == TargetState.ROLLBACK_FAILED:
                 needs_person.append({"run_id": run.id, "target": row.name, "error": row.error})
     retained = [
         {

@@ -65,7 +65,7 @@ class RunResult:
     outcomes: tuple[TargetOutcome, ...]
     error: str | None = None
 
-    def count(self, *results: str) -> int:
+    def count(self, *results: TargetResult) -> int:
         return sum(1 for o in self.outcomes if o.result in results)
 
     @property

@@ -79,8 +79,9 @@ class Observer(Protocol):
     """What the engine reports: every transition and outcome of a target. Both take the
     Group. patchd.observers fans them out (with the runtime's events) to logs and metrics."""
 
-    # `state` is a TargetState (a str enum).
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         """A target moved to `state`."""
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
@@ -88,7 +89,9 @@ class Observer(Protocol):
 
 
 class NullObserver:
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         return None
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:

@@ -10,14 +10,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from patchd import __version__
 from patchd.config.settings import Settings
+from patchd.states import RunStatus, TargetResult
 
 # Patches take seconds (containers) to an hour (hosts).
 _DURATION_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 # Label values the daemon creates at 0 for every configured group, so that increase() and
 # rate() in alert rules see a counter's first increment.
-RUN_STATUSES = ("completed", "halted", "window_closed", "stopped", "failed")
-RESULTS = ("success", "rolled_back", "rollback_failed", "failed", "skipped")
+# Every status a finished run reports (a run still `running` is not counted; one closed
+# `interrupted` by a restart's reconciliation is not counted either).
+RUN_STATUSES = tuple(s for s in RunStatus if s not in (RunStatus.RUNNING, RunStatus.INTERRUPTED))
+# Every result counted in patchd_patch_operations (`current` and `pending` targets reached
+# no end in the run: they are not operations).
+RESULTS = tuple(r for r in TargetResult if r not in (TargetResult.CURRENT, TargetResult.PENDING))
 GATE_CHECKS = ("before_start", "after_patch")
 GATE_REASONS = ("alerts_firing", "unreachable", "bad_response", "query_error")
 
