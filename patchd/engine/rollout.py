@@ -20,6 +20,7 @@ cannot be written is still reported, with that error.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -146,6 +147,13 @@ def run_group(request: RunRequest) -> RunResult:
         targets = dependency_order(req.backend.discover(group.select))
     except Exception as err:
         return _finish(req, "failed", [], error=f"discovering targets: {err}")
+    prepare = getattr(req.backend, "prepare", None)
+    if callable(prepare) and targets:
+        # Optional backend hook: batch work for the whole run (the Docker backend asks
+        # the registry about every image at once). Only an optimisation: each target
+        # still checks itself, and reports any failure.
+        with contextlib.suppress(Exception):
+            prepare(targets, req.pins)
 
     ctx = TargetContext(
         run_id=req.run_id,
