@@ -84,7 +84,6 @@ SNAPSHOT_INFIX = ".patchd-"
 _SNAPSHOT_NAME = re.compile(r"\.patchd-[A-Za-z0-9_.-]+$")
 _SELECTABLE = ("running", "restarting")
 _ROLLBACK_MAX_DELAY = 2.0  # seconds between rollback attempts while the engine is away
-_CHECK_TTL = 300.0  # seconds a registry digest is reused: about one run
 _PREPARE_WORKERS = 8
 
 
@@ -148,7 +147,10 @@ class DockerBackend:
         self.engine = Engine(
             self.config.url, self.config.timeout.total_seconds(), self.config.tls_files
         )
-        self.images = Images(self.engine, _CHECK_TTL)
+        self.images = Images(self.engine)
+        # target id -> (ref, digest) that prepare asked the registry for: the target's
+        # next check_update uses it once (one query per reference per run).
+        self._prepared: dict[str, tuple[str, str]] = {}
         # The update check_update last found per target: snapshot pulls it before it
         # stops anything (the engine calls check_update just before, in one thread).
         self._wanted: dict[str, Update] = {}
@@ -199,7 +201,7 @@ class DockerBackend:
         """Ask the registry about every reference of a run at once (an optimisation:
         each target's check_update still asks for itself what is not known)."""
 
-        def ref_of(target: Target) -> str | None:
+        def ref_of(target: Target) -> tuple[str, str] | None:
             try:
                 attrs = self.engine.container(target.id)
             except Exception:
@@ -207,14 +209,17 @@ class DockerBackend:
             ref = configured_ref((attrs or {}).get("Config") or {})
             if not ref or ref in pins or ref.startswith("sha256:") or parse_ref(ref).digest:
                 return None
-            return ref
+            return target.id, ref
 
         if not targets:
             return
         workers = min(_PREPARE_WORKERS, len(targets))
         with ThreadPoolExecutor(workers, thread_name_prefix="patchd-prepare") as pool:
-            refs = [r for r in pool.map(ref_of, targets) if r is not None]
-        self.images.checks.prefetch(refs)
+            refs = dict(r for r in pool.map(ref_of, targets) if r is not None)
+        digests = self.images.checks.prefetch(refs.values())
+        for target_id, ref in refs.items():
+            if ref in digests:
+                self._prepared[target_id] = (ref, digests[ref])
 
     def _running(self, target: Target) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The target's inspect and that of the image it runs (None if the image is gone)."""
@@ -240,9 +245,11 @@ class DockerBackend:
             if parsed.digest is not None or ref.startswith("sha256:"):
                 return None  # pinned to one version by its own configuration
             running = repo_digests(image or {}, parsed.repository)
+            prepared = self._prepared.pop(target.id, None)
             available = pins.get(ref)
             if available is None:
-                available = self.images.checks.get(ref)
+                fresh = prepared[1] if prepared is not None and prepared[0] == ref else None
+                available = fresh or self.images.checks.get(ref)
             if available in running:
                 return None
             sharing = self.engine.sharing_network(attrs)

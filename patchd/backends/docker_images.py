@@ -3,11 +3,11 @@
 This module owns `Shared`, a thread-safe "one call per key" cache. A Docker backend
 instance keeps two of them:
 
-- update checks: the registry's manifest digest for an image reference. Every container
-  of a run that names one reference shares one registry query, and `prefetch` issues
-  the queries of a whole run in parallel before its first target starts. A digest is
-  reused for a few minutes (about one run), so a version published later is seen by
-  the next run; a failed query is not kept, so the next call asks again.
+- update checks: the registry's manifest digest for an image reference. `prefetch`
+  issues the queries of a whole run in parallel, one per reference, before its first
+  target starts (the backend hands each target its answer once); checks made at the
+  same time share one query. Nothing is kept beyond that, so a version published later
+  is seen by the next check; a failed query is not kept either.
 - pulls: `repository@digest`, pulled before any container is stopped; containers that
   need one digest at the same time wait for the same pull (one that comes later finds
   the image on the engine and does not pull).
@@ -69,24 +69,25 @@ class Shared:
                     del self._futures[key]
         return future.result()
 
-    def prefetch(self, keys: Iterable[str]) -> None:
-        """Make the calls of every key in parallel; errors are left to each `get`."""
+    def prefetch(self, keys: Iterable[str]) -> dict[str, str]:
+        """Make the calls of every key in parallel: key -> result of those that worked
+        (a failed one is left to the caller's own `get`, which reports it)."""
         distinct = sorted(set(keys))
         if not distinct:
-            return
+            return {}
         with ThreadPoolExecutor(
             max_workers=min(_PREFETCH_WORKERS, len(distinct)), thread_name_prefix="patchd-check"
         ) as pool:
-            for future in [pool.submit(self.get, key) for key in distinct]:
-                future.exception()  # waits; the target's own call reports a failure
+            futures = {key: pool.submit(self.get, key) for key in distinct}
+            return {k: f.result() for k, f in futures.items() if f.exception() is None}
 
 
 class Images:
     """The registry digests and pulls of one engine, each shared (see the module's doc)."""
 
-    def __init__(self, engine: Engine, check_ttl: float) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.checks = Shared(self._registry_digest, ttl=check_ttl)
+        self.checks = Shared(self._registry_digest, ttl=0.0)
         self.pulls = Shared(self._pull, ttl=0.0)
 
     def _registry_digest(self, ref: str) -> str:
