@@ -148,9 +148,10 @@ class DockerBackend:
             self.config.url, self.config.timeout.total_seconds(), self.config.tls_files
         )
         self.images = Images(self.engine)
-        # target id -> (ref, digest) that prepare asked the registry for: the target's
-        # next check_update uses it once (one query per reference per run).
-        self._prepared: dict[str, tuple[str, str]] = {}
+        # target id -> (ref, digest, containers in its network namespace) that prepare
+        # learned: the target's next check_update uses it once (one registry query per
+        # reference and one container listing per run).
+        self._prepared: dict[str, tuple[str, str, list[str]]] = {}
         # The update check_update last found per target: snapshot pulls it before it
         # stops anything (the engine calls check_update just before, in one thread).
         self._wanted: dict[str, Update] = {}
@@ -201,25 +202,28 @@ class DockerBackend:
         """Ask the registry about every reference of a run at once (an optimisation:
         each target's check_update still asks for itself what is not known)."""
 
-        def ref_of(target: Target) -> tuple[str, str] | None:
+        def ref_of(target: Target) -> tuple[str, str, dict[str, Any]] | None:
             try:
                 attrs = self.engine.container(target.id)
             except Exception:
                 return None  # the target's own check reports it
             ref = configured_ref((attrs or {}).get("Config") or {})
-            if not ref or ref in pins or ref.startswith("sha256:") or parse_ref(ref).digest:
+            if not attrs or ref in pins or ref.startswith("sha256:") or parse_ref(ref).digest:
                 return None
-            return target.id, ref
+            return target.id, ref, attrs
 
         if not targets:
             return
         workers = min(_PREPARE_WORKERS, len(targets))
         with ThreadPoolExecutor(workers, thread_name_prefix="patchd-prepare") as pool:
-            refs = dict(r for r in pool.map(ref_of, targets) if r is not None)
-        digests = self.images.checks.prefetch(refs.values())
-        for target_id, ref in refs.items():
+            found = [r for r in pool.map(ref_of, targets) if r is not None]
+            listing = pool.submit(self.api.containers, all=True)
+            digests = self.images.checks.prefetch(ref for _, ref, _ in found)
+            listed = listing.result()
+        for target_id, ref, attrs in found:
             if ref in digests:
-                self._prepared[target_id] = (ref, digests[ref])
+                sharing = self.engine.sharing_network(attrs, listed)
+                self._prepared[target_id] = (ref, digests[ref], sharing)
 
     def _running(self, target: Target) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The target's inspect and that of the image it runs (None if the image is gone)."""
@@ -246,13 +250,14 @@ class DockerBackend:
                 return None  # pinned to one version by its own configuration
             running = repo_digests(image or {}, parsed.repository)
             prepared = self._prepared.pop(target.id, None)
+            if prepared is not None and prepared[0] != ref:
+                prepared = None  # recreated from another image since
             available = pins.get(ref)
             if available is None:
-                fresh = prepared[1] if prepared is not None and prepared[0] == ref else None
-                available = fresh or self.images.checks.get(ref)
+                available = prepared[1] if prepared else self.images.checks.get(ref)
             if available in running:
                 return None
-            sharing = self.engine.sharing_network(attrs)
+            sharing = prepared[2] if prepared else self.engine.sharing_network(attrs)
             if sharing:
                 raise StepFailed(
                     f"{target.name} is not patched: {', '.join(sharing)} run in its network"

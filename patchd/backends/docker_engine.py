@@ -159,12 +159,15 @@ class Engine:
             raise StepFailed(f"pulling {repository}@{digest} failed: {error or 'not found'}")
         return str(image["Id"])
 
-    def sharing_network(self, attrs: dict[str, Any]) -> list[str]:
-        """Containers that run in `attrs`' network namespace (`--network container:X`)."""
+    def sharing_network(
+        self, attrs: dict[str, Any], listed: list[dict[str, Any]] | None = None
+    ) -> list[str]:
+        """Containers that run in `attrs`' network namespace (`--network container:X`),
+        from `listed` (the engine's container list) or a fresh list."""
         name = str(attrs["Name"]).lstrip("/")
         modes = {f"container:{attrs['Id']}", f"container:{name}"}
         found = []
-        for item in self.api.containers(all=True):
+        for item in self.api.containers(all=True) if listed is None else listed:
             mode = str((item.get("HostConfig") or {}).get("NetworkMode") or "")
             if item.get("Id") != attrs["Id"] and mode in modes:
                 found.append(str((item.get("Names") or ["/?"])[0]).lstrip("/"))
