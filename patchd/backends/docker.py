@@ -44,8 +44,10 @@ next rollback or commit settles it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,7 +67,7 @@ from patchd.backends.base import (
     TransientError,
     Update,
 )
-from patchd.backends.docker_engine import Engine, message, not_found, status_code, transient
+from patchd.backends.docker_engine import Engine, message, transient
 from patchd.backends.docker_images import Images
 from patchd.backends.docker_recreate import (
     configured_ref,
@@ -73,7 +75,7 @@ from patchd.backends.docker_recreate import (
     parse_ref,
     repo_digests,
 )
-from patchd.backends.docker_rollback import restore, stop
+from patchd.backends.docker_rollback import release_image, restore, stop
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 from patchd.config.types import STRICT, Duration
 
@@ -199,8 +201,9 @@ class DockerBackend:
         return sorted(found, key=lambda t: t.name)
 
     def prepare(self, targets: Sequence[Target], pins: Mapping[str, str]) -> None:
-        """Ask the registry about every reference of a run at once (an optimisation:
-        each target's check_update still asks for itself what is not known)."""
+        """Ask the registry about every reference of a run at once, and start pulling
+        the new versions (an optimisation: each target's check_update still asks for
+        itself what is not known, and its snapshot waits for its pull)."""
 
         def ref_of(target: Target) -> tuple[str, str, dict[str, Any]] | None:
             try:
@@ -220,10 +223,21 @@ class DockerBackend:
             listing = pool.submit(self.api.containers, all=True)
             digests = self.images.checks.prefetch(ref for _, ref, _ in found)
             listed = listing.result()
+        wanted = set()
         for target_id, ref, attrs in found:
             if ref in digests:
                 sharing = self.engine.sharing_network(attrs, listed)
                 self._prepared[target_id] = (ref, digests[ref], sharing)
+                wanted.add(f"{parse_ref(ref).repository}@{digests[ref]}")
+        for reference in sorted(wanted):
+            # In the background: the run's first stop waits only for what it needs.
+            threading.Thread(
+                target=self._pull_quietly, args=(reference,), name="patchd-pull", daemon=True
+            ).start()
+
+    def _pull_quietly(self, reference: str) -> None:
+        with contextlib.suppress(Exception):  # the snapshot that needs it reports it
+            self.images.pulls.get(reference)
 
     def _running(self, target: Target) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The target's inspect and that of the image it runs (None if the image is gone)."""
@@ -452,27 +466,9 @@ class DockerBackend:
 
     def release(self, retained: Mapping[str, Any]) -> None:
         image_id = retained.get("image_id")
-        if not image_id:
-            return
-        with self.engine.step(f"releasing image {image_id}"):
-            image = self.engine.image(image_id)
-            tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"] if image else []
-            if image is None or tags:
-                return  # gone already, or someone tagged it: theirs to remove
-            try:
-                self.api.remove_image(image_id)
-            except Exception as err:
-                if not_found(err):
-                    return
-                if status_code(err) != 409:
-                    raise
-                # 409: a container (running or not) or a child image uses it: kept. Or it
-                # is known by digest in several repositories, which only force removes.
-                if "multiple repositories" not in message(err):
-                    return
-                users = self.api.containers(all=True, quiet=True, filters={"ancestor": image_id})
-                if not users:
-                    self.api.remove_image(image_id, force=True)
+        if image_id:
+            with self.engine.step(f"releasing image {image_id}"):
+                release_image(self.engine, str(image_id))
 
     # --- rollback -----------------------------------------------------------------------
 

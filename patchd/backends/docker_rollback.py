@@ -1,8 +1,9 @@
-"""Putting a Docker target back: the old container under its name, started, healthy.
+"""Undoing and cleaning up after a Docker patch: rollback and the release of old images.
 
 This module owns the Docker backend's rollback from any partial state of a patch (the
-backend retries it while the engine cannot be reached) and the stop call every step
-uses. A container is never removed unless the old one is there to replace it.
+backend retries it while the engine cannot be reached), the stop call every step uses,
+and the removal of an image a commit kept once its retention has passed. A container is
+never removed unless the old one is there to replace it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from patchd import faults
 from patchd.backends.base import RollbackFailed, Snapshot
-from patchd.backends.docker_engine import Engine
+from patchd.backends.docker_engine import Engine, message, not_found, status_code
 
 _DEFAULT_STOP = 10  # seconds; the engine's default stop timeout
 
@@ -66,3 +67,25 @@ def restore(engine: Engine, snapshot: Snapshot, timeout: float) -> None:
         engine.await_healthy(name, timeout, 0.0, RollbackFailed)
     except RollbackFailed as err:
         raise RollbackFailed(f"{name} is back on its old image but {err}") from err
+
+
+def release_image(engine: Engine, image_id: str) -> None:
+    """Remove an image a commit kept, unless it is gone, tagged or still in use."""
+    image = engine.image(image_id)
+    tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"] if image else []
+    if image is None or tags:
+        return  # gone already, or someone tagged it: theirs to remove
+    try:
+        engine.api.remove_image(image_id)
+    except Exception as err:
+        if not_found(err):
+            return
+        if status_code(err) != 409:
+            raise
+        # 409: a container (running or not) or a child image uses it: kept. Or it is
+        # known by digest in several repositories, which only force removes.
+        if "multiple repositories" not in message(err):
+            return
+        users = engine.api.containers(all=True, quiet=True, filters={"ancestor": image_id})
+        if not users:
+            engine.api.remove_image(image_id, force=True)
