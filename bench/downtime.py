@@ -321,6 +321,7 @@ def main() -> int:
                         f.wait_healthy()
                         f.publish_v2()
                         busy = ft.cpu_busy(2.0)
+                        benchlib.note(f"downtime: {f.id} ready, CPU {busy:.0f}% busy")
                         watch = Downtime(api, f)
                         if kind == "patchd":
                             results[kind] = run_patchd(workdir, host, f, c)
