@@ -12,15 +12,14 @@ A target is a container, identified by its NAME (stable across a recreate). One 
   container:NAME`) is refused here, before anything is touched: its replacement would
   get a namespace of its own and cut them off.
 - snapshot: pull `repository@digest` (once per digest, however many containers need
-  it), then stop the container and rename it `NAME.patchd-RUN` (it and its image stay).
-  A registry that is slow or down thus costs no downtime: nothing is stopped until the
-  new version is on the engine.
+  it) and make the replacement's create request, then stop the container and rename it
+  `NAME.patchd-RUN` (it and its image stay). A registry that is slow or down costs no
+  downtime: nothing is stopped until the new version is on the engine.
 - apply: create a container under the original name with the old one's user-set
   configuration (`docker_recreate`) from `repository@digest` and start it. No local tag
   is moved to create it, so patches of one reference (threads, processes, backends on
   one engine) neither race nor wait for each other; the configured reference is kept in
-  the `patchd.image` label, and the version shown (the repository digest) is that of the
-  image pulled. The created container's image id is checked against the pulled one.
+  the `patchd.image` label, and the version shown is the pulled image's digest.
 - verify: the container's own HEALTHCHECK, or else running without a restart for
   `stable_for`.
 - commit: once the replacement still runs, remove the renamed container and move the
@@ -44,10 +43,8 @@ next rollback or commit settles it.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import re
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +67,7 @@ from patchd.backends.base import (
 from patchd.backends.docker_engine import Engine, message, transient
 from patchd.backends.docker_images import Images
 from patchd.backends.docker_recreate import (
+    CreateRequest,
     configured_ref,
     create_request,
     parse_ref,
@@ -157,6 +155,8 @@ class DockerBackend:
         # The update check_update last found per target: snapshot pulls it before it
         # stops anything (the engine calls check_update just before, in one thread).
         self._wanted: dict[str, Update] = {}
+        # name -> ((old id, source), create request) that snapshot made before the stop.
+        self._ready: dict[str, tuple[tuple[str, str], CreateRequest]] = {}
 
     @property
     def api(self) -> Any:
@@ -229,15 +229,7 @@ class DockerBackend:
                 sharing = self.engine.sharing_network(attrs, listed)
                 self._prepared[target_id] = (ref, digests[ref], sharing)
                 wanted.add(f"{parse_ref(ref).repository}@{digests[ref]}")
-        for reference in sorted(wanted):
-            # In the background: the run's first stop waits only for what it needs.
-            threading.Thread(
-                target=self._pull_quietly, args=(reference,), name="patchd-pull", daemon=True
-            ).start()
-
-    def _pull_quietly(self, reference: str) -> None:
-        with contextlib.suppress(Exception):  # the snapshot that needs it reports it
-            self.images.pulls.get(reference)
+        self.images.pull_in_background(wanted)
 
     def _running(self, target: Target) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The target's inspect and that of the image it runs (None if the image is gone)."""
@@ -331,7 +323,7 @@ class DockerBackend:
                     )
             ref = configured_ref(attrs["Config"])
             if attrs["Name"].lstrip("/") == name:
-                self._pull_before_stop(name, ref)
+                self._prepare_replacement(attrs, ref)
             progress.changed = True
             if (attrs.get("State") or {}).get("Running"):
                 stop(self.api, attrs)
@@ -347,17 +339,20 @@ class DockerBackend:
         }
         return Snapshot(snapshot.target_id, data)
 
-    def _pull_before_stop(self, name: str, ref: str) -> None:
-        """Have the version check_update found on the engine before `name` is stopped."""
+    def _prepare_replacement(self, attrs: Mapping[str, Any], ref: str) -> None:
+        """Before the container is stopped: pull the version check_update found and make
+        the create request, so that only create and start fall between stop and start."""
+        name = str(attrs["Name"]).lstrip("/")
         update = self._wanted.get(name)
         if update is None or update.ref != ref:
             return  # not found by this process: apply pulls it
-        reference = f"{parse_ref(ref).repository}@{update.available}"
+        source = f"{parse_ref(ref).repository}@{update.available}"
         try:
-            self.images.pulls.get(reference)
+            request = self._request(name, str(attrs["Id"]), ref, source)
         except StepFailed as err:
             # Nothing is changed yet: the engine tries again, then fails the target.
             raise TransientError(f"{name} was not stopped: {err}") from err
+        self._ready[name] = ((str(attrs["Id"]), source), request)
 
     def _bridge_disabled(self, container: Mapping[str, Any]) -> bool:
         """Whether the engine runs without its default bridge (only asked when it matters)."""
@@ -377,32 +372,22 @@ class DockerBackend:
         if not old_id:
             raise StepFailed(f"{name}: the snapshot was not taken")
         ref = parse_ref(update.ref)
+        source = f"{ref.repository}@{update.available}"
         with self.engine.step(f"apply to {name}") as progress:
-            old = self.engine.container(old_id)
-            if old is None:
-                raise StepFailed(f"{name}: the snapshotted container {old_id[:12]} is gone")
-            image = self.engine.image(old["Image"])
-            if image is None:
-                raise StepFailed(f"{name}: the old image {old['Image']} is gone")
+            ready = self._ready.pop(name, None)
+            if ready is not None and ready[0] == (old_id, source):
+                request = ready[1]  # made by snapshot before the stop: no downtime spent
+            else:
+                request = self._request(name, old_id, update.ref, source)
             taken = self.engine.container(name)
             if taken is not None and taken["Id"] != old_id:
                 raise StepFailed(f"{name}: a container {taken['Id'][:12]} already has the name")
-            source = f"{ref.repository}@{update.available}"
-            request = create_request(
-                old,
-                image.get("Config") or {},
-                update.ref,
-                image=source,
-                bridge_disabled=self._bridge_disabled(old),
-            )
-            pulled = self.images.pulls.get(source)  # on the engine already, unless after a restart
             progress.changed = True
+            # From repository@digest: the engine resolves it to the image pulled, and to
+            # nothing else, so no check of the created container's image is needed.
             created = self.api.create_container_from_config(request.body, name=name)
             new_id = created["Id"]
             faults.hit("docker.after_create")
-            new = self.api.inspect_container(new_id)
-            if new["Image"] != pulled:
-                raise StepFailed(f"{name}: created from {new['Image']}, expected {pulled}")
             for network, endpoint in request.connect:
                 ipam = endpoint.get("IPAMConfig") or {}
                 self.api.connect_container_to_network(
@@ -417,6 +402,19 @@ class DockerBackend:
                 )
             self.api.start(new_id)
             faults.hit("docker.after_start")
+
+    def _request(self, name: str, old_id: str, ref: str, source: str) -> CreateRequest:
+        """The create request of `name`'s replacement, with `source` on the engine."""
+        old = self.engine.container(old_id)
+        if old is None:
+            raise StepFailed(f"{name}: the snapshotted container {old_id[:12]} is gone")
+        image = self.engine.image(old["Image"])
+        if image is None:
+            raise StepFailed(f"{name}: the old image {old['Image']} is gone")
+        self.images.pulls.get(source)  # on the engine already, unless after a restart
+        config = image.get("Config") or {}
+        bridge_disabled = self._bridge_disabled(old)
+        return create_request(old, config, ref, image=source, bridge_disabled=bridge_disabled)
 
     def verify(self, target: Target, update: Update, health: HealthModel) -> None:
         with self.engine.step(f"verifying {target.name}"):

@@ -18,6 +18,7 @@ and callers of different keys never wait for each other.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -100,3 +101,14 @@ class Images:
             return str(image["Id"])
         repository, _, digest = reference.partition("@")
         return self.engine.pull(repository, digest)
+
+    def pull_in_background(self, references: Iterable[str]) -> None:
+        """Start pulling: the first stop of a run then waits only for what it needs."""
+        for reference in sorted(set(references)):
+            threading.Thread(
+                target=self._pull_quietly, args=(reference,), name="patchd-pull", daemon=True
+            ).start()
+
+    def _pull_quietly(self, reference: str) -> None:
+        with contextlib.suppress(Exception):  # the snapshot that needs it reports it
+            self.pulls.get(reference)
