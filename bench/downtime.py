@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -169,15 +170,21 @@ def run_patchd(workdir: Path, host: str, fleet: BenchFleet, c: int) -> dict[str,
     max_errors = 1 if fleet.broken else len(fleet.names)
     config.write_text(config_text(state, host, fleet, c, max_errors))
     argv = [str(benchlib.PATCHD), "run", "bench", "--now", "-c", str(config)]
-    t0, began = time.perf_counter(), time.time()
+    t0, began, cpu0 = time.perf_counter(), time.time(), children_cpu()
     proc = subprocess.run(argv, capture_output=True, text=True)
-    wall, ended = time.perf_counter() - t0, time.time()
+    wall, ended, cpu = time.perf_counter() - t0, time.time(), children_cpu() - cpu0
     expected = 1 if fleet.broken else 0
     if proc.returncode != expected:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"bench: patchd run exited {proc.returncode}, expected {expected}")
     last = [line for line in proc.stdout.splitlines() if line.startswith("run ")]
-    return {"wall": wall, "last": last[-1] if last else "", "began": began, "ended": ended}
+    return {
+        "wall": wall,
+        "last": last[-1] if last else "",
+        "began": began,
+        "ended": ended,
+        "cpu": cpu,
+    }
 
 
 def run_floor(host: str, fleet: BenchFleet, c: int, poll: float) -> dict[str, Any]:
@@ -185,14 +192,14 @@ def run_floor(host: str, fleet: BenchFleet, c: int, poll: float) -> dict[str, An
     argv += ["--floor-concurrency", str(c), "--floor-poll", str(poll)]
     if fleet.broken:
         argv.append("--floor-broken")
-    t0, began = time.perf_counter(), time.time()
+    t0, began, cpu0 = time.perf_counter(), time.time(), children_cpu()
     proc = subprocess.run(argv, capture_output=True, text=True)
-    wall, ended = time.perf_counter() - t0, time.time()
+    wall, ended, cpu = time.perf_counter() - t0, time.time(), children_cpu() - cpu0
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(f"bench: floor exited {proc.returncode}")
     result: dict[str, Any] = json.loads(proc.stdout)
-    result.update(wall=wall, began=began, ended=ended)
+    result.update(wall=wall, began=began, ended=ended, cpu=cpu)
     return result
 
 
@@ -255,6 +262,12 @@ def floor_worker(host: str, repo: str, fleet_id: str, c: int, poll: float, broke
         list(pool.map(patch, listed))
     print(json.dumps(counts))
     return 0
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def mean(values: list[float]) -> float:
@@ -359,7 +372,8 @@ def report(
         f" {mean(fd):.2f}/{max(fd, default=0):.2f} s ({len(fd)}); CPU busy before"
         f" {p['busy']:.0f}%/{f['busy']:.0f}%; start -> first stop patchd {p['lead']:.2f} s,"
         f" floor {f['lead']:.2f} s; last healthy -> exit patchd {p['tail']:.2f} s, floor"
-        f" {f['tail']:.2f} s; {first}"
+        f" {f['tail']:.2f} s; CPU of the process patchd {p['cpu']:.2f} s, floor {f['cpu']:.2f} s;"
+        f" {first}"
     )
     if broken:
         counts = {k: f[k] for k in ("patched", "restored", "not started")}
