@@ -438,8 +438,9 @@ health = {{ timeout = "30s", stable_for = "1s" }}
     assert runs[1].returncode == 1, other_out + other_err
     assert f"{o}: failed" in other_out and f.registry in other_out, other_out
     assert "Traceback" not in prod_err + other_err
-    assert_containers(f, {p: (v1, "running"), o: (v1, "running")})
-    assert f.inspect(s)["Image"] == s_image and f.inspect(s)["State"]["Running"]
+    f.client.api.pull(f.repo("g"), tag=v2)  # the digest reference back, for digest_of
+    assert f.inspect(s)["Image"] == s_image
+    assert_containers(f, {s: (v2, "running"), p: (v1, "running"), o: (v1, "running")})
     # Neither container was even stopped.
     assert {n: f.inspect(n)["Id"] for n in (p, o)} == before
     assert {n: f.inspect(n)["State"]["StartedAt"] for n in (p, o)} == started
