@@ -41,6 +41,7 @@ __all__ = [
     "BackendPlugin",
     "KeptSnapshot",
     "ListsSnapshots",
+    "PreparesRun",
     "Retained",
     "RollbackFailed",
     "Snapshot",
@@ -186,6 +187,15 @@ class Backend(Protocol):
 class KeptSnapshot(Protocol):
     @property
     def created(self) -> datetime | None: ...
+
+
+@runtime_checkable
+class PreparesRun(Protocol):
+    """Optional: a backend that can do a run's shared work at once (one registry query per
+    image, pulls started early) before the first target starts."""
+
+    def prepare(self, targets: Sequence[Target], pins: Mapping[str, str]) -> None:
+        """Called once per run after discovery; failures are ignored by the engine."""
 
 
 @runtime_checkable

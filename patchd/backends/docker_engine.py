@@ -16,7 +16,7 @@ from typing import Any
 
 from patchd.backends.base import BackendError, StepFailed, TransientError
 
-_POLL = 0.2
+_POLL = 0.1  # as often as the bench's floor polls (bench/downtime.py)
 
 
 def status_code(err: BaseException) -> int | None:
@@ -158,6 +158,20 @@ class Engine:
         if image is None:
             raise StepFailed(f"pulling {repository}@{digest} failed: {error or 'not found'}")
         return str(image["Id"])
+
+    def sharing_network(
+        self, attrs: dict[str, Any], listed: list[dict[str, Any]] | None = None
+    ) -> list[str]:
+        """Containers that run in `attrs`' network namespace (`--network container:X`),
+        from `listed` (the engine's container list) or a fresh list."""
+        name = str(attrs["Name"]).lstrip("/")
+        modes = {f"container:{attrs['Id']}", f"container:{name}"}
+        found = []
+        for item in self.api.containers(all=True) if listed is None else listed:
+            mode = str((item.get("HostConfig") or {}).get("NetworkMode") or "")
+            if item.get("Id") != attrs["Id"] and mode in modes:
+                found.append(str((item.get("Names") or ["/?"])[0]).lstrip("/"))
+        return sorted(found)
 
     def await_healthy(
         self,

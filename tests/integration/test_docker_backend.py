@@ -21,7 +21,7 @@ from docker.types import LogConfig, Mount, Ulimit
 
 from patchd.backends.base import RollbackFailed, StepFailed, Target
 from patchd.backends.docker import DockerBackend, DockerSelect
-from patchd.backends.docker_recreate import create_request
+from patchd.backends.docker_recreate import REF_LABEL, configured_ref, create_request
 from patchd.config.schema import HealthModel, SnapshotModel
 from patchd.config.settings import Group
 from patchd.config.types import Limit
@@ -132,6 +132,9 @@ def user_view(attrs: dict[str, Any], image_config: dict[str, Any]) -> dict[str, 
     for key in RUNTIME_KEYS:
         view.pop(key, None)
     config = view["Config"]
+    # A replacement runs repository@digest and keeps the configured reference in a label.
+    config["Image"] = configured_ref(config)
+    config.get("Labels", {}).pop(REF_LABEL, None)
     if config.get("Hostname") == short:  # engine-made, not user-set
         config.pop("Hostname")
     image_env = set(image_config.get("Env") or [])
@@ -321,9 +324,11 @@ def test_fleet_update_keeps_every_user_setting(
         assert new["Id"] != old["Id"]
         assert new["Image"] == images[v2] and old["Image"] == images[v1]
         assert f.digest_of(name) == (plain2 if plain else app2)
-        assert (
-            new["Config"]["Image"] == old["Config"]["Image"] == f.ref("plain" if plain else "app")
-        )
+        # Configured as before (no local tag was moved to create it): the reference in
+        # the label, the exact version in Config.Image.
+        repo = "plain" if plain else "app"
+        assert configured_ref(new["Config"]) == old["Config"]["Image"] == f.ref(repo)
+        assert new["Config"]["Image"] == f"{f.repo(repo)}@{plain2 if plain else app2}"
         assert new["State"]["Running"]
         assert user_view(new, image_config(client, images[v2])) == user_view(
             old, image_config(client, images[v1])
@@ -446,7 +451,7 @@ def test_promotion_pin_installs_the_verified_digest_not_the_moved_tag(
     assert [o.result for o in result.outcomes] == ["success"]
     assert result.verified == {ref: v2}
     assert f.digest_of(name) == v2 and f.inspect(name)["Image"] == images["app-v2"]
-    assert f.inspect(name)["Config"]["Image"] == ref
+    assert configured_ref(f.inspect(name)["Config"]) == ref
     assert backend.check_update(t, {ref: v2}) is None
 
 

@@ -384,7 +384,8 @@ def test_registry_down_before_the_check_and_during_the_pull(
     - `other` (no stage before it) must ask the registry which version is current: the
       check fails, the target fails before anything is changed;
     - `prod` (after staging) installs the digest staging verified, so it needs no check:
-      its container is stopped and renamed, then the pull fails; it is rolled back.
+      its pull fails before its container is stopped (the pull comes first), and it is
+      rolled back with nothing to undo.
 
     Both errors name the registry.
     """
@@ -394,7 +395,7 @@ def test_registry_down_before_the_check_and_during_the_pull(
     s, p, o = f.name("s"), f.name("p"), f.name("o")
     f.wait_healthy(s, p, o)
     before = {n: f.inspect(n)["Id"] for n in (p, o)}
-    o_started = f.inspect(o)["State"]["StartedAt"]
+    started = {n: f.inspect(n)["State"]["StartedAt"] for n in (p, o)}
     v2 = f.publish("plain-v2", "g")
     groups = {
         group: {
@@ -409,6 +410,10 @@ def test_registry_down_before_the_check_and_during_the_pull(
     config = docker_config(tmp_path, f, groups)
     staged = patchd(config, "run", "staging", "--now")
     assert staged.returncode == 0, staged.stdout + staged.stderr
+    # As if staging ran on another engine: v2 is not on this one by its digest (an
+    # engine that has it needs no registry to install it).
+    s_image = f.inspect(s)["Image"]
+    f.client.api.remove_image(f"{f.repo('g')}@{v2}")
 
     outages.stop("registry")
     runs = [patchd_in_background(config, "run", g, "--now") for g in ("prod", "other")]
@@ -420,10 +425,12 @@ def test_registry_down_before_the_check_and_during_the_pull(
     assert runs[1].returncode == 1, other_out + other_err
     assert f"{o}: failed" in other_out and f.registry in other_out, other_out
     assert "Traceback" not in prod_err + other_err
+    f.client.api.pull(f.repo("g"), tag=v2)  # the digest reference back, for digest_of
+    assert f.inspect(s)["Image"] == s_image
     assert_containers(f, {s: (v2, "running"), p: (v1, "running"), o: (v1, "running")})
-    # Rolled back to the container it ran, and the other one was not even stopped.
+    # Neither container was even stopped.
     assert {n: f.inspect(n)["Id"] for n in (p, o)} == before
-    assert f.inspect(o)["State"]["StartedAt"] == o_started
+    assert {n: f.inspect(n)["State"]["StartedAt"] for n in (p, o)} == started
     status = assert_journal_settled(config)
     assert status["rollback_failed"] == []
     runs_by_group = {r["group"]: r for r in history(config)}

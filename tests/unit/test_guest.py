@@ -288,9 +288,7 @@ def test_wait_running_fails_once_a_bad_state_settles_or_at_the_timeout() -> None
     )
     assert fake.now - start == 4  # starting at 0, degraded from 1, settled at 4
     assert machine.closed == 1
-    machine = _Machine(
-        fake, {"is-system-running": [Unreachable("web1: refused"), (1, "starting")]}
-    )
+    machine = _Machine(fake, {"is-system-running": [Unreachable("web1: refused"), (1, "starting")]})
     start = fake.now
     with pytest.raises(StepFailed, match=r"web1: systemctl is-system-running says starting$"):
         system.wait_running(lambda: machine, 2.5, 3, fake.clock)  # type: ignore[arg-type, return-value]
