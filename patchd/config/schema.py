@@ -163,4 +163,4 @@ class GroupModel(BaseModel):
     patch: PatchModel = PatchModel()
 
 
-SECTIONS = ("daemon", "windows", "freezes", "backends", "groups")
+SECTIONS = ("daemon", "windows", "freezes", "backends", "groups", "notifications")

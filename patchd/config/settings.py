@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from patchd.config.errors import ConfigError, ConfigIssue, KeyPath
 from patchd.config.files import Merged, config_files, load_merged
+from patchd.config.notifications import NotificationModel
 from patchd.config.schema import (
     SECTIONS,
     DaemonModel,
@@ -94,6 +95,10 @@ class Settings:
     files: tuple[Path, ...]
     # Problems that do not stop patchd (a secret file a shared group can read).
     warnings: tuple[ConfigIssue, ...] = ()
+    # [notifications.NAME]: channel name -> its validated table.
+    notifications: Mapping[str, NotificationModel] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def stages(self) -> list[list[str]]:
         """Chains of groups linked by `after`, each listed from first to last stage."""
@@ -216,6 +221,12 @@ def build_settings(merged: Merged) -> Settings:
             groups[name] = group
     _check_cycles(b, groups)
 
+    notifications: dict[str, NotificationModel] = {}
+    for name, raw in b.tables("notifications").items():
+        channel = b.validate(NotificationModel, raw, ("notifications", name))
+        if channel is not None:
+            notifications[name] = channel
+
     if b.issues:
         raise ConfigError(b.issues)
     return Settings(
@@ -226,6 +237,7 @@ def build_settings(merged: Merged) -> Settings:
         groups=MappingProxyType(groups),
         files=tuple(merged.files),
         warnings=tuple(b.warnings),
+        notifications=MappingProxyType(notifications),
     )
 
 

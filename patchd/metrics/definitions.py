@@ -20,6 +20,7 @@ RUN_STATUSES = ("completed", "halted", "window_closed", "stopped", "failed")
 RESULTS = ("success", "rolled_back", "rollback_failed", "failed", "skipped")
 GATE_CHECKS = ("before_start", "after_patch")
 GATE_REASONS = ("alerts_firing", "unreachable", "bad_response", "query_error")
+NOTIFICATION_RESULTS = ("sent", "retried", "dropped")
 
 
 class Metrics:
@@ -106,6 +107,14 @@ class Metrics:
             ["group", "check", "reason"],
             registry=r,
         )
+        self.notifications = Counter(
+            "patchd_notifications",
+            "Notification delivery attempts by channel and result: sent, retried (failed,"
+            " tried again later) or dropped (failed its last attempt, or its channel left"
+            " the config)",
+            ["channel", "result"],
+            registry=r,
+        )
 
     def prepare(self, settings: Settings) -> None:
         """Create every configured group's counters at 0 (at start and on reload)."""
@@ -119,6 +128,9 @@ class Metrics:
                 for check in GATE_CHECKS:
                     for reason in GATE_REASONS:
                         self.alert_gate_blocked.labels(group.name, check, reason)
+        for channel in settings.notifications:
+            for result in NOTIFICATION_RESULTS:
+                self.notifications.labels(channel, result)
 
     def reload(self, ok: bool, at: float) -> None:
         self.config_reload_ok.set(1 if ok else 0)

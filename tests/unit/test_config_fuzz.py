@@ -43,6 +43,7 @@ from patchd.backends.docker import DockerConfig, DockerSelect
 from patchd.backends.vsphere.config import VSphereConfig, VSphereSelect
 from patchd.cli import main
 from patchd.config import ConfigError, load_settings
+from patchd.config.notifications import NotificationModel
 from patchd.config.schema import SECTIONS, DaemonModel, FreezeModel, GroupModel, WindowModel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +108,7 @@ SECTION_KEYS = {
         "freezes": [FreezeModel],
         "backends": [DockerConfig, VSphereConfig],
         "groups": [GroupModel, DockerSelect, VSphereSelect],
+        "notifications": [NotificationModel],
     }.items()
 }
 
