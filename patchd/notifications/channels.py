@@ -119,7 +119,11 @@ class AppriseSender:
         client = self._client()
         capture: Any = apprise.LogCapture
         with capture(level=apprise.logging.WARNING) as captured:
-            ok = client.notify(title=document["subject"], body=document["text"])
+            ok = client.notify(
+                title=document["subject"],
+                body=document["text"],
+                body_format=apprise.NotifyFormat.TEXT,  # kept as written: lines, indents
+            )
         if not ok:
             detail = " ".join(str(captured.getvalue()).split())[-300:]
             raise DeliveryFailed(f"apprise could not deliver: {detail or 'no detail'}")
