@@ -5,9 +5,10 @@ thread, retried with exponential backoff, dropped after the channel's `attempts`
 rows: it never waits for a receiver, and it never raises (a notification must not fail
 a patch). `deliver_due` makes one pass over what is due and returns when the next
 message is due; the thread (`start`) runs it, then sleeps until that instant or until
-`submit` wakes it, so an idle daemon does nothing. Rows left at a restart are delivered
-by the next daemon. Each attempt's result is reported (`report(channel, result)`,
-result sent | retried | dropped) for the metric patchd_notifications_total.
+`submit` wakes it, so an idle daemon does nothing. Rows left at a restart are tried at
+once by the next daemon (the old backoff belonged to the old process). Each attempt's
+result is reported (`report(channel, result)`, result sent | retried | dropped) for the
+metric patchd_notifications_total.
 """
 
 from __future__ import annotations
@@ -95,11 +96,12 @@ class Outbox:
 
     # --- the delivery side ----------------------------------------------------------------
 
-    def deliver_due(self) -> datetime | None:
-        """Try every message due now, once; returns when the next one is due (None: the
-        outbox is empty). StoreError propagates (the thread waits and tries again)."""
+    def deliver_due(self, everything: bool = False) -> datetime | None:
+        """Try every message due now (with `everything`, every queued one), once; returns
+        when the next one is due (None: the outbox is empty). StoreError propagates (the
+        thread waits and tries again)."""
         now = self.clock()
-        for row in self.store.due_notifications(by=now):
+        for row in self.store.due_notifications(by=None if everything else now):
             with self._lock:
                 channel = self.channels.get(row.channel)
             if channel is None:
@@ -156,10 +158,14 @@ class Outbox:
         self._thread.start()
 
     def _loop(self) -> None:
+        # The first pass tries everything a stopped patchd left queued, due or not: its
+        # backoff belonged to that process, and the receiver may be back.
+        first = True
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                due = self.deliver_due()
+                due = self.deliver_due(everything=first)
+                first = False
             except StoreError as err:
                 self.log.error("notifications_store_error", error=str(err))
                 due = self.clock() + _STORE_RETRY

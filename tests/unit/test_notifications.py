@@ -9,6 +9,7 @@ receivers (an SMTP server, an HTTP endpoint) are in tests/integration/test_notif
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -380,4 +381,27 @@ def test_a_run_queues_its_rollback_summary_and_halt_and_control_events(tmp_path:
         runtime.close()  # `patchd run`: one delivery pass at close
     store = open_store(tmp_path / "state" / "patchd.db")
     assert store.due_notifications() == []
+    store.close()
+
+
+def test_a_starting_delivery_thread_tries_at_once_what_a_stopped_one_left(
+    tmp_path: Path,
+) -> None:
+    clock = Clock(T0)
+    outbox, store, _ = outbox_with(
+        tmp_path, clock, hook=(model(backoff="1h", backoff_max="1h"), Recorder(1))
+    )
+    outbox.submit(events.resumed(None, "alice", T0))
+    assert outbox.deliver_due() == T0 + timedelta(hours=1)
+    store.close()
+    back = Recorder()
+    outbox, store, counted = outbox_with(tmp_path, clock, hook=(model(), back))
+    outbox.start()  # a real thread; the fake clock stays at T0, an hour before it is due
+    try:
+        deadline = time.monotonic() + 10
+        while not back.sent and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        outbox.stop()
+    assert [d["event"] for d, _, _ in back.sent] == ["resumed"] and counted == [("hook", "sent")]
     store.close()
