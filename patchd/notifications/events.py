@@ -162,8 +162,8 @@ def rollback(run_id: str, group: str, outcome: TargetOutcome, at: datetime) -> E
         subject = f"patchd: ROLLBACK FAILED on {outcome.target.name} ({group}): needs a person"
         text = (
             f"Target {outcome.target.name} of group {group} failed and could not be rolled"
-            f" back (run {run_id}).\nCause: {reason}\nIt is left as it is; the group's next"
-            " runs wait until a person has looked at it.\n"
+            f" back (run {run_id}).\nCause: {reason}\nIt is left as it is: a person must look"
+            " at it (patchd status shows it).\n"
         )
     else:
         subject = f"patchd: {outcome.target.name} ({group}) rolled back"

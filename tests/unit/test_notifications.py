@@ -405,3 +405,37 @@ def test_a_starting_delivery_thread_tries_at_once_what_a_stopped_one_left(
         outbox.stop()
     assert [d["event"] for d, _, _ in back.sent] == ["resumed"] and counted == [("hook", "sent")]
     store.close()
+
+
+def test_the_readme_shows_what_each_event_sends() -> None:
+    """Each sample message in README.md is what the builder makes of the same inputs."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+    def done(name: str, result: TargetResult, error: str | None = None) -> TargetOutcome:
+        update = Update(ref="nginx", current="1.25.3", available="1.25.4")
+        return TargetOutcome(Target(id=name, name=name, kind="c"), result, update, error, 3.0)
+
+    run = RunResult(
+        "20261128T023000Z-abc123",
+        "web",
+        RunStatus.HALTED,
+        (
+            done("web-1", TargetResult.SUCCESS),
+            done("web-2", TargetResult.ROLLED_BACK, "health check failed: HTTP 502"),
+            TargetOutcome(Target(id="web-3", name="web-3", kind="c"), TargetResult.PENDING),
+        ),
+    )
+    broken = done("db-1", TargetResult.ROLLBACK_FAILED, "snapshot patchd-20261128 not found")
+    samples = [
+        events.run_finished(run, "sat", T0, T0 + timedelta(minutes=2, seconds=5)),
+        events.rollback(run.run_id, "web", run.outcomes[1], T0),
+        events.rollback(run.run_id, "db", broken, T0),
+        events.halted(run, "sat", T0),
+        events.approval_needed("prod", {"nginx": "1.25.4"}, "staging verified these versions", T0),
+        events.quarantined("web", "sha256:9f2c...", "web-2", "health check failed: HTTP 502", T0),
+        events.paused(["web"], "alice (uid 1000)", T0, "incident 42", T0 + timedelta(hours=2)),
+        events.resumed(["web"], "alice (uid 1000)", T0),
+    ]
+    assert {e.kind for e in samples} == set(EventKind)
+    for event in samples:
+        assert f"```\nSubject: {event.subject}\n\n{event.text}```" in readme, event.kind
