@@ -439,3 +439,54 @@ def test_the_readme_shows_what_each_event_sends() -> None:
     assert {e.kind for e in samples} == set(EventKind)
     for event in samples:
         assert f"```\nSubject: {event.subject}\n\n{event.text}```" in readme, event.kind
+
+
+def test_the_webhook_secret_comes_from_a_file_or_a_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from patchd.notifications.channels import read_secret
+
+    (tmp_path / "patchd-hook").write_text("from-credential\n")
+    hook = model(urls=None, webhook="http://127.0.0.1:9/h", credential="patchd-hook")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(DeliveryFailed, match=r"CREDENTIALS_DIRECTORY is not set"):
+        read_secret(hook, "hook")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert read_secret(hook, "hook") == "from-credential"
+    assert log.scrub("key from-credential") == "key ***"
+    (tmp_path / "patchd-hook").write_text("")
+    with pytest.raises(DeliveryFailed, match="is empty"):
+        read_secret(hook, "hook")
+
+
+@pytest.mark.parametrize(("status", "permanent"), [(500, False), (429, False), (404, True)])
+def test_a_webhook_answer_decides_between_retry_and_drop(
+    tmp_path: Path, status: int, permanent: bool
+) -> None:
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    secret = tmp_path / "s"
+    secret.write_text("a-long-webhook-key")  # (a one-letter key would be scrubbed everywhere)
+    secret.chmod(0o600)
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    channel = build("hook", model(urls=None, webhook=url, secret_file=str(secret)))
+    document = events.resumed(None, "alice", T0).document()
+    try:
+        with pytest.raises(DeliveryFailed) as caught:
+            channel.sender.send(document, 1, T0)
+    finally:
+        server.server_close()
+    assert caught.value.permanent is permanent
+    assert str(caught.value) == f"the webhook answered HTTP {status}"
