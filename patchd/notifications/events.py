@@ -30,6 +30,7 @@ __all__ = [
     "quarantined",
     "resumed",
     "rollback",
+    "rolled_back_at_restart",
     "run_finished",
 ]
 
@@ -178,6 +179,35 @@ def rollback(run_id: str, group: str, outcome: TargetOutcome, at: datetime) -> E
         text,
         group,
         {"run_id": run_id, "error": outcome.error, **version},
+    )
+
+
+def rolled_back_at_restart(
+    run_id: str, group: str | None, target: str, was: str, failed: str | None, at: datetime
+) -> Event:
+    """A target a stopped patchd left mid-patch (in state `was`) was rolled back when
+    patchd started again, or that rollback failed (`failed` holds why)."""
+    where = f"group {group}" if group else "a group no longer configured"
+    if failed is not None:
+        subject = f"patchd: ROLLBACK FAILED on {target} ({group or '-'}) at restart: needs a person"
+        text = (
+            f"Target {target} of {where} was left {was} by a patchd that stopped (run"
+            f" {run_id}); rolling it back at restart failed.\nCause: {failed}\nIt is left"
+            " as it is: a person must look at it (patchd status shows it).\n"
+        )
+    else:
+        subject = f"patchd: {target} ({group or '-'}) rolled back at restart"
+        text = (
+            f"Target {target} of {where} was left {was} by a patchd that stopped (run"
+            f" {run_id}); it was rolled back when patchd started again.\n"
+        )
+    return Event(
+        EventKind.ROLLBACK_FAILED if failed is not None else EventKind.ROLLBACK,
+        at,
+        subject,
+        text,
+        group,
+        {"run_id": run_id, "target": target, "was": was, "error": failed, "at_restart": True},
     )
 
 

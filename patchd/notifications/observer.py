@@ -1,8 +1,9 @@
 """The notifications observer: engine and runtime events turned into notification events
 and queued in the outbox.
 
-A target rolled back or whose rollback failed, a run finished (its summary) and a run
-halted come from what the engine and runtime already report; the control socket's events
+A target rolled back or whose rollback failed (in a run, or when a restart finished what
+a stopped patchd left), a run finished (its summary) and a run halted come from what the
+engine and runtime already report; the control socket's events
 (paused, resumed, approval needed, quarantined) arrive built, through `notify`.
 """
 
@@ -19,7 +20,9 @@ from patchd.notifications import events
 from patchd.notifications.events import Event
 from patchd.notifications.outbox import Outbox
 from patchd.observers import BaseObserver
-from patchd.states import RunStatus, TargetResult
+from patchd.reconcile import Reconciled
+from patchd.state import StoreError
+from patchd.states import RunStatus, TargetResult, TargetState
 
 
 class NotificationObserver(BaseObserver):
@@ -36,6 +39,26 @@ class NotificationObserver(BaseObserver):
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
         if outcome.result in (TargetResult.ROLLED_BACK, TargetResult.ROLLBACK_FAILED):
             self.outbox.submit(events.rollback(run_id, group.name, outcome, self.clock()))
+
+    def reconciled(self, item: Reconciled) -> None:
+        if item.now not in (TargetState.ROLLED_BACK, TargetState.ROLLBACK_FAILED):
+            return
+        failed = None
+        if item.now == TargetState.ROLLBACK_FAILED:
+            failed = item.detail or "no reason given"
+        event = events.rolled_back_at_restart(
+            item.run_id, self._group_of(item.run_id), item.target, item.was.value, failed,
+            self.clock(),
+        )  # fmt: skip
+        self.outbox.submit(event)
+
+    def _group_of(self, run_id: str) -> str | None:
+        try:
+            return next(
+                (r.group for r in self.outbox.store.runs(limit=1000) if r.id == run_id), None
+            )
+        except StoreError:
+            return None
 
     def run_finished(self, group: Group, result: RunResult) -> None:
         finished = self.clock()

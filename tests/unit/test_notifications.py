@@ -490,3 +490,31 @@ def test_a_webhook_answer_decides_between_retry_and_drop(
         server.server_close()
     assert caught.value.permanent is permanent
     assert str(caught.value) == f"the webhook answered HTTP {status}"
+
+
+def test_a_target_a_stopped_patchd_left_is_announced_when_the_restart_rolls_it_back(
+    tmp_path: Path,
+) -> None:
+    path = settings_text(tmp_path, '\n[notifications.hook]\nurls = ["json://127.0.0.1:9/"]\n')
+    fake = FakeBackend("f")
+    fake.add("web-1", labels={"tier": "web"})
+    store = open_store(tmp_path / "state" / "patchd.db")
+    store.start_run("r1", "web", "sat", T0)
+    store.record("r1", "web-1", "web-1", "snapshotting", T0, step="snapshot", phase="intent",
+                 snapshot={"name": "patchd-r1"})  # fmt: skip
+    fake.targets["web-1"].snapshots["patchd-r1"] = "v1"
+    store.record("r1", "web-1", "web-1", "snapshotted", T0, step="snapshot", phase="done")
+    store.record("r1", "web-1", "web-1", "applying", T0, step="apply", phase="intent")
+    fake.targets["web-1"].version = "v2"
+    store.close()
+    runtime = Runtime(load_settings(path), Clock(T0), connector=lambda spec: fake)
+    try:
+        [item] = runtime.reconcile()
+        assert item.now == "rolled_back"
+        [row] = runtime.store.due_notifications()
+        assert row.event == "rollback" and row.document["group"] == "web"
+        assert row.document["subject"] == "patchd: web-1 (web) rolled back at restart"
+        assert "was left applying by a patchd that stopped (run r1)" in row.document["text"]
+        runtime.outbox.configure({})  # deliver nothing at close: the channel is gone
+    finally:
+        runtime.close()
