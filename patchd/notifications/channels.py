@@ -118,7 +118,7 @@ class AppriseSender:
 
         client = self._client()
         capture: Any = apprise.LogCapture
-        with capture(level=apprise.logging.WARNING) as captured:
+        with capture(level=apprise.logging.WARNING, fmt="%(message)s") as captured:
             ok = client.notify(
                 title=document["subject"],
                 body=document["text"],

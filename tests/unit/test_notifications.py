@@ -518,3 +518,19 @@ def test_a_target_a_stopped_patchd_left_is_announced_when_the_restart_rolls_it_b
         runtime.outbox.configure({})  # deliver nothing at close: the channel is gone
     finally:
         runtime.close()
+
+
+def test_apprise_failures_say_why_and_an_unknown_url_is_not_retried() -> None:
+    from patchd.notifications.channels import AppriseSender
+
+    document = events.resumed(None, "alice", T0).document()
+    refused = AppriseSender(["json://127.0.0.1:9/nobody-listens"], timedelta(seconds=3))
+    with pytest.raises(DeliveryFailed) as caught:
+        refused.send(document, 1, T0)
+    assert not caught.value.permanent
+    assert str(caught.value).startswith("apprise could not deliver: ")
+    assert "127.0.0.1" in str(caught.value)
+    unknown = AppriseSender(["nosuchservice://x"], timedelta(seconds=3))
+    with pytest.raises(DeliveryFailed, match="URL 1 is not one apprise knows") as caught:
+        unknown.send(document, 1, T0)
+    assert caught.value.permanent
