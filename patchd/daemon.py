@@ -91,6 +91,7 @@ class Daemon:
         self.metrics.prepare(settings)
         self.gauges = DaemonGauges(self.metrics, lambda: self.runtime.settings, self.clock)
         self._refresh_snapshots()
+        self.runtime.outbox.start()  # what a stopped daemon left queued goes out now
         self.metrics_server = serve_metrics(
             settings.daemon.metrics_host, settings.daemon.metrics_port, self.metrics.registry
         )

@@ -4,7 +4,9 @@ The engine reports each target's transitions and outcomes (`Observer`: step and 
 both taking the Group; the engine defines that protocol, as the port it reports through,
 so that it imports nothing above it; it is re-exported here). The runtime adds what
 happens around a run: a backend checked, a target reconciled, a run started, refused,
-finished or failed, an alert gate's answer. An observer subclasses `BaseObserver` and
+finished or failed, an alert gate's answer, an event for people (`notify`: what the
+control socket reports, such as a pause, goes this way) and a notification's delivery
+result. An observer subclasses `BaseObserver` and
 overrides the events it cares about; `Observers` fans every event out to a list of them.
 Logs (here), metrics (patchd.metrics.observer) and, next, notifications plug in this way.
 """
@@ -19,6 +21,7 @@ from patchd.backends.base import Target
 from patchd.config.settings import Group
 from patchd.engine.rollout import GateResult, RunResult
 from patchd.engine.target import NullObserver, Observer, TargetOutcome
+from patchd.notifications.events import Event
 from patchd.reconcile import Reconciled
 from patchd.runner import Refusal
 from patchd.states import RunStatus, TargetResult, TargetState
@@ -64,6 +67,13 @@ class BaseObserver:
     def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
         """An answer of the group's alert gate; `changed` when the pre-start gate shut,
         changed its reason or opened again (not at every re-check)."""
+
+    def notify(self, event: Event) -> None:
+        """An event for people that no engine transition carries (paused, resumed,
+        approval needed, quarantined): the notifications observer queues it."""
+
+    def notification(self, channel: str, result: str) -> None:
+        """A notification to `channel` was sent, will be retried, or was dropped."""
 
 
 class Observers(BaseObserver):
@@ -121,6 +131,14 @@ class Observers(BaseObserver):
     def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
         for observer in self._each():
             observer.alert_gate(group, check, answer, changed)
+
+    def notify(self, event: Event) -> None:
+        for observer in self._each():
+            observer.notify(event)
+
+    def notification(self, channel: str, result: str) -> None:
+        for observer in self._each():
+            observer.notification(channel, result)
 
 
 class LogObserver(BaseObserver):

@@ -23,6 +23,9 @@ from patchd.config import BackendSpec, Settings
 from patchd.config.settings import Group
 from patchd.engine import GateResult, RunResult
 from patchd.engine.target import TargetOutcome
+from patchd.notifications.events import Event
+from patchd.notifications.observer import NotificationObserver
+from patchd.notifications.outbox import Outbox
 from patchd.observers import BaseObserver, LogObserver, Observers
 from patchd.reconcile import Reconciled, reconcile
 from patchd.runner import Refusal, Runner, RunRefused
@@ -51,9 +54,19 @@ class Runtime:
         self.clock = clock
         self.log = log.get("patchd.runtime")
         self.connector = connector if connector is not None else connect
-        # The engine's transitions are always logged; the front door adds its own.
-        self.observer = Observers([LogObserver(), *observers])
         self.store = open_store(settings)
+        # Notifications are queued in the journal on the run's thread and delivered by
+        # the outbox's own thread (the daemon starts it; `patchd run` flushes at close).
+        self.outbox = Outbox(
+            settings.notifications,
+            self.store,
+            clock,
+            lambda channel, result: self.observer.notification(channel, result),
+        )
+        # The engine's transitions are always logged; the front door adds its own.
+        self.observer = Observers(
+            [LogObserver(), *observers, NotificationObserver(self.outbox, clock)]
+        )
         self._lock = threading.RLock()
         self._backends: dict[str, Backend] = {}
         self._retired: list[Backend] = []  # replaced by a reload, not closed yet
@@ -103,6 +116,7 @@ class Runtime:
                     self._retired.append(backend)
             self._backends = kept
             self.settings = settings
+        self.outbox.configure(settings.notifications)
         self._close_retired()
 
     def _close_retired(self) -> None:
@@ -113,12 +127,23 @@ class Runtime:
         self._close(retired)
 
     def close(self) -> None:
-        """Close every backend and the store (at the end of the process)."""
+        """Close every backend and the store (at the end of the process). Without the
+        delivery thread (`patchd run`), what is queued gets one delivery attempt first;
+        what fails stays queued for the daemon."""
         with self._lock:
             backends = [*self._backends.values(), *self._retired]
             self._backends, self._retired = {}, []
         self._close(backends)
+        if self.outbox.running:
+            self.outbox.stop()
+        elif self.settings.notifications:
+            self.outbox.flush()
         self.store.close()
+
+    def notify(self, event: Event) -> None:
+        """Tell people about something outside a run (the control socket's pause, resume,
+        approval needed, quarantine): observers hear it, the outbox queues it."""
+        self.observer.notify(event)
 
     def _close(self, backends: Iterable[Backend]) -> None:
         for backend in backends:

@@ -25,6 +25,7 @@ RUN_STATUSES = tuple(s for s in RunStatus if s not in (RunStatus.RUNNING, RunSta
 RESULTS = tuple(r for r in TargetResult if r not in (TargetResult.CURRENT, TargetResult.PENDING))
 GATE_CHECKS = ("before_start", "after_patch")
 GATE_REASONS = ("alerts_firing", "unreachable", "bad_response", "query_error")
+NOTIFICATION_RESULTS = ("sent", "retried", "dropped")
 
 
 class Metrics:
@@ -111,6 +112,14 @@ class Metrics:
             ["group", "check", "reason"],
             registry=r,
         )
+        self.notifications = Counter(
+            "patchd_notifications",
+            "Notification delivery attempts by channel and result: sent, retried (failed,"
+            " tried again later) or dropped (failed its last attempt, or its channel left"
+            " the config)",
+            ["channel", "result"],
+            registry=r,
+        )
 
     def prepare(self, settings: Settings) -> None:
         """Create every configured group's counters at 0 (at start and on reload)."""
@@ -124,6 +133,9 @@ class Metrics:
                 for check in GATE_CHECKS:
                     for reason in GATE_REASONS:
                         self.alert_gate_blocked.labels(group.name, check, reason)
+        for channel in settings.notifications:
+            for outcome in NOTIFICATION_RESULTS:
+                self.notifications.labels(channel, outcome)
 
     def reload(self, ok: bool, at: float) -> None:
         self.config_reload_ok.set(1 if ok else 0)

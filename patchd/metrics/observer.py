@@ -63,6 +63,9 @@ class MetricsObserver(BaseObserver):
             m.run_halted.labels(group.name).inc()
         m.targets_pending.labels(group.name).set(result.count(TargetResult.PENDING))
 
+    def notification(self, channel: str, result: str) -> None:
+        self.metrics.notifications.labels(channel, result).inc()
+
     def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
         if not answer.open:
             self.metrics.alert_gate_blocked.labels(group.name, check, answer.reason).inc()
