@@ -30,7 +30,7 @@ from patchd.engine import RunResult
 from patchd.notifications import signing
 from patchd.runtime import Runtime
 from patchd.testing import FakeBackend
-from tests.integration.daemon_helpers import wait_for
+from tests.conftest import wait_until
 
 SECRET = "webhook-key-0123456789"
 
@@ -176,7 +176,7 @@ events = ["run_finished"]
     try:
         result = runtime.run("web", now=True)
         assert isinstance(result, RunResult)
-        wait_for(lambda: box.messages, 30, "the summary mail")
+        wait_until(lambda: box.messages, 30, "the summary mail")
     finally:
         runtime.close()
     [mail] = box.messages
@@ -219,7 +219,7 @@ attempts = 30
         # Structurally: the run finished while the receiver was still down, so no
         # delivery could have held it up; the messages wait in the outbox meanwhile.
         assert receiver.started_at is None and receiver.received == []
-        wait_for(
+        wait_until(
             lambda: any(r.attempts for r in runtime.store.due_notifications()),
             15,
             "a first attempt that timed out",
@@ -228,7 +228,7 @@ attempts = 30
         # timeout on the delivery thread; the run did not wait for it.
         assert finished - began < 2.5
         receiver.start()
-        wait_for(
+        wait_until(
             lambda: len(receiver.received) == 2, 30, "both webhooks after the receiver came back"
         )
     finally:

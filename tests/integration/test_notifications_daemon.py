@@ -7,18 +7,13 @@ survives a daemon restart and is delivered by the next daemon; the metric counts
 from __future__ import annotations
 
 import signal
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from patchd.state import SqliteStore
-from tests.integration.daemon_helpers import (
-    GROUP,
-    Daemon,
-    on_version,
-    scrape,
-    wait_for,
-    write_config,
-)
+from tests.conftest import wait_until, write_config
+from tests.integration.daemon_helpers import Daemon, daemon_config, on_version, scrape, web_group
 from tests.integration.docker_fleet import Fleet, free_port
 from tests.integration.test_notifications import SECRET, Mailbox, Receiver, smtp
 
@@ -42,39 +37,41 @@ def test_the_daemon_mails_and_posts_the_summary_and_a_restart_loses_no_message(
     port = free_port()
     config = tmp_path / "patchd.toml"
     start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=6)
-    group = (
-        GROUP.format(token=f.token, concurrency=2)
-        + f"""
-[notifications.mail]
-urls = ["mailto://127.0.0.1:{smtp_port}?from=patchd@example.com&to=ops@example.com"]
-events = ["run_finished"]
-
-[notifications.hook]
-webhook = "http://127.0.0.1:{receiver.port}/patchd"
-secret_file = "{secret}"
-events = ["run_finished"]
-backoff = "1h"
-backoff_max = "1h"
-"""
-    )
-    write_config(config, f, tmp_path / "state", port, start, group)
+    daemon_config(config, f, tmp_path / "state", port, start, web_group(f.token, 2))
+    settings = tomllib.loads(config.read_text())
+    settings["notifications"] = {
+        "mail": {
+            "urls": [f"mailto://127.0.0.1:{smtp_port}?from=patchd@example.com&to=ops@example.com"],
+            "events": ["run_finished"],
+        },
+        "hook": {
+            "webhook": f"http://127.0.0.1:{receiver.port}/patchd",
+            "secret_file": str(secret),
+            "events": ["run_finished"],
+            "backoff": "1h",
+            "backoff_max": "1h",
+        },
+    }
+    write_config(config, settings)
 
     daemon = Daemon(config, tmp_path)
     try:
-        wait_for(lambda: daemon.saw("READY=1"), 10, "READY=1")
-        wait_for(lambda: on_version(f, names, v2), 60, "every container on v2")
-        wait_for(lambda: any(e["event"] == "run_finished" for e in daemon.events()), 30, "run end")
+        wait_until(lambda: daemon.saw("READY=1"), 120, "READY=1")
+        wait_until(lambda: on_version(f, names, v2), 300, "every container on v2")
+        wait_until(
+            lambda: any(e["event"] == "run_finished" for e in daemon.events()), 30, "run end"
+        )
         [finished] = [e for e in daemon.events() if e["event"] == "run_finished"]
-        wait_for(lambda: box.messages, 30, "the summary mail")
+        wait_until(lambda: box.messages, 120, "the summary mail")
         [mail] = box.messages
         assert mail["Subject"] == "patchd: web completed: 2 patched"
         assert f"run {finished['run_id']} completed in" in mail.get_content()
         # The webhook's receiver is down: its first attempt failed, the next is in 1h.
-        wait_for(
+        wait_until(
             lambda: (
                 'patchd_notifications_total{channel="hook",result="retried"} 1.0' in scrape(port)
             ),
-            30,
+            120,
             "a retried webhook",
         )
         assert 'patchd_notifications_total{channel="mail",result="sent"} 1.0' in scrape(port)
@@ -95,9 +92,9 @@ backoff_max = "1h"
     try:
         # A starting daemon tries at once what a stopped one left queued (its backoff
         # of 1h belonged to the old process; the receiver may be back, as here).
-        wait_for(
+        wait_until(
             lambda: any(d["data"]["run_id"] == finished["run_id"] for d, _ in receiver.received),
-            30,
+            120,
             "the queued summary after the restart",
         )
         assert receiver.refused == []
