@@ -59,7 +59,7 @@ def test_the_daemon_mails_and_posts_the_summary_and_a_restart_loses_no_message(
         wait_until(lambda: daemon.saw("READY=1"), 120, "READY=1")
         wait_until(lambda: on_version(f, names, v2), 300, "every container on v2")
         wait_until(
-            lambda: any(e["event"] == "run_finished" for e in daemon.events()), 30, "run end"
+            lambda: any(e["event"] == "run_finished" for e in daemon.events()), 300, "run end"
         )
         [finished] = [e for e in daemon.events() if e["event"] == "run_finished"]
         wait_until(lambda: box.messages, 120, "the summary mail")
