@@ -59,6 +59,9 @@ class MetricsObserver(BaseObserver):
         if result.status == "halted":
             m.run_halted.labels(group.name).inc()
         m.targets_pending.labels(group.name).set(result.count("pending"))
+        if result.status == "completed":  # every target the group selects has its outcome
+            m.group_targets.labels(group.name).set(len(result.outcomes))
+            m.forget_targets(group.backend, group.name, {o.target.name for o in result.outcomes})
 
     def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
         if not answer.open:
