@@ -19,8 +19,9 @@ A target is a container, identified by its NAME (stable across a recreate). One 
 - verify: the container's own HEALTHCHECK, or else running without a restart for
   `stable_for`.
 - commit: once the replacement still runs, remove the renamed container and move the
-  local tag to the new image; the old image is kept for `rollback_retention` and removed
-  by `release` when no container uses it and it has no tag.
+  local tag to the new image; the old image is kept for the group's `snapshot.keep` (the
+  one key for it; `rollback_retention` is refused with that hint) and removed by
+  `release` when no container uses it and it has no tag.
 - rollback: from any partial state, put the renamed container back under its name and
   start it. A container is never removed unless the old one is there to replace it.
   While the engine cannot be reached it is tried again, up to `rollback_timeout`.
@@ -82,8 +83,9 @@ class DockerConfig(BaseModel):
     tls_ca: FilePath | None = None
     tls_cert: FilePath | None = None
     tls_key: FilePath | None = None
-    # How long the image a container ran before a patch is kept after the commit.
-    rollback_retention: Duration = timedelta(days=7)
+    # Replaced by the group's snapshot.keep (one key, the value the metrics show); kept
+    # here only to refuse it with that hint.
+    rollback_retention: Duration | None = None
     # How long a rollback waits for the restored container to be healthy again, and
     # keeps trying an engine that cannot be reached.
     rollback_timeout: Duration = timedelta(minutes=5)
@@ -93,6 +95,16 @@ class DockerConfig(BaseModel):
     def _scheme(cls, value: str) -> str:
         if not value.startswith(_SCHEMES) or value in _SCHEMES:
             raise ValueError(f"expected a unix://, tcp:// or ssh:// URL, got {value!r}")
+        return value
+
+    @field_validator("rollback_retention")
+    @classmethod
+    def _retention(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None:
+            raise ValueError(
+                "replaced by groups.NAME.snapshot.keep: how long the old image is kept after"
+                " a commit is set per group, as for every backend"
+            )
         return value
 
     @model_validator(mode="after")
@@ -387,7 +399,7 @@ class DockerBackend:
             return None
         return Retained(
             data={"backend": self.name, "image_id": image_id, "image": ref, "container": name},
-            keep=self.config.rollback_retention,
+            keep=options.keep,
             description=f"image {image_id[:19]} ({ref}) that {name} ran before the patch",
         )
 
