@@ -400,8 +400,19 @@ class DockerBackend:
         return Retained(
             data={"backend": self.name, "image_id": image_id, "image": ref, "container": name},
             keep=options.keep,
-            description=f"image {image_id[:19]} ({ref}) that {name} ran before the patch",
+            description=f"image {self._kept_name(image_id, parsed.repository)} that {name}"
+            " ran before the patch",
         )
+
+    def _kept_name(self, image_id: str, repository: str) -> str:
+        """The kept image as plan and history name versions: repository@sha256:... (its
+        tag has moved to the new image); the image id for an image without a digest."""
+        try:
+            image = self.engine.image(image_id)
+        except Exception:  # the name only: the commit is done
+            image = None
+        digests = repo_digests(image or {}, repository)
+        return f"{repository}@{digests[0]}" if digests else image_id
 
     def release(self, retained: Mapping[str, Any]) -> None:
         image_id = retained.get("image_id")

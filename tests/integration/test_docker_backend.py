@@ -474,7 +474,7 @@ def test_release_removes_the_old_image_only_when_nothing_uses_it(
     # An image of its own, known by the registry tag only (as a pulled image is).
     own = build_variants(f.client, lab.base_image, {f"{f.token}-v1": VARIANTS["app-v1"]})
     old_image = own[f"{f.token}-v1"]
-    f.publish(old_image, "app")
+    published = f.publish(old_image, "app")
     mirrored = f.publish(old_image, "mirror")
     f.client.api.pull(f.repo("mirror"), tag=mirrored)  # known by digest in two repositories
     f.run("c", "app")
@@ -493,6 +493,10 @@ def test_release_removes_the_old_image_only_when_nothing_uses_it(
 
     assert retained is not None
     assert retained.keep == timedelta(minutes=10)
+    # Named as plan and history name versions: its tag has moved to the new image.
+    assert retained.description == (
+        f"image {f.repo('app')}@{published} that {t.name} ran before the patch"
+    )
     assert retained.data["image_id"] == old_image and retained.data["backend"] == "lab"
     assert f.leftovers() == []
     assert len(f.client.api.inspect_image(old_image)["RepoDigests"]) == 2
