@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from patchd.backends.base import Backend
+from patchd.backends.base import Backend, NotNow
 from patchd.config.settings import Settings
 from patchd.durations import format_duration
 from patchd.engine import dependency_order, stage_gate
@@ -66,6 +66,10 @@ def plan(
         entry: dict[str, Any] = {"name": target.name, "id": target.id, "kind": target.kind}
         try:
             update = backend.check_update(target, gate.pins, group.patch)
+        except NotNow as err:  # a run would leave it pending
+            entry.update(action="wait", reason=str(err))
+            doc["targets"].append(entry)
+            continue
         except Exception as err:
             entry.update(action="error", error=str(err))
             doc["targets"].append(entry)

@@ -41,6 +41,7 @@ __all__ = [
     "BackendPlugin",
     "KeptSnapshot",
     "ListsSnapshots",
+    "NotNow",
     "Retained",
     "RollbackFailed",
     "Snapshot",
@@ -61,6 +62,13 @@ class TransientError(BackendError):
 
 class StepFailed(BackendError):
     """The step failed or its outcome is unknown: the target must be rolled back."""
+
+
+class NotNow(StepFailed):
+    """The target may not start now for a reason outside it (its cluster is halted by
+    another host left in maintenance mode). From check_update nothing was changed: the
+    engine reports the target pending with this reason, not failed. From a later step it
+    is a StepFailed like any other."""
 
 
 class RollbackFailed(BackendError):

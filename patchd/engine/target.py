@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 from patchd import faults
 from patchd.backends.base import (
     Backend,
+    NotNow,
     Retained,
     Snapshot,
     StepFailed,
@@ -218,6 +219,8 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
 
     try:
         update, reason = find_update(ctx, target)
+    except NotNow as err:  # not started, through no fault of its own: a later run
+        return done(R.PENDING, error=str(err))
     except Exception as err:  # fail closed: a target we cannot read is not patched
         return done(R.FAILED, error=f"checking for an update: {err}")
     if update is None:

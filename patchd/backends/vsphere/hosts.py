@@ -42,6 +42,7 @@ from typing import Any, ClassVar, NoReturn
 
 from patchd import poll
 from patchd.backends.base import (
+    NotNow,
     Snapshot,
     StepFailed,
     Target,
@@ -190,7 +191,8 @@ class HostFlow(Flow[HostState]):
             )
         others = self._others_in_maintenance(state)
         if others:
-            raise StepFailed(
+            # Not this host's failure: it is left pending until the cluster is whole.
+            raise NotNow(
                 f"host {state.name}: {', '.join(others)} of its cluster is in maintenance mode"
                 " and not being patched by this run: patching of this cluster is halted until"
                 " it is back in service"
