@@ -145,7 +145,11 @@ def connect(spec):
     backend.publish("app", "v2")
     return backend
 
-FAIL = sys.argv.pop(1) == "fail"
+MODE = sys.argv.pop(1)
+FAIL = MODE == "fail"
+if MODE == "noconnect":
+    def connect(spec):
+        raise ConnectionError("vcenter.example.net:443: connection refused")
 runtime.connect = connect
 sys.exit(cli.main(sys.argv[1:]))
 """
@@ -178,3 +182,19 @@ def test_plan_fails_when_discovery_failed_for_every_group(tmp_path: Path) -> Non
     assert proc.returncode == 1, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["groups"][0]["error"] == "discovering targets: engine unreachable"
+
+
+def test_plan_says_why_a_backend_cannot_be_connected(tmp_path: Path) -> None:
+    config = fake_config(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHATTY_PLAN, "noconnect", "plan", "--json", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.strip() == (
+        "patchd: backend d: cannot connect: vcenter.example.net:443: connection refused"
+    )
