@@ -43,6 +43,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -83,8 +84,7 @@ class DockerConfig(BaseModel):
     tls_ca: FilePath | None = None
     tls_cert: FilePath | None = None
     tls_key: FilePath | None = None
-    # Replaced by the group's snapshot.keep (one key, the value the metrics show); kept
-    # here only to refuse it with that hint.
+    # Replaced by the group's snapshot.keep; only parsed to be refused with that hint.
     rollback_retention: Duration | None = None
     # How long a rollback waits for the restored container to be healthy again, and
     # keeps trying an engine that cannot be reached.
@@ -101,10 +101,7 @@ class DockerConfig(BaseModel):
     @classmethod
     def _retention(cls, value: timedelta | None) -> timedelta | None:
         if value is not None:
-            raise ValueError(
-                "replaced by groups.NAME.snapshot.keep: how long the old image is kept after"
-                " a commit is set per group, as for every backend"
-            )
+            raise ValueError("replaced by groups.NAME.snapshot.keep (set per group)")
         return value
 
     @model_validator(mode="after")
@@ -405,14 +402,11 @@ class DockerBackend:
         )
 
     def _kept_name(self, image_id: str, repository: str) -> str:
-        """The kept image as plan and history name versions: repository@sha256:... (its
-        tag has moved to the new image); the image id for an image without a digest."""
-        try:
-            image = self.engine.image(image_id)
-        except Exception:  # the name only: the commit is done
-            image = None
-        digests = repo_digests(image or {}, repository)
-        return f"{repository}@{digests[0]}" if digests else image_id
+        """repository@sha256:... (its tag has moved on), or the id of an image without one."""
+        with suppress(Exception):  # only a name: the commit is done
+            digests = repo_digests(self.engine.image(image_id) or {}, repository)
+            return f"{repository}@{digests[0]}" if digests else image_id
+        return image_id
 
     def release(self, retained: Mapping[str, Any]) -> None:
         image_id = retained.get("image_id")
