@@ -153,7 +153,7 @@ class LogObserver(BaseObserver):
             fields["error"] = outcome.error
         if outcome.result == "rollback_failed":
             self.log.error("target_rollback_failed", **fields)
-        elif outcome.result in ("rolled_back", "failed"):
+        elif outcome.result in ("rolled_back", "out_of_service", "failed"):
             self.log.warning("target_failed", **fields)
         else:
             self.log.info("target_done", **fields)

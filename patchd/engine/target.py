@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 from patchd import faults
 from patchd.backends.base import (
     Backend,
+    LeftOutOfService,
     NotNow,
     Retained,
     Snapshot,
@@ -57,6 +58,7 @@ TRANSITIONS: Mapping[TargetState, frozenset[TargetState]] = {
     S.ROLLING_BACK: frozenset({*_WORKING, S.COMMITTING}),
     S.ROLLED_BACK: frozenset({S.ROLLING_BACK}),
     S.ROLLBACK_FAILED: frozenset({S.ROLLING_BACK}),
+    S.OUT_OF_SERVICE: frozenset({S.ROLLING_BACK}),
 }
 
 __all__ = ["FAILED_RESULTS", "TRANSITIONS"]  # FAILED_RESULTS: kept importable from here
@@ -277,6 +279,10 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     try:
         _retrying(ctx, lambda: backend.rollback(target, snapshot))
         faults.hit("engine.after_rollback")
+    except LeftOutOfService as err:
+        failure = f"{failure}; {err}"
+        journal.move_anyway(S.OUT_OF_SERVICE, "rollback", "done", error=failure)
+        return done(R.OUT_OF_SERVICE, update=update, error=failure)
     except Exception as err:
         failure = f"{failure}; rollback: {err}"
         journal.move_anyway(S.ROLLBACK_FAILED, "rollback", "failed", error=failure)

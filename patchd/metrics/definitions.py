@@ -31,7 +31,7 @@ _DURATION_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 720
 # Label values the daemon creates at 0 for every configured group, so that increase() and
 # rate() in alert rules see a counter's first increment.
 RUN_STATUSES = ("completed", "halted", "window_closed", "stopped", "failed")
-RESULTS = ("success", "rolled_back", "rollback_failed", "failed", "skipped")
+RESULTS = ("success", "rolled_back", "rollback_failed", "out_of_service", "failed", "skipped")
 GATE_CHECKS = ("before_start", "after_patch")
 GATE_REASONS = ("alerts_firing", "unreachable", "bad_response", "query_error")
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from patchd import commands
-from patchd.backends.base import NotNow, StepFailed
+from patchd.backends.base import LeftOutOfService, NotNow, StepFailed
 from patchd.config.types import Limit
 from patchd.state import open_store
 from patchd.testing import FakeBackend
@@ -38,3 +38,19 @@ def test_not_now_is_still_a_step_failure_after_the_update_check() -> None:
 def test_a_silent_failed_command_says_exited_n_alone() -> None:
     finished = commands.run([sys.executable, "-c", "raise SystemExit(1)"], {}, 30)
     assert finished.problem == "exited 1"
+
+
+def test_a_target_left_out_of_service_is_reported_so_not_rolled_back(tmp_path: Path) -> None:
+    fake = FakeBackend("fake")
+    fake.add("h0")
+    fake.publish("app", "v2")
+    fake.failures[("h0", "apply")] = StepFailed("patch.command exited 5")
+    fake.failures[("h0", "rollback")] = LeftOutOfService("h0 is left in maintenance mode")
+    store = open_store(tmp_path / "s.db")
+    result = run(fake, store, group())
+    [outcome] = result.outcomes
+    assert outcome.result == "out_of_service"
+    assert outcome.error is not None and "left in maintenance mode" in outcome.error
+    assert result.failed == 1
+    [row] = store.targets(result.run_id)
+    assert row.state == "out_of_service"  # history and status say so too
