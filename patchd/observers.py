@@ -178,7 +178,11 @@ class LogObserver(BaseObserver):
             fields["error"] = outcome.error
         if outcome.result == TargetResult.ROLLBACK_FAILED:
             self.log.error("target_rollback_failed", **fields)
-        elif outcome.result in (TargetResult.ROLLED_BACK, TargetResult.FAILED):
+        elif outcome.result in (
+            TargetResult.ROLLED_BACK,
+            TargetResult.OUT_OF_SERVICE,
+            TargetResult.FAILED,
+        ):
             self.log.warning("target_failed", **fields)
         else:
             self.log.info("target_done", **fields)

@@ -40,7 +40,9 @@ __all__ = [
     "BackendError",
     "BackendPlugin",
     "KeptSnapshot",
+    "LeftOutOfService",
     "ListsSnapshots",
+    "NotNow",
     "PreparesRun",
     "Retained",
     "RollbackFailed",
@@ -62,6 +64,19 @@ class TransientError(BackendError):
 
 class StepFailed(BackendError):
     """The step failed or its outcome is unknown: the target must be rolled back."""
+
+
+class NotNow(StepFailed):
+    """The target may not start now for a reason outside it (its cluster is halted by
+    another host left in maintenance mode). From check_update nothing was changed: the
+    engine reports the target pending with this reason, not failed. From a later step it
+    is a StepFailed like any other."""
+
+
+class LeftOutOfService(BackendError):
+    """Raised by rollback when there is no earlier state to return to (an ESXi host) and
+    the failed target was safely taken out of service instead (maintenance mode): it is
+    reported `out_of_service`, not rolled back; a person fixes it and brings it back."""
 
 
 class RollbackFailed(BackendError):

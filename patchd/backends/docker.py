@@ -23,9 +23,9 @@ A target is a container, identified by its NAME (stable across a recreate). One 
 - verify: the container's own HEALTHCHECK, or else running without a restart for
   `stable_for`.
 - commit: once the replacement still runs, remove the renamed container and move the
-  local tag to the new image (what `docker pull` would have done; one atomic call); the
-  old image is kept for `rollback_retention` and removed by `release` when no container
-  uses it and it has no tag.
+  local tag to the new image (as `docker pull` would); the old image is kept for the
+  group's `snapshot.keep` (the one key for it) and removed by `release` when no
+  container uses it and it has no tag.
 - rollback: from any partial state, put the renamed container back under its name and
   start it. A container is never removed unless the old one is there to replace it.
   While the engine cannot be reached it is tried again, up to `rollback_timeout`
@@ -48,6 +48,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -97,8 +98,8 @@ class DockerConfig(BaseModel):
     tls_ca: FilePath | None = None
     tls_cert: FilePath | None = None
     tls_key: FilePath | None = None
-    # How long the image a container ran before a patch is kept after the commit.
-    rollback_retention: Duration = timedelta(days=7)
+    # Replaced by the group's snapshot.keep; only parsed to be refused with that hint.
+    rollback_retention: Duration | None = None
     # How long a rollback waits for the restored container to be healthy again, and
     # keeps trying an engine that cannot be reached.
     rollback_timeout: Duration = timedelta(minutes=5)
@@ -108,6 +109,13 @@ class DockerConfig(BaseModel):
     def _scheme(cls, value: str) -> str:
         if not value.startswith(_SCHEMES) or value in _SCHEMES:
             raise ValueError(f"expected a unix://, tcp:// or ssh:// URL, got {value!r}")
+        return value
+
+    @field_validator("rollback_retention")
+    @classmethod
+    def _retention(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None:
+            raise ValueError("replaced by groups.NAME.snapshot.keep (set per group)")
         return value
 
     @model_validator(mode="after")
@@ -458,9 +466,17 @@ class DockerBackend:
             return None
         return Retained(
             data={"backend": self.name, "image_id": image_id, "image": ref, "container": name},
-            keep=self.config.rollback_retention,
-            description=f"image {image_id[:19]} ({ref}) that {name} ran before the patch",
+            keep=options.keep,
+            description=f"image {self._kept_name(image_id, parsed.repository)} that {name}"
+            " ran before the patch",
         )
+
+    def _kept_name(self, image_id: str, repository: str) -> str:
+        """repository@sha256:... (its tag has moved on), or the id of an image without one."""
+        with suppress(Exception):  # only a name: the commit is done
+            digests = repo_digests(self.engine.image(image_id) or {}, repository)
+            return f"{repository}@{digests[0]}" if digests else image_id
+        return image_id
 
     def release(self, retained: Mapping[str, Any]) -> None:
         image_id = retained.get("image_id")

@@ -47,9 +47,42 @@ def not_found(err: BaseException) -> bool:
     return is_api_error(err) and status_code(err) == 404
 
 
-def message(err: BaseException) -> str:
+def message(err: BaseException, url: str | None = None) -> str:
+    """The error in plain words; an engine that cannot be reached is named with a hint
+    (the SDK's own text is a nest of reprs: `('Connection aborted.', FileNotFoundError(..`)."""
+    unreachable = _unreachable(err)
+    if unreachable is not None and url is not None:
+        text = next(t for kind, t in _UNREACHABLE.items() if isinstance(unreachable, kind))
+        return text.format(url=url)
     explanation = getattr(err, "explanation", None)
     return str(explanation or err) or type(err).__name__
+
+
+# The socket's errno -> what it means and what to check.
+_UNREACHABLE: dict[type[OSError], str] = {
+    FileNotFoundError: "cannot reach the Docker engine at {url}: no such socket"
+    " — is dockerd running, and is the backend's url right?",
+    PermissionError: "cannot reach the Docker engine at {url}: permission denied"
+    " — add the service user to the docker group (or give it the socket)",
+    ConnectionRefusedError: "cannot reach the Docker engine at {url}: connection refused"
+    " — is dockerd running and listening there, and is the backend's url right?",
+}
+
+
+def _unreachable(err: BaseException) -> Any:
+    """The socket error (no such socket, permission denied, refused) somewhere in what
+    the SDK raised: in the cause chain or in the arguments of requests' wrappers."""
+    seen: set[int] = set()
+    todo: list[object] = [err]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, FileNotFoundError | PermissionError | ConnectionRefusedError):
+            return item
+        todo.extend([item.__cause__, item.__context__, *item.args])
+    return None
 
 
 class Progress:
@@ -102,7 +135,10 @@ class Engine:
                 try:
                     self._client = self._connect()
                 except Exception as err:
-                    raise TransientError(f"docker {self.url}: {message(err)}") from err
+                    text = message(err, self.url)
+                    if _unreachable(err) is None:
+                        text = f"docker {self.url}: {text}"
+                    raise TransientError(text) from err
             return self._client.api
 
     def close(self) -> None:
@@ -122,8 +158,8 @@ class Engine:
             raise
         except Exception as err:
             if not progress.changed and transient(err):
-                raise TransientError(f"{what}: {message(err)}") from err
-            raise StepFailed(f"{what}: {message(err)}") from err
+                raise TransientError(f"{what}: {message(err, self.url)}") from err
+            raise StepFailed(f"{what}: {message(err, self.url)}") from err
 
     def container(self, name_or_id: str) -> dict[str, Any] | None:
         """Inspect a container by exact name or id; None when there is none."""

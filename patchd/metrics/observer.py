@@ -62,6 +62,9 @@ class MetricsObserver(BaseObserver):
         if result.status == RunStatus.HALTED:
             m.run_halted.labels(group.name).inc()
         m.targets_pending.labels(group.name).set(result.count(TargetResult.PENDING))
+        if result.status == RunStatus.COMPLETED:  # every target the group selects has its outcome
+            m.group_targets.labels(group.name).set(len(result.outcomes))
+            m.forget_targets(group.backend, group.name, {o.target.name for o in result.outcomes})
 
     def notification(self, channel: str, result: str) -> None:
         self.metrics.notifications.labels(channel, result).inc()

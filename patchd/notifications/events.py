@@ -100,7 +100,11 @@ def run_finished(
         if o.update is not None and o.result not in (TargetResult.CURRENT, TargetResult.PENDING)
     ]
     duration = finished - started
-    shown = [f"{counts[k]} {_WORDS[k]}" for k in (r.value for r in _COUNTED) if counts[k] or k == "success"]
+    shown = [
+        f"{counts[k]} {_WORDS[k]}"
+        for k in (r.value for r in _COUNTED)
+        if counts[k] or k == "success"
+    ]
     subject = f"patchd: {result.group} {result.status.value}: " + ", ".join(shown)
     lines = [
         f"Group {result.group}, window {window or '-'}: run {result.run_id}"

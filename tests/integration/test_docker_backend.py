@@ -18,6 +18,7 @@ from typing import Any
 import docker
 import pytest
 from docker.types import LogConfig, Mount, Ulimit
+from pydantic import ValidationError
 
 from patchd.backends.base import RollbackFailed, StepFailed, Target
 from patchd.backends.docker import DockerBackend, DockerSelect
@@ -478,7 +479,7 @@ def test_release_removes_the_old_image_only_when_nothing_uses_it(
     # An image of its own, known by the registry tag only (as a pulled image is).
     own = build_variants(f.client, lab.base_image, {f"{f.token}-v1": VARIANTS["app-v1"]})
     old_image = own[f"{f.token}-v1"]
-    f.publish(old_image, "app")
+    published = f.publish(old_image, "app")
     mirrored = f.publish(old_image, "mirror")
     f.client.api.pull(f.repo("mirror"), tag=mirrored)  # known by digest in two repositories
     f.run("c", "app")
@@ -491,10 +492,16 @@ def test_release_removes_the_old_image_only_when_nothing_uses_it(
     snap = backend.snapshot(t, backend.plan_snapshot(t, "ret1"), SnapshotModel())
     backend.apply(t, update, snap)
     backend.verify(t, update, f.health)
-    retained = backend.commit(t, snap, SnapshotModel())
+    # The group's snapshot.keep is how long the old image is kept (issue 15: it was
+    # ignored for rollback_retention, while the metric showed snapshot.keep).
+    retained = backend.commit(t, snap, SnapshotModel(keep=timedelta(minutes=10)))
 
     assert retained is not None
-    assert retained.keep == timedelta(days=7)
+    assert retained.keep == timedelta(minutes=10)
+    # Named as plan and history name versions: its tag has moved to the new image.
+    assert retained.description == (
+        f"image {f.repo('app')}@{published} that {t.name} ran before the patch"
+    )
     assert retained.data["image_id"] == old_image and retained.data["backend"] == "lab"
     assert f.leftovers() == []
     assert len(f.client.api.inspect_image(old_image)["RepoDigests"]) == 2
@@ -507,8 +514,9 @@ def test_release_removes_the_old_image_only_when_nothing_uses_it(
     backend.release(retained.data)  # idempotent
 
 
-def test_rollback_retention_is_configurable(f: Fleet) -> None:
-    assert f.backend(rollback_retention="36h").config.rollback_retention == timedelta(hours=36)
+def test_rollback_retention_is_refused_for_snapshot_keep(f: Fleet) -> None:
+    with pytest.raises(ValidationError, match=r"replaced by groups\.NAME\.snapshot\.keep"):
+        f.backend(rollback_retention="36h")
 
 
 # --- rollback from every partial state ------------------------------------------------

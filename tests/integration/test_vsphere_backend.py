@@ -31,7 +31,13 @@ import structlog
 from pyVim.task import WaitForTask
 
 import patchd.log
-from patchd.backends.base import BackendError, Snapshot, StepFailed, TransientError
+from patchd.backends.base import (
+    BackendError,
+    LeftOutOfService,
+    Snapshot,
+    StepFailed,
+    TransientError,
+)
 from patchd.backends.vsphere import LoginFailed, VSphereBackend, VSphereSelect
 from patchd.config import load_settings
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
@@ -491,9 +497,12 @@ def test_failed_host_stays_in_maintenance_mode_and_halts_its_cluster(
     grp = group(VSphereSelect(kind="host", names=["DC0_C*"]), patch, max_errors=Limit(count=10))
     result = run(backend, grp, store)
     outcomes = {o.target.name: o for o in result.outcomes}
-    assert outcomes[broken].result == "rolled_back"
+    # Left in maintenance mode, nothing rolled back: reported so (issue 15).
+    assert outcomes[broken].result == "out_of_service"
+    assert "left in maintenance mode" in (outcomes[broken].error or "")
     assert "exited 5" in (outcomes[broken].error or "")
-    assert outcomes["DC0_C0_H1"].result == "failed"  # nothing changed on it
+    # Never started: its cluster is halted, which is not its failure (issue 15).
+    assert outcomes["DC0_C0_H1"].result == "pending"
     assert "DC0_C0_H0 of its cluster is in maintenance mode" in (outcomes["DC0_C0_H1"].error or "")
     assert outcomes["DC0_C1_H0"].result == outcomes["DC0_C1_H1"].result == "success"
     state = sim.in_maintenance()
@@ -537,8 +546,10 @@ def test_host_rollback_takes_a_host_that_failed_its_check_out_of_service(
     backend.apply(first, update, taken, patch)
     backend.verify(first, update, HEALTH)
     assert not sim.in_maintenance()[first.name][1]
-    backend.rollback(first, taken)
-    backend.rollback(first, taken)  # idempotent
+    with pytest.raises(LeftOutOfService, match="left in maintenance mode"):
+        backend.rollback(first, taken)
+    with pytest.raises(LeftOutOfService):
+        backend.rollback(first, taken)  # idempotent
     assert sim.in_maintenance()[first.name][1]
     assert sim.attr(sim.hosts()[first.name], "patchd.patch_version") is None
     # ... and the other host of its cluster is not patched while it is out.

@@ -102,7 +102,7 @@ ENGINE_POINTS = sorted(
     if p.startswith("engine.") or p.startswith("journal.before.")
     if p
     not in {"journal.before.snapshotting", "journal.before.rolling_back", "engine.after_rollback"}
-    if not p.endswith(("rolled_back", "rollback_failed"))
+    if not p.endswith(("rolled_back", "rollback_failed", "out_of_service"))
 )
 
 
