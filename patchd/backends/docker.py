@@ -45,17 +45,16 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from pydantic import BaseModel, Field, FilePath, field_validator, model_validator
 
-from patchd import faults
+from patchd import faults, poll
 from patchd.backends.base import (
     Retained,
     RollbackFailed,
@@ -491,18 +490,24 @@ class DockerBackend:
         # Rollback is idempotent: while the engine cannot be reached (it restarts, say)
         # it is tried again, up to rollback_timeout, rather than leaving the target to a
         # person.
-        deadline = time.monotonic() + self.config.rollback_timeout.total_seconds()
-        attempt = 0
-        while True:
+        timeout = self.config.rollback_timeout.total_seconds()
+        last: list[Exception] = []  # the transient error of the last attempt
+
+        def attempt() -> bool | None:
             try:
-                restore(self.engine, snapshot, self.config.rollback_timeout.total_seconds())
-                return
+                restore(self.engine, snapshot, timeout)
+                return True
             except RollbackFailed:
                 raise
             except Exception as err:
-                delay = min(2.0**attempt, _ROLLBACK_MAX_DELAY)
-                if transient(err) and time.monotonic() + delay < deadline:
-                    self.engine.sleep(delay)
-                    attempt += 1
-                    continue
-                raise RollbackFailed(f"rollback of {name}: {message(err)}") from err
+                if not transient(err):
+                    raise RollbackFailed(f"rollback of {name}: {message(err)}") from err
+                last[:] = [err]
+                return None
+
+        def expired() -> NoReturn:
+            raise RollbackFailed(f"rollback of {name}: {message(last[-1])}") from last[-1]
+
+        clock = self.engine.clock
+        every = poll.backoff(1.0, _ROLLBACK_MAX_DELAY)
+        poll.until(attempt, clock.deadline(timeout), expired, every, clock)

@@ -8,12 +8,12 @@ The docker SDK has no type hints: its objects stay `Any` inside this module and
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from patchd import poll
 from patchd.backends.base import BackendError, StepFailed, TransientError
 
 _POLL = 0.1  # as often as the bench's floor polls (bench/downtime.py)
@@ -103,7 +103,7 @@ class Engine:
         self.url = url
         self.timeout = timeout
         self.tls = tls
-        self.sleep: Callable[[float], None] = time.sleep
+        self.clock = poll.SYSTEM  # the health and rollback waits' time and sleep
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -224,11 +224,12 @@ class Engine:
         at once rather than at the deadline. `restarts`: the restart count it must keep
         (0 for a container just created); by default the count first seen.
         """
-        deadline = time.monotonic() + timeout
         started_at: str | None = None
         running_since: float | None = None
-        while True:
-            now = time.monotonic()
+
+        def attempt() -> bool | None:
+            nonlocal restarts, started_at, running_since
+            now = self.clock.monotonic()
             attrs = self.container(name)
             if attrs is None:
                 raise failure(f"{name}: the container is gone")
@@ -245,15 +246,17 @@ class Engine:
             health = state.get("Health")
             if health and check.get("Test") not in (None, [], ["NONE"]):
                 if health.get("Status") == "healthy":
-                    return
+                    return True
                 if health.get("Status") == "unhealthy":
                     last = (health.get("Log") or [{}])[-1]
                     output = str(last.get("Output", "")).strip()[-200:]
                     raise failure(f"{name} is unhealthy: {output or 'its healthcheck fails'}")
-            else:
-                running_since = now if running_since is None else running_since
-                if now - running_since >= stable_for:
-                    return
-            if now >= deadline:
-                raise failure(f"{name} was not healthy within {timeout:g}s")
-            self.sleep(min(_POLL, max(0.0, deadline - now)))
+                return None
+            # No healthcheck of its own: running without a restart for stable_for.
+            running_since = now if running_since is None else running_since
+            return True if now - running_since >= stable_for else None
+
+        def expired() -> NoReturn:
+            raise failure(f"{name} was not healthy within {timeout:g}s")
+
+        poll.until(attempt, self.clock.deadline(timeout), expired, _POLL, self.clock)
