@@ -41,8 +41,8 @@ from psycopg.types.json import Json
 
 from patchd.state import pglease, pgschema, pgsession
 from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
-from patchd.state.pgoutbox import Conn, PostgresOutbox, Work
 from patchd.state.leader import Fence, NotLeader
+from patchd.state.pgoutbox import Conn, PostgresOutbox, Work
 from patchd.states import RESTING, RunStatus, TargetState
 
 E = TypeVar("E", bound=StrEnum)
