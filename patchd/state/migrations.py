@@ -87,8 +87,30 @@ _V1 = (
     )""",
 )
 
+_V2 = (
+    """CREATE TABLE IF NOT EXISTS controls (
+        kind TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        key TEXT NOT NULL DEFAULT '',
+        data TEXT NOT NULL DEFAULT '{}',
+        at REAL NOT NULL,
+        PRIMARY KEY (kind, grp, key)
+    )""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        uid INTEGER NOT NULL,
+        pid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        action TEXT NOT NULL,
+        grp TEXT,
+        detail TEXT NOT NULL DEFAULT '{}'
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, targets, journal, retained and meta (the first store)", _V1),
+    Migration(2, "operators' controls (pause, approval, quarantine) and their audit", _V2),
 )
 CURRENT = MIGRATIONS[-1].version
 
@@ -161,12 +183,17 @@ def migrate(db: sqlite3.Connection, path: Path) -> int:
     return was
 
 
+# The oldest version a read-only handle reads as it is: what later versions added (the
+# controls and audit tables of version 2) reads as empty (SqliteStore.version says which).
+OLDEST_READABLE = 1
+
+
 def check_current(db: sqlite3.Connection, path: Path) -> int:
     """For a read-only handle, which cannot migrate: the journal's version if this code
-    can read it as it is, else StoreError."""
+    can read it as it is (OLDEST_READABLE up to CURRENT), else StoreError."""
     version = found_version(db, path)
     _refuse_newer(version, path)
-    if version != CURRENT:
+    if version < OLDEST_READABLE:
         raise StoreError(
             f"state store {path} has schema version {version}; this patchd reads version"
             f" {CURRENT} and migrates when it opens the journal for writing (start the"

@@ -67,17 +67,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 LASTING_UPWARD: dict[tuple[str, str], str] = {}
 
 # (importer, imported) -> the branch whose merge removes that upward import.
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    # LogObserver moves out of log.py into the observers' room.
-    ("patchd.log", "patchd.backends.base"): "runtime",
-    ("patchd.log", "patchd.config.settings"): "runtime",
-    ("patchd.log", "patchd.engine.target"): "runtime",
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 # Module file (relative to patchd/) -> the branch that brings it under MAX_LINES.
-KNOWN_LONG: dict[str, str] = {
-    "daemon.py": "runtime",  # the daemon becomes lifecycle only; runtime.py takes the rest
-}
+KNOWN_LONG: dict[str, str] = {}
 
 # Files allowed a deadline loop of their own -> the branch that moves them onto poll.py.
 KNOWN_POLL_LOOPS: dict[str, str] = {
