@@ -101,6 +101,7 @@ def test_a_refused_peer_is_audited_and_nothing_is_dispatched(
 ) -> None:
     # The peer's credentials are real (this process); the server is told it runs as
     # another user, for a group this process is not in: the refusal path.
+    log.setup("json", "error", sys.__stderr__)  # not a stream an earlier test captured
     heard: list[tuple[str, bool, str]] = []
     dispatched: list[str] = []
     path = tmp_path / "c.sock"
