@@ -104,11 +104,13 @@ def started_targets(daemon: Daemon) -> list[str]:
     ]
 
 
-def fleet_of(f: Fleet, count: int, tier: str, image: str = "app-v1") -> list[str]:
-    f.publish(image, tier)
+def fleet_of(f: Fleet, count: int, tier: str, repo: str | None = None) -> list[str]:
+    """`count` containers of the tier, on app-v1 of `repo` (default: the tier's own)."""
+    repo = repo or tier
+    f.publish("app-v1", repo)
     names = []
     for i in range(count):
-        f.run(f"{tier}{i}", tier, labels={"tier": tier})
+        f.run(f"{tier}{i}", repo, labels={"tier": tier})
         names.append(f.name(f"{tier}{i}"))
     f.wait_healthy(*names)
     return names
@@ -271,9 +273,8 @@ def test_manual_approval_waits_then_releases_exactly_stagings_versions(
     f: Fleet, tmp_path: Path, public: Path
 ) -> None:
     web = fleet_of(f, 1, "web")
-    prod = fleet_of(f, 1, "prod")
+    prod = fleet_of(f, 1, "prod", repo="web")  # production runs the image staging runs
     v2 = f.publish("app-v2", "web")
-    f.publish("app-v2", "prod")
     config, _ = configure(f, tmp_path, public, prod=True)
     daemon = Daemon(config, tmp_path)
     try:
@@ -282,7 +283,7 @@ def test_manual_approval_waits_then_releases_exactly_stagings_versions(
         wait_for(lambda: "awaiting approval" in patchd(config, "status").stdout, 30, "waiting")
         assert "prod waits: awaiting approval" in patchd(config, "status").stdout
         assert "stage gate: SHUT: awaiting approval" in patchd(config, "plan", "prod").stdout
-        v3 = f.publish("app-v3", "prod")  # newer than staging verified: not for prod
+        v3 = f.publish("app-v3", "web")  # newer than staging verified: not for prod
         assert v3 != v2
         approved = patchd(config, "approve", "prod")
         assert approved.returncode == 0, approved.stderr
