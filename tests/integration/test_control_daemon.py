@@ -104,10 +104,12 @@ def started_targets(daemon: Daemon) -> list[str]:
     ]
 
 
-def fleet_of(f: Fleet, count: int, tier: str, repo: str | None = None) -> list[str]:
-    """`count` containers of the tier, on app-v1 of `repo` (default: the tier's own)."""
+def fleet_of(
+    f: Fleet, count: int, tier: str, repo: str | None = None, image: str = "app-v1"
+) -> list[str]:
+    """`count` containers of the tier, on `image` in `repo` (default: the tier's own)."""
     repo = repo or tier
-    f.publish("app-v1", repo)
+    f.publish(image, repo)
     names = []
     for i in range(count):
         f.run(f"{tier}{i}", repo, labels={"tier": tier})
@@ -124,8 +126,11 @@ def ready(daemon: Daemon, config: Path) -> None:
 def test_pause_holds_a_running_rollout_and_resume_continues_it(
     f: Fleet, tmp_path: Path, public: Path
 ) -> None:
-    names = fleet_of(f, 3, "web")
-    v2 = f.publish("app-v2", "web")
+    # No HEALTHCHECK in these images: each target must keep running `stable_for` (6 s),
+    # so the pause lands while the first one is in flight.
+    fleet_of(f, 3, "web", image="plain-v1")
+    names = [f.name(f"web{i}") for i in range(3)]
+    v2 = f.publish("plain-v2", "web")
     config, port = configure(f, tmp_path, public, stable="6s")
     daemon = Daemon(config, tmp_path)
     try:
