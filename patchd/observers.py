@@ -62,6 +62,11 @@ class BaseObserver:
         """An answer of the group's alert gate; `changed` when the pre-start gate shut,
         changed its reason or opened again (not at every re-check)."""
 
+    def operator(self, group: str, action: str, by: str, detail: str) -> None:
+        """An operator changed a control over the control socket: `action` is paused,
+        resumed, approved or quarantine_cleared; `by` the user; `detail` in plain words
+        (the pause's description, the approved versions, the versions cleared)."""
+
 
 class Observers(BaseObserver):
     """Fans every event out to several observers, in order."""
@@ -116,6 +121,10 @@ class Observers(BaseObserver):
     def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
         for observer in self._each():
             observer.alert_gate(group, check, answer, changed)
+
+    def operator(self, group: str, action: str, by: str, detail: str) -> None:
+        for observer in self._each():
+            observer.operator(group, action, by, detail)
 
 
 class LogObserver(BaseObserver):

@@ -33,6 +33,7 @@ from patchd.engine.controls import (
     quarantined,
 )
 from patchd.engine.stages import approvable, stage_gate
+from patchd.runtime import Runtime
 from patchd.state import Store, StoreError
 from patchd.windows import window_now
 
@@ -58,6 +59,9 @@ class Steered(Protocol):
     def start_run(self, group: str, *, now: bool = False, force: bool = False) -> bool: ...
 
     def controls_changed(self) -> None: ...
+
+    @property
+    def runtime(self) -> Runtime: ...
 
 
 def open_control(daemon: Steered, settings: Settings) -> ControlServer | None:
@@ -165,6 +169,7 @@ class Actions:
             daemon.store.put_control(PAUSE, group, "", pause.data(), now)
             done[group] = pause.describe()
             self.log.info("paused", group=group, until=until, reason=pause.reason, by=peer.user)
+            daemon.runtime.observer.operator(group, "paused", peer.user, pause.describe())
             if until is not None:  # when it ends inside an open window, start again
                 daemon.scheduler.add_job(
                     self._start_if_open, DateTrigger(run_date=until), args=[group],
@@ -180,6 +185,7 @@ class Actions:
             if daemon.store.drop_control(PAUSE, group):
                 resumed.append(group)
                 self.log.info("resumed", group=group, by=peer.user)
+                daemon.runtime.observer.operator(group, "resumed", peer.user, "resumed")
             if self._start_if_open(group):
                 started.append(group)
         daemon.controls_changed()
@@ -194,6 +200,7 @@ class Actions:
             raise ProtocolError(409, f"cannot approve {group}: {why}")
         approval = approve(daemon.store, group, pins, peer.user, now)
         self.log.info("approved", group=group, by=peer.user, pins=pins)
+        daemon.runtime.observer.operator(group, "approved", peer.user, approval.describe())
         started = self._start_if_open(group)
         return {"approval": approval.describe(), "pins": pins, "started": started}
 
@@ -224,5 +231,8 @@ class Actions:
             raise ProtocolError(404, f"{group} has no quarantined version {version!r}")
         self.log.info("quarantine_cleared", group=group, version=version, count=count,
                       by=peer.user)  # fmt: skip
+        self.daemon.runtime.observer.operator(
+            group, "quarantine_cleared", peer.user, f"{count} version(s): {version or 'all'}"
+        )
         self.daemon.controls_changed()
         return {"cleared": count}

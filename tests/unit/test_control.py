@@ -29,6 +29,7 @@ from patchd.control.protocol import VERBS, ProtocolError, parse_body, route
 from patchd.control.server import Peer, may_steer, serve_control
 from patchd.daemon import Daemon
 from patchd.engine.controls import pause_of, quarantined
+from patchd.observers import BaseObserver
 from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
 
@@ -230,6 +231,13 @@ def test_pause_holds_resume_goes_on_and_both_are_audited(
     fake.sleep = time.sleep
     d = started(tmp_path, fake, paused=True)
     stop_daemons.append(d)
+    heard: list[tuple[str, str, str]] = []
+
+    class Ears(BaseObserver):  # what a notification channel would hear
+        def operator(self, group: str, action: str, by: str, detail: str) -> None:
+            heard.append((group, action, by))
+
+    d.runtime.observer.observers.append(Ears())
     time.sleep(0.5)
     assert [c for c in fake.calls if c[0] == "apply"] == []  # paused before the window
     code, out = cli("resume", "web")
@@ -246,6 +254,11 @@ def test_pause_holds_resume_goes_on_and_both_are_audited(
     code, out = cli("resume", "web")
     assert code == 0
     wait_for(lambda: {fake.targets[f"w{i}"].version for i in range(3)} == {"v2"})
+    assert heard == [
+        ("web", "resumed", "root"),
+        ("web", "paused", "root"),
+        ("web", "resumed", "root"),
+    ]
     actions = [(a.user, a.action, a.group) for a in d.store.audit_trail()]
     assert ("root", "pause", None) in actions or ("root", "pause", "web") in actions
     assert sum(1 for a in actions if a[1] == "resume") == 2
