@@ -280,10 +280,11 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
             # the target again and finishes the commit, which is idempotent.
             return done(R.SUCCESS, update=update, retained=retained, error=f"journal: {err}")
         failure = f"{journal.state}: {err}"
-    # Failing its verification (health checks, the alert gate after the patch) is the
-    # version's fault; a failed snapshot, apply or commit may be the target's or the
-    # infrastructure's, and quarantines nothing.
-    bad_version = journal.state == S.VERIFYING
+        # Failing its verification (health checks, the alert gate after the patch) is the
+        # version's fault; a failed snapshot, apply or commit, or a backend that stayed
+        # unreachable while verifying (transient errors to the last retry), may be the
+        # target's or the infrastructure's, and quarantines nothing.
+        bad_version = journal.state == S.VERIFYING and not isinstance(err.__cause__, TransientError)
     journal.move_anyway(S.ROLLING_BACK, "rollback", "intent", error=failure)
     try:
         _retrying(ctx, lambda: backend.rollback(target, snapshot))

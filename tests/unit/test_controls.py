@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.backends.base import StepFailed
+from patchd.backends.base import StepFailed, TransientError
 from patchd.config import Settings
 from patchd.config.types import Limit
 from patchd.engine import GateResult, stage_gate
@@ -74,6 +74,15 @@ def test_a_failed_snapshot_does_not_quarantine_the_version(store: Store) -> None
     backend.failures[("c00", "snapshot")] = StepFailed("datastore full")
     result = run(backend, store)
     assert result.outcomes[0].result == TargetResult.ROLLED_BACK
+    assert quarantined(store, ["web"]) == {}
+
+
+def test_a_backend_unreachable_while_verifying_does_not_quarantine(store: Store) -> None:
+    backend = fleet(1)
+    backend.failures[("c00", "verify")] = TransientError("engine restarting")
+    result = run(backend, store, sleep=lambda seconds: None)
+    assert result.outcomes[0].result == TargetResult.ROLLED_BACK
+    assert "gave up after" in (result.outcomes[0].error or "")
     assert quarantined(store, ["web"]) == {}
 
 
