@@ -351,6 +351,11 @@ def test_a_broken_image_is_quarantined_until_a_newer_good_one(
         v3 = f.publish("app-v3", "web")
         assert patchd(config, "trigger", "web").returncode == 0
         wait_for(lambda: on_version(f, names, v3), 90, "the newer good version everywhere")
+        wait_for(  # the commit removes the old containers: let it end before the cleanup
+            lambda: len([e for e in again.events() if e.get("event") == "run_finished"]) >= 2,
+            60,
+            "the trigger's run to end",
+        )
         store = SqliteStore(tmp_path / "state" / "patchd.db")
         assert len(quarantined(store, ["web"])) == 1  # kept until cleared
         cleared = patchd(config, "quarantine", "clear", "web")
