@@ -15,7 +15,11 @@ from pathlib import Path
 from patchd import __version__, faults, log, reports
 from patchd.config import DEFAULT_CONFIG, DEFAULT_DROPIN_DIR, ConfigError, Settings, load_settings
 from patchd.config.settings import Group
+from patchd.control.client import ControlError, NoDaemon, daemon_running, request
+from patchd.control.commands import add_commands as add_control_commands
+from patchd.control.live import render_live
 from patchd.engine import GateResult
+from patchd.engine.controls import pauses
 from patchd.engine.target import TargetOutcome
 from patchd.observers import BaseObserver
 from patchd.reconcile import Reconciled
@@ -188,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="print JSON")
     history.set_defaults(func=cmd_history)
 
+    add_control_commands(commands, [config])
+
     version = commands.add_parser(
         "version", help="print the version", description="Print patchd's version."
     )
@@ -215,11 +221,30 @@ def cmd_windows(args: argparse.Namespace) -> int:
         at = at.replace(tzinfo=settings.daemon.timezone)
     at = at.astimezone(UTC)
     listing = reports.window_listing(settings, at, args.next)
+    paused = _paused(settings, at)
     if args.json:
-        print(json.dumps(reports.windows_json(settings, listing, at), indent=2))
+        doc = reports.windows_json(settings, listing, at) | {"paused": paused}
+        print(json.dumps(doc, indent=2))
     else:
         print(reports.render_windows(settings, listing, at))
+        for group, text in paused.items():
+            print(f"\ngroup {group} (window {settings.groups[group].window}): {text}")
     return 0
+
+
+def _paused(settings: Settings, at: datetime) -> dict[str, str]:
+    """group -> its pause at `at`, from the journal (none when it cannot be read)."""
+    try:
+        store = open_store(settings, readonly=True)
+    except StoreError:
+        return {}
+    try:
+        held = pauses(store, at)
+    except StoreError:
+        return {}
+    finally:
+        store.close()
+    return {g: p.describe() for g, p in held.items() if g in settings.groups}
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -289,6 +314,12 @@ def _print_progress(outcome: TargetOutcome, done: int, total: int) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
     [group] = _group_names(settings, args.group)
+    if daemon_running(settings.daemon.control_socket):
+        raise CommandError(
+            f"a patchd daemon is running: it runs {group} itself (two processes would race);"
+            f" ask it to run now with `patchd trigger {group}` (--force to ignore freezes)",
+            EXIT_REFUSED,
+        )
     log.setup(settings.daemon.log_format, "warning")
     runtime = _runtime(settings, [_RunPrinter()])
     try:
@@ -359,6 +390,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _load(args)
+    try:  # the daemon's live state when one runs, else the journal alone
+        reply = request(settings.daemon.control_socket, "status")
+    except (NoDaemon, ControlError):
+        reply = None
+    if reply is not None:
+        if args.json:
+            print(json.dumps({"live": reply["live"], **reply["journal"]}, indent=2))
+        else:
+            print(render_live(reply["live"]) + "\n" + reports.render_status(reply["journal"]))
+        return 0
     doc = reports.status(settings, _open_store(settings), _utcnow())
     print(json.dumps(doc, indent=2) if args.json else reports.render_status(doc))
     return 0

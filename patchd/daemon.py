@@ -30,6 +30,9 @@ from patchd import __version__, log
 from patchd.backends.base import Backend
 from patchd.config import BackendSpec, ConfigError, Settings, load_settings
 from patchd.config.settings import Group
+from patchd.control.actions import open_control
+from patchd.control.live import LiveState
+from patchd.control.server import ControlServer
 from patchd.engine import GateResult
 from patchd.engine.target import TargetOutcome
 from patchd.metrics import DaemonGauges, Metrics, MetricsObserver, serve_metrics
@@ -66,6 +69,7 @@ class Daemon:
         self._stop_requested = False
         self._lock = threading.RLock()
         self._runs: dict[str, Future[None]] = {}
+        self.control: ControlServer | None = None
         self._progress: dict[str, tuple[int, int]] = {}
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.pool = ThreadPoolExecutor(max_workers=RUN_WORKERS, thread_name_prefix="run")
@@ -77,10 +81,11 @@ class Daemon:
         settings = load_settings(self.config, self.config_dir)
         log.setup(settings.daemon.log_format, settings.daemon.log_level)
         self._log_config_warnings(settings)
+        self.live = LiveState(self.clock)
         self.runtime = Runtime(
             settings,
             self.clock,
-            [RunLog(), MetricsObserver(self.metrics, self.clock), _StatusObserver(self)],
+            [RunLog(), MetricsObserver(self.metrics, self.clock), _StatusObserver(self), self.live],
             self.connector,
         )
         # Reconciling and patching both need the journal: without it, do not start at all.
@@ -100,6 +105,7 @@ class Daemon:
             settings.daemon.metrics_host, settings.daemon.metrics_port, self.metrics.registry
         )
         self.scheduler.start()
+        self.control = open_control(self, settings)
         self._arm()
         self.log.info(
             "started",
@@ -180,6 +186,8 @@ class Daemon:
             except Exception as err:  # a run that outlives the grace is journaled mid-way
                 self.log.error("run_not_finished_at_shutdown", error=repr(err))
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.control is not None:
+            self.control.shutdown()
         self.runtime.close()
         self.metrics_server.shutdown()
         self.log.info("stopped")
@@ -286,23 +294,31 @@ class Daemon:
             if group.after is None or group.after not in names:
                 self.start_run(group.name)
 
-    def start_run(self, group: str) -> bool:
-        """Start a run of `group` in the pool unless one is going on already."""
+    def start_run(self, group: str, *, now: bool = False, force: bool = False) -> bool:
+        """Start a run of `group` in the pool unless one is going on already (`now` and
+        `force` as `patchd run`'s: `patchd trigger`)."""
         if self.stop.is_set() or self._stop_requested:
             return False
         with self._lock:
             if group in self._runs:
                 return False
-            self._runs[group] = self.pool.submit(self._run, group)
+            self._runs[group] = self.pool.submit(self._run, group, now, force)
         return True
 
-    def _run(self, group_name: str) -> None:
+    def controls_changed(self) -> None:
+        """An operator paused, resumed or cleared something: gauges and status follow."""
+        self.gauges.refresh_journal(self.settings, self.store)
+        self.notifier.status(self.status_line())
+
+    def _run(self, group_name: str, now: bool = False, force: bool = False) -> None:
         def progress(outcome: TargetOutcome, done: int, total: int) -> None:
             self._progress[group_name] = (done, total)
             self.notifier.status(self.status_line())
 
         try:
-            result = self.runtime.run(group_name, stop=self.stop, on_progress=progress)
+            result = self.runtime.run(
+                group_name, now=now, force=force, stop=self.stop, on_progress=progress
+            )
         except Exception:  # logged and counted by the runtime's observers
             return
         finally:

@@ -75,6 +75,11 @@ class BaseObserver:
     def notification(self, channel: str, result: str) -> None:
         """A notification to `channel` was sent, will be retried, or was dropped."""
 
+    def operator(self, group: str, action: str, by: str, detail: str) -> None:
+        """An operator changed a control over the control socket: `action` is paused,
+        resumed, approved or quarantine_cleared; `by` the user; `detail` in plain words
+        (the pause's description, the approved versions, the versions cleared)."""
+
 
 class Observers(BaseObserver):
     """Fans every event out to several observers, in order."""
@@ -139,6 +144,10 @@ class Observers(BaseObserver):
     def notification(self, channel: str, result: str) -> None:
         for observer in self._each():
             observer.notification(channel, result)
+
+    def operator(self, group: str, action: str, by: str, detail: str) -> None:
+        for observer in self._each():
+            observer.operator(group, action, by, detail)
 
 
 class LogObserver(BaseObserver):

@@ -10,9 +10,10 @@ from datetime import datetime
 from typing import Any
 
 from patchd.backends.base import Backend, NotNow
-from patchd.config.settings import Settings
+from patchd.config.settings import Group, Settings
 from patchd.durations import format_duration
 from patchd.engine import dependency_order, stage_gate
+from patchd.engine.controls import pause_of, quarantined
 from patchd.engine.rollout import partition_limits
 from patchd.state import Store
 from patchd.windows import (
@@ -43,6 +44,7 @@ def plan(
     backend = backends[group.backend]
     gate = stage_gate(group, store, now)
     answer = window_now(window, now, settings.freezes)
+    held = quarantined(store, [group.name, group.after])
     doc: dict[str, Any] = {
         "group": group.name,
         "backend": group.backend,
@@ -52,6 +54,7 @@ def plan(
         "stage_gate": {"open": gate.open, "reason": gate.reason, "pins": gate.pins},
         "max_concurrency": str(group.max_concurrency),
         "max_errors": str(group.max_errors),
+        **_controls(store, group, now),
         "targets": [],
     }
     try:
@@ -76,6 +79,8 @@ def plan(
             continue
         if update is None:
             entry["action"] = "none (current)"
+        elif (update.ref, update.available) in held:
+            entry.update(action="skip", reason=held[(update.ref, update.available)].describe())
         elif group.after is not None and gate.pins.get(update.ref) != update.available:
             entry.update(action="skip", reason=f"{update.ref} not verified by {group.after!r}")
         else:
@@ -94,6 +99,22 @@ def plan(
     return doc
 
 
+def _controls(store: Store, group: Group, now: datetime) -> dict[str, Any]:
+    """The operators' controls on a group: its pause, its quarantined versions."""
+    paused = pause_of(store, group.name, now)
+    return {
+        "paused": None if paused is None else paused.describe(),
+        "quarantined": [q.as_dict() | {"describe": q.describe()}
+                        for q in quarantined(store, [group.name]).values()],
+    }  # fmt: skip
+
+
+def _render_controls(doc: Mapping[str, Any]) -> list[str]:
+    lines = [f"  PAUSED: {doc['paused']}"] if doc.get("paused") else []
+    lines.extend(f"  quarantined: {q['describe']}" for q in doc.get("quarantined", []))
+    return lines
+
+
 def render_plan(doc: Mapping[str, Any]) -> str:
     gate = doc["stage_gate"]
     lines = [
@@ -102,6 +123,7 @@ def render_plan(doc: Mapping[str, Any]) -> str:
         f"  window: {'allows a start now' if doc['window_allows_start_now'] else 'shut now'}; "
         f"next opening {doc['next_opening'] or 'never'}",
         f"  stage gate: {'open' if gate['open'] else 'SHUT'}: {gate['reason']}",
+        *_render_controls(doc),
     ]
     if "error" in doc:
         lines.append(f"  ERROR {doc['error']}")
@@ -136,6 +158,7 @@ def status(settings: Settings, store: Store, now: datetime) -> dict[str, Any]:
                 "next_opening": _iso(answer.next_start),
                 "after": group.after,
                 "stage_gate": {"open": gate.open, "reason": gate.reason},
+                **_controls(store, group, now),
                 "last_run": None
                 if last is None
                 else {
@@ -194,6 +217,7 @@ def render_status(doc: Mapping[str, Any]) -> str:
         if g["after"]:
             state = "open" if g["stage_gate"]["open"] else "shut"
             lines.append(f"  after {g['after']}: gate {state}: {g['stage_gate']['reason']}")
+        lines.extend(_render_controls(g))
         if g["pending"]:
             lines.append(f"  pending: {', '.join(g['pending'])}")
     if doc["unfinished"]:

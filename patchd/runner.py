@@ -3,7 +3,9 @@
 The runtime calls it for both front doors (`patchd run` and the daemon), so both apply
 the same rules: the window (unless `--now`), freezes (unless `--force`), the stage gate
 (always), the alert gate (`health.prometheus`, always), and one run of a group at a time
-across processes (a lock file in the state directory). A shut gate is a `Refusal`: its
+across processes (a lock file in the state directory), and an operator's pause (before
+the run, and before each new target: targets in flight finish) and quarantined versions
+(patchd.engine.controls). A shut gate is a `Refusal`: its
 reason and, when time alone opens it, the instant to retry at.
 """
 
@@ -23,9 +25,13 @@ from patchd import health
 from patchd.backends.base import Backend, Target
 from patchd.config.settings import Group, Settings
 from patchd.engine import GateResult, RunRequest, RunResult, run_group, stage_gate
+from patchd.engine.controls import pause_of
 from patchd.engine.target import Observer, Probe, TargetOutcome
 from patchd.state import Store, StoreError
 from patchd.windows import in_freeze, may_start
+
+# How often a run held by a pause (and no alert gate) looks whether it was resumed.
+PAUSE_RECHECK = 1.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,24 @@ class Runner:
 
         return before_start, probe
 
+    def pause_gate(
+        self, group: Group, alert_gate: Callable[[], GateResult] | None
+    ) -> Callable[[], GateResult]:
+        """The gate asked before targets start: shut while the group is paused (targets
+        in flight finish; the run waits for `resume` or the pause's end), else the alert
+        gate's answer."""
+
+        def gate() -> GateResult:
+            try:
+                paused = pause_of(self.store, group.name, self.clock())
+            except StoreError as err:  # cannot tell: hold, as a shut gate would
+                return GateResult(False, "paused", f"the journal cannot be read: {err}")
+            if paused is not None:
+                return GateResult(False, "paused", paused.describe())
+            return alert_gate() if alert_gate is not None else GateResult(True)
+
+        return gate
+
     def gate(self, group: Group, now: bool, force: bool) -> Callable[[datetime], bool]:
         settings = self.settings
         window = settings.windows[group.window]
@@ -161,6 +185,10 @@ class Runner:
             raise RunRefused(
                 f"window {group.window!r} does not allow a start now (closed or past its cutoff)"
             )
+        paused = pause_of(self.store, group.name, at)
+        if paused is not None:  # even --force: an operator said so; `patchd resume` ends it
+            retry_at = paused.until if paused.until is not None and may(paused.until) else None
+            raise RunRefused(Refusal(f"group {group.name!r} is {paused.describe()}", retry_at))
         stage = stage_gate(group, self.store, at)
         if not stage.open:
             retry_at = stage.opens_at
@@ -170,6 +198,7 @@ class Runner:
         backend = self.backends[group.backend]
         alert_gate, probe = self.alert_gate(group)
         check = group.health.prometheus
+        recheck = check.interval.total_seconds() if check else PAUSE_RECHECK
         with group_lock(self.settings, group.name):
             result = run_group(
                 RunRequest(
@@ -185,8 +214,8 @@ class Runner:
                     probe=probe,
                     stop=stop or threading.Event(),
                     on_progress=self.on_progress,
-                    gate=alert_gate,
-                    gate_recheck=check.interval.total_seconds() if check else 15.0,
+                    gate=self.pause_gate(group, alert_gate),
+                    gate_recheck=recheck,
                 )
             )
         return result

@@ -28,6 +28,9 @@ class DaemonModel(BaseModel):
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     timezone: Zone = ZoneInfo("UTC")
+    # The operators' Unix socket (patchd pause/resume/approve/trigger/status/quarantine).
+    control_socket: Path = Path("/run/patchd/control.sock")
+    control_group: str = "patchd"
 
     @field_validator("metrics_address")
     @classmethod
@@ -221,6 +224,8 @@ class GroupModel(BaseModel):
     snapshot: SnapshotModel = SnapshotModel()
     health: HealthModel = HealthModel()
     patch: PatchModel = PatchModel()
+    # "manual": the stage gate also waits for `patchd approve GROUP` (only with after).
+    approval: Literal["auto", "manual"] = "auto"
 
 
 SECTIONS = ("daemon", "windows", "freezes", "backends", "groups", "state", "ha", "notifications")

@@ -70,6 +70,8 @@ class DaemonSettings:
     log_format: str
     log_level: str
     timezone: ZoneInfo
+    control_socket: Path = Path("/run/patchd/control.sock")
+    control_group: str = "patchd"
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Group:
     snapshot: SnapshotModel
     health: HealthModel
     patch: PatchModel = field(default_factory=PatchModel)
+    approval: str = "auto"  # "manual": the stage gate waits for `patchd approve`
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,8 @@ def _daemon(model: DaemonModel) -> DaemonSettings:
         log_format=model.log_format,
         log_level=model.log_level,
         timezone=model.timezone,
+        control_socket=model.control_socket,
+        control_group=model.control_group,
     )
 
 
@@ -406,8 +411,11 @@ def _group(
             b.add((*path, "after"), "a group cannot come after itself")
         elif model.after not in group_names:
             b.add((*path, "after"), _unknown("group", model.after, group_names))
-    elif model.soak:
-        b.add((*path, "soak"), "only used with after")
+    else:
+        if model.soak:
+            b.add((*path, "soak"), "only used with after")
+        if model.approval == "manual":
+            b.add((*path, "approval"), "only used with after (a first stage needs no approval)")
     select: BaseModel | None = None
     spec = backends.get(model.backend)
     if spec is not None:
@@ -427,6 +435,7 @@ def _group(
         snapshot=model.snapshot,
         health=model.health,
         patch=model.patch,
+        approval=model.approval,
     )
 
 

@@ -12,6 +12,11 @@ every `gate_recheck` seconds until it opens (the run goes on), the window stops 
 starts, the error budget is spent or `stop` is set. Targets still not started then are
 pending, and their reason names the gate's last answer.
 
+A version that fails once installed on a target (patch_target says so) is quarantined
+for the group here, as it fails: no later target of the run, nor a later run of the
+group or of a later stage, installs it (patchd.engine.controls; targets offered it are
+skipped with the quarantine's reason).
+
 The journal comes first: a run whose row cannot be written starts nothing (status
 `failed`), and once a target's journal write fails no new target starts (status `failed`,
 the rest pending) while those in flight finish or roll back. A run whose final row
@@ -24,11 +29,13 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from patchd.backends.base import Backend, PreparesRun, Target
 from patchd.config.settings import Group
+from patchd.engine.controls import Quarantine, quarantine, quarantined
 from patchd.engine.target import (
     Observer,
     Probe,
@@ -147,6 +154,10 @@ def run_group(request: RunRequest) -> RunResult:
         targets = dependency_order(req.backend.discover(group.select))
     except Exception as err:
         return _finish(req, RunStatus.FAILED, [], error=f"discovering targets: {err}")
+    try:  # versions not to install: the group's and its earlier stage's quarantine
+        not_again = quarantined(req.store, [group.name, group.after])
+    except StoreError as err:
+        return _finish(req, RunStatus.FAILED, [], error=f"reading quarantined versions: {err}")
     if isinstance(req.backend, PreparesRun) and targets:
         # Batch work for the whole run (the Docker backend asks the registry about every
         # image at once and starts the pulls). Only an optimisation: each target still
@@ -164,6 +175,7 @@ def run_group(request: RunRequest) -> RunResult:
         pins=req.pins,
         require_pin=group.after is not None,
         probe=req.probe,
+        quarantined=not_again,
         stop=req.stop,
     )
     if req.sleep is not None:
@@ -261,6 +273,9 @@ def run_group(request: RunRequest) -> RunResult:
                     failures += 1
                 if outcome.journal_failed and journal_error is None:
                     journal_error = f"the journal cannot be written (see {target.name})"
+                if outcome.quarantine and outcome.update is not None:
+                    bad = _quarantine(req, outcome)
+                    ctx.quarantined[(bad.ref, bad.version)] = bad
                 record(outcome)
     reason = {
         RunStatus.HALTED: f"error budget spent: {failures} failed (max_errors {max_errors})",
@@ -274,6 +289,26 @@ def run_group(request: RunRequest) -> RunResult:
     for target in pending:
         record(TargetOutcome(target, TargetResult.PENDING, error=reason))
     return _finish(req, status, [results[t.name] for t in targets], error=journal_error)
+
+
+def _quarantine(req: RunRequest, outcome: TargetOutcome) -> Quarantine:
+    """Quarantine the version that failed on this target for the whole group, from now
+    on: no later target of this run, nor any later run, installs it."""
+    assert outcome.update is not None
+    reason = (outcome.error or "failed").split("; rollback:")[0]
+    held = Quarantine(
+        req.group.name,
+        outcome.update.ref,
+        outcome.update.available,
+        req.clock(),
+        outcome.target.name,
+        reason,
+    )
+    # A journal that cannot be written: held for the rest of this run all the same (the
+    # target's rows, if any, tell the rest; the run stops starting targets anyway).
+    with suppress(StoreError):
+        quarantine(req.store, held)
+    return held
 
 
 def _finish(

@@ -37,6 +37,7 @@ from patchd.backends.base import (
     Update,
 )
 from patchd.config.settings import Group
+from patchd.engine.controls import Quarantine
 from patchd.state.base import Keep, Store, StoreError
 from patchd.states import FAILED_RESULTS, TargetResult, TargetState
 
@@ -76,6 +77,9 @@ class TargetOutcome:
     retained: Retained | None = None
     # A journal write for this target failed: the run starts no new target.
     journal_failed: bool = False
+    # The version failed its verification on this target: the group quarantines it
+    # (patchd.engine.controls).
+    quarantine: bool = False
 
 
 class Observer(Protocol):
@@ -125,6 +129,9 @@ class TargetContext:
     pins: Mapping[str, str]
     require_pin: bool = False
     probe: Probe = no_probe
+    # (ref, version) -> why it is not installed (the group's and earlier stages');
+    # the rollout adds to it when a version fails during the run.
+    quarantined: dict[tuple[str, str], Quarantine] = field(default_factory=dict)
     sleep: Callable[[float], None] = time.sleep
     retries: int = 3
     backoff: float = 1.0
@@ -208,6 +215,9 @@ def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str 
     update = _retrying(ctx, lambda: ctx.backend.check_update(target, ctx.pins, ctx.group.patch))
     if update is None:
         return None, None
+    held = ctx.quarantined.get((update.ref, update.available))
+    if held is not None:
+        return None, held.describe()
     if ctx.require_pin and ctx.pins.get(update.ref) != update.available:
         return None, f"{update.ref} has no version verified by stage {ctx.group.after!r}"
     return update, None
@@ -278,6 +288,11 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
             # the target again and finishes the commit, which is idempotent.
             return done(R.SUCCESS, update=update, retained=retained, error=f"journal: {err}")
         failure = f"{journal.state}: {err}"
+        # Failing its verification (health checks, the alert gate after the patch) is the
+        # version's fault; a failed snapshot, apply or commit, or a backend that stayed
+        # unreachable while verifying (transient errors to the last retry), may be the
+        # target's or the infrastructure's, and quarantines nothing.
+        bad_version = journal.state == S.VERIFYING and not isinstance(err.__cause__, TransientError)
     journal.move_anyway(S.ROLLING_BACK, "rollback", "intent", error=failure)
     try:
         _retrying(ctx, lambda: backend.rollback(target, snapshot))
@@ -289,6 +304,6 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     except Exception as err:
         failure = f"{failure}; rollback: {err}"
         journal.move_anyway(S.ROLLBACK_FAILED, "rollback", "failed", error=failure)
-        return done(R.ROLLBACK_FAILED, update=update, error=failure)
+        return done(R.ROLLBACK_FAILED, update=update, error=failure, quarantine=bad_version)
     journal.move_anyway(S.ROLLED_BACK, "rollback", "done")
-    return done(R.ROLLED_BACK, update=update, error=failure)
+    return done(R.ROLLED_BACK, update=update, error=failure, quarantine=bad_version)

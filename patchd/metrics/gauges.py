@@ -27,6 +27,7 @@ class DaemonGauges:
         clock: Callable[[], datetime],
     ) -> None:
         self.metrics = metrics
+        self.clock = clock
         self.log = log.get("patchd.daemon")
         self.oldest_snapshot: dict[str, datetime | None] = {}
         self.journal = JournalView()
@@ -53,7 +54,7 @@ class DaemonGauges:
         """Re-read the store's gauges: what is kept after commits, pending windows, failed
         rollbacks, and each group's pending targets (so they survive a restart)."""
         try:
-            self.journal = journal_view(settings, store)
+            self.journal = journal_view(settings, store, self.clock())
             for name in settings.groups:
                 last = store.last_run(name)
                 if last is not None and last.status != RunStatus.RUNNING:

@@ -1,4 +1,5 @@
-"""What the state store says, as gauges: kept items, pending windows, failed rollbacks.
+"""What the state store says, as gauges: kept items, pending windows, failed rollbacks,
+paused groups and quarantined versions.
 
 Read from the store when the daemon re-arms (at start, on reload, after every run and
 release), never at scrape time.
@@ -14,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from patchd.config.settings import Group, Settings
+from patchd.engine.controls import pauses, quarantined
 from patchd.state import Store
 from patchd.states import RunStatus
 from patchd.windows import current_opening
@@ -27,6 +29,8 @@ class JournalView:
     retained_items: dict[str, int] = field(default_factory=dict)  # by backend
     pending_windows: dict[str, int] = field(default_factory=dict)  # by group
     last_rollback_failed: dict[str, datetime] = field(default_factory=dict)  # by group
+    paused: dict[str, int] = field(default_factory=dict)  # by group: 1 paused, 0 not
+    quarantined: dict[str, int] = field(default_factory=dict)  # by group: versions
 
 
 # Runs that left targets without their update (besides failed or pending targets).
@@ -54,8 +58,9 @@ def pending_windows(settings: Settings, store: Store, group: Group, limit: int =
     return len(openings)
 
 
-def journal_view(settings: Settings, store: Store) -> JournalView:
-    """Read JournalView's numbers from the store (the daemon does so when it re-arms)."""
+def journal_view(settings: Settings, store: Store, now: datetime | None = None) -> JournalView:
+    """Read JournalView's numbers from the store (the daemon does so when it re-arms, and
+    when an operator's control changes); pauses in force at `now` (none without it)."""
     oldest: dict[str, datetime] = {}
     items: dict[str, int] = {}
     for row in store.retained():
@@ -63,6 +68,7 @@ def journal_view(settings: Settings, store: Store) -> JournalView:
         if row.backend not in oldest or row.expires < oldest[row.backend]:
             oldest[row.backend] = row.expires
     failures = store.rollback_failures()
+    held = pauses(store, now) if now is not None else {}
     return JournalView(
         retained_oldest_expiry=oldest,
         retained_items=items,
@@ -70,6 +76,8 @@ def journal_view(settings: Settings, store: Store) -> JournalView:
             name: pending_windows(settings, store, group) for name, group in settings.groups.items()
         },
         last_rollback_failed={g: at for g, at in failures.items() if g in settings.groups},
+        paused={g: int(g in held) for g in settings.groups},
+        quarantined={g: len(quarantined(store, [g])) for g in settings.groups},
     )
 
 
@@ -107,6 +115,18 @@ class JournalCollector(Collector):
                 "When a target of the group last ended rollback_failed (absent when never)",
                 "group",
                 {g: at.timestamp() for g, at in view.last_rollback_failed.items()},
+            ),
+            (
+                "patchd_group_paused",
+                "1 while an operator's pause holds the group's new starts (patchd pause)",
+                "group",
+                view.paused,
+            ),
+            (
+                "patchd_quarantined_versions",
+                "Versions that failed on a target of the group and are not installed again",
+                "group",
+                view.quarantined,
             ),
         ]
         for name, documentation, label, values in families:

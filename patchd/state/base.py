@@ -2,7 +2,9 @@
 the rows it hands back, and the one error it raises.
 
 The store holds runs, the per-target journal (an append-only list of steps) with each
-target's current state, and what commits kept (snapshots, old images) until it expires.
+target's current state, what commits kept (snapshots, old images) until it expires, the
+operators' controls (pauses, approvals, quarantined versions: plain keyed JSON values
+whose meaning patchd.engine.controls owns) and the audit trail of control requests.
 The engine writes a target's intent BEFORE each side effect and its outcome after, so a
 restart finds targets a dead patchd left mid-patch by their last journal row.
 
@@ -101,6 +103,31 @@ class OutboxRow:
     attempts: int  # delivery attempts made so far
     due: datetime  # when to try (again)
     error: str | None  # why the last attempt failed
+
+
+@dataclass(frozen=True)
+class ControlRow:
+    """One control in force: `kind` (pause, approval, quarantine) for a group, under
+    `key` ("" when the kind has one value per group), with its JSON-able data."""
+
+    kind: str
+    group: str
+    key: str
+    data: Mapping[str, Any]
+    at: datetime
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One control request as received: who (uid, pid, user name), what, when."""
+
+    at: datetime
+    uid: int
+    pid: int
+    user: str
+    action: str
+    group: str | None
+    detail: Mapping[str, Any]
 
 
 class Store(Protocol):
@@ -205,3 +232,32 @@ class Store(Protocol):
 
     def notification_done(self, outbox_id: int) -> None:
         """Forget a message (delivered or dropped); an unknown id is no error."""
+
+    # --- operators' controls and their audit trail --------------------------------------
+
+    def put_control(
+        self, kind: str, group: str, key: str, data: Mapping[str, Any], at: datetime
+    ) -> None:
+        """Set the control (kind, group, key), replacing one already there."""
+
+    def drop_control(self, kind: str, group: str, key: str | None = None) -> int:
+        """Remove the control (kind, group, key), or every key of (kind, group) when key
+        is None; returns how many were removed (0 is no error)."""
+
+    def controls(self, kind: str, group: str | None = None) -> list[ControlRow]:
+        """The controls of a kind (of one group if given), oldest first."""
+
+    def audit(
+        self,
+        at: datetime,
+        uid: int,
+        pid: int,
+        user: str,
+        action: str,
+        group: str | None,
+        detail: Mapping[str, Any],
+    ) -> None:
+        """Append a control request to the audit trail."""
+
+    def audit_trail(self, limit: int = 100) -> list[AuditRow]:
+        """The newest control requests first, at most `limit`."""

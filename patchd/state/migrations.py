@@ -90,6 +90,27 @@ _V1 = (
     )""",
 )
 
+_V2 = (
+    """CREATE TABLE IF NOT EXISTS controls (
+        kind TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        key TEXT NOT NULL DEFAULT '',
+        data TEXT NOT NULL DEFAULT '{}',
+        at REAL NOT NULL,
+        PRIMARY KEY (kind, grp, key)
+    )""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        uid INTEGER NOT NULL,
+        pid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        action TEXT NOT NULL,
+        grp TEXT,
+        detail TEXT NOT NULL DEFAULT '{}'
+    )""",
+)
+
 # The notifications outbox: one row per message and channel until it is delivered or
 # dropped (patchd.notifications.outbox).
 _V3 = (
@@ -108,8 +129,12 @@ _V3 = (
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, targets, journal, retained and meta (the first store)", _V1),
-    # Reserved for the control socket's tables (branch "control"): merging it replaces this.
-    Migration(2, "reserved (the control socket's tables)", (), additive=True),
+    Migration(
+        2,
+        "operators' controls (pause, approval, quarantine) and their audit",
+        _V2,
+        additive=True,
+    ),
     Migration(3, "the notifications outbox", _V3, additive=True),
 )
 CURRENT = MIGRATIONS[-1].version

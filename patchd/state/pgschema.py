@@ -107,9 +107,32 @@ _V2 = (
     "CREATE INDEX outbox_by_due ON outbox (due, id)",
 )
 
+# Operators' controls and their audit trail (pgcontrols.py); as SQLite's migration 2.
+_V3 = (
+    """CREATE TABLE controls (
+        kind TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        key TEXT NOT NULL DEFAULT '',
+        data JSON NOT NULL,
+        at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (kind, grp, key)
+    )""",
+    """CREATE TABLE audit (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at TIMESTAMPTZ NOT NULL,
+        uid INTEGER NOT NULL,
+        pid INTEGER NOT NULL,
+        usr TEXT NOT NULL,
+        action TEXT NOT NULL,
+        grp TEXT,
+        detail JSON NOT NULL
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, targets, journal, retained, meta and the leader lease", _V1),
     Migration(2, "the notifications outbox", _V2, additive=True),
+    Migration(3, "operators' controls and their audit trail", _V3, additive=True),
 )
 CURRENT = MIGRATIONS[-1].version
 

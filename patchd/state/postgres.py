@@ -42,6 +42,7 @@ from psycopg.types.json import Json
 from patchd.state import pglease, pgschema, pgsession
 from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
 from patchd.state.leader import Fence, NotLeader
+from patchd.state.pgcontrols import PostgresControls
 from patchd.state.pgoutbox import Conn, PostgresOutbox, Work
 from patchd.states import RESTING, RunStatus, TargetState
 
@@ -66,9 +67,9 @@ class _Write:
         self.error: BaseException | None = None
 
 
-class PostgresStore(PostgresOutbox):
+class PostgresStore(PostgresOutbox, PostgresControls):
     """A thread-safe handle on the shared PostgreSQL state (implements state.base.Store;
-    the notifications outbox is pgoutbox.py's)."""
+    the notifications outbox is pgoutbox.py's, operators' controls pgcontrols.py's)."""
 
     def __init__(
         self,

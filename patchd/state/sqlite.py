@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from patchd.state import migrations
-from patchd.state.base import Keep, OutboxRow, RetainedRow, RunRow, StoreError, TargetRow
+from patchd.state.base import (
+    AuditRow,
+    ControlRow,
+    Keep,
+    OutboxRow,
+    RetainedRow,
+    RunRow,
+    StoreError,
+    TargetRow,
+)
 from patchd.states import RESTING, RunStatus, TargetState
 
 # Kept for callers of the first store; the version is migrations.CURRENT.
@@ -37,6 +46,10 @@ def _ts(value: datetime) -> float:
 
 def _dt(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def _utc(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
 
 
 def _why(directory: Path) -> str:
@@ -78,6 +91,7 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._queue: list[_Write] = []  # journal writes waiting for a group commit
         self._queue_lock = threading.Lock()
+        self.version = migrations.CURRENT  # a read-only handle may find an older one
         self._db = self._open_readonly() if readonly else self._open()
 
     def _open(self) -> sqlite3.Connection:
@@ -112,7 +126,7 @@ class SqliteStore:
         except (sqlite3.Error, OSError) as err:
             raise StoreError(f"cannot open state store {path} to read: {err}") from err
         try:
-            migrations.check_current(db, path)
+            self.version = migrations.check_current(db, path)
         except (sqlite3.Error, StoreError) as err:
             db.close()
             if isinstance(err, StoreError):
@@ -422,3 +436,62 @@ class SqliteStore:
     def notification_done(self, outbox_id: int) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM outbox WHERE id = ?", (outbox_id,))
+
+    # --- operators' controls and their audit trail ----------------------------------------
+
+    def put_control(
+        self, kind: str, group: str, key: str, data: Mapping[str, Any], at: datetime
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO controls (kind, grp, key, data, at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (kind, grp, key) DO UPDATE SET data = excluded.data,"
+                " at = excluded.at",
+                (kind, group, key, json.dumps(dict(data)), _ts(at)),
+            )
+
+    def drop_control(self, kind: str, group: str, key: str | None = None) -> int:
+        sql = "DELETE FROM controls WHERE kind = ? AND grp = ?"
+        args: tuple[object, ...] = (kind, group)
+        if key is not None:
+            sql += " AND key = ?"
+            args = (*args, key)
+        with self._tx() as db:
+            return int(db.execute(sql, args).rowcount)
+
+    def controls(self, kind: str, group: str | None = None) -> list[ControlRow]:
+        if self.version < 2:  # a read-only handle on a journal before controls: none
+            return []
+        sql = "SELECT kind, grp, key, data, at FROM controls WHERE kind = ?"
+        args: tuple[object, ...] = (kind,)
+        if group is not None:
+            sql += " AND grp = ?"
+            args = (kind, group)
+        rows = self._query(sql + " ORDER BY at, grp, key", args)
+        return [ControlRow(r[0], r[1], r[2], json.loads(r[3]), _utc(r[4])) for r in rows]
+
+    def audit(
+        self,
+        at: datetime,
+        uid: int,
+        pid: int,
+        user: str,
+        action: str,
+        group: str | None,
+        detail: Mapping[str, Any],
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO audit (at, uid, pid, user, action, grp, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (_ts(at), uid, pid, user, action, group, json.dumps(dict(detail))),
+            )
+
+    def audit_trail(self, limit: int = 100) -> list[AuditRow]:
+        if self.version < 2:
+            return []
+        rows = self._query(
+            "SELECT at, uid, pid, user, action, grp, detail FROM audit ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        )
+        return [AuditRow(_utc(r[0]), r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows]

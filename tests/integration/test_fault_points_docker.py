@@ -159,7 +159,9 @@ def check_crash_then_restart(f: Fleet, cases: list[Case], v1: str, v2: str, fina
             continue
         if f.exists(case.name) and f.digest_of(case.name) != final and "rolled_back" in done.stdout:
             # A health check can time out on a loaded 2-core machine; the rollback that
-            # follows is patchd doing its job, so the next window (run) tries again.
+            # follows is patchd doing its job, and quarantines the version: as an operator
+            # would (`patchd quarantine clear`), clear it so the next run tries again.
+            SqliteStore(case.state / "patchd.db").drop_control("quarantine", "web")
             patchd(case.config, "--now")
         store = SqliteStore(case.state / "patchd.db")
         first, *later = sorted(store.runs("web"), key=lambda r: r.started)

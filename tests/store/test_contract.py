@@ -396,6 +396,51 @@ def test_rollback_failures_name_each_group_with_its_newest(store: StoreProtocol)
     assert store.rollback_failures() == {"web": at(110), "db": at(210)}
 
 
+# --- operators' controls and the audit trail ---------------------------------------------
+
+
+def test_controls_are_set_replaced_listed_and_dropped(harness: Harness) -> None:
+    store = harness.open()
+    store.put_control("pause", "web", "", {"by": "alice"}, at(1))
+    store.put_control("pause", "web", "", {"by": "bob"}, at(2))  # replaces
+    store.put_control("quarantine", "web", "app@v2", {"version": "v2"}, at(3))
+    store.put_control("quarantine", "web", "app@v3", {"version": "v3"}, at(4))
+    store.put_control("quarantine", "db", "db@v9", {"version": "v9"}, at(5))
+    store.close()
+    store = harness.open()  # durable
+    [pause] = store.controls("pause")
+    assert (pause.group, pause.key, pause.data, pause.at) == ("web", "", {"by": "bob"}, at(2))
+    assert pause.at.tzinfo == UTC
+    assert [c.key for c in store.controls("quarantine")] == ["app@v2", "app@v3", "db@v9"]
+    assert [c.key for c in store.controls("quarantine", "db")] == ["db@v9"]
+    assert store.controls("approval") == []
+    assert store.drop_control("quarantine", "web", "app@v2") == 1
+    assert store.drop_control("quarantine", "web", "nope") == 0
+    assert store.drop_control("quarantine", "web") == 1
+    assert store.drop_control("pause", "web") == 1
+    assert [c.group for c in store.controls("quarantine")] == ["db"]
+    assert store.controls("pause") == []
+
+
+def test_the_audit_trail_lists_newest_first(store: StoreProtocol) -> None:
+    store.audit(at(1), 1000, 41, "alice", "pause", "web", {"reason": "incident"})
+    store.audit(at(2), 65534, 42, "nobody", "refused pause", None, {})
+    store.audit(at(3), 0, 43, "root", "resume", "web", {})
+    rows = store.audit_trail()
+    assert [(r.user, r.action, r.group) for r in rows] == [
+        ("root", "resume", "web"),
+        ("nobody", "refused pause", None),
+        ("alice", "pause", "web"),
+    ]
+    assert (rows[2].uid, rows[2].pid, rows[2].detail, rows[2].at) == (
+        1000,
+        41,
+        {"reason": "incident"},
+        at(1),
+    )
+    assert len(store.audit_trail(limit=2)) == 2
+
+
 # --- the handle ----------------------------------------------------------------------------
 
 

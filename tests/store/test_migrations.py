@@ -151,3 +151,23 @@ def test_opening_a_current_journal_writes_nothing(tmp_path: Path) -> None:
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+def test_version_2_adds_controls_and_audit_to_a_first_store_journal(tmp_path: Path) -> None:
+    path = first_store_journal(tmp_path / "patchd.db")
+    before = open_store(path, readonly=True)  # an older journal reads: no controls yet
+    try:
+        assert before.controls("pause") == [] and before.audit_trail() == []
+    finally:
+        before.close()
+    store = open_store(path)
+    try:
+        at = datetime(2026, 12, 1, tzinfo=UTC)
+        store.put_control("pause", "web", "", {"by": "root"}, at)
+        store.audit(at, 0, 1, "root", "pause", "web", {})
+        assert [c.group for c in store.controls("pause")] == ["web"]
+        assert [a.action for a in store.audit_trail()] == ["pause"]
+        assert [r.id for r in store.runs()] == ["r2", "r1"]  # the old rows are kept
+    finally:
+        store.close()
+    assert versions(path) == (2, "2")

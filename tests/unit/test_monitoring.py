@@ -339,6 +339,8 @@ def test_dashboard_reads_only_metrics_patchd_exports() -> None:
         "patchd_backend_up",
         "patchd_config_last_reload_successful",
         "patchd_alert_gate_blocked",
+        "patchd_group_paused",
+        "patchd_quarantined_versions",
     ):
         assert family in used, f"the dashboard shows nothing of {family}"
 

@@ -1,0 +1,238 @@
+"""What each control verb does to the running daemon, and the audit of every request.
+
+The decisions themselves live lower down: a pause, an approval and a quarantine are
+values of patchd.engine.controls, held by the runner and the engine; the stage gate
+(engine.stages) says what an approval pins. Here a verb checks its groups, stores the
+control, and has the daemon start what may start now (a resumed or approved group whose
+window is open, a triggered one).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.triggers.date import DateTrigger
+
+from patchd import log, reports
+from patchd.config import Settings
+from patchd.control.client import daemon_running
+from patchd.control.live import LiveState
+from patchd.control.protocol import ProtocolError, Verb
+from patchd.control.server import ControlServer, Peer, serve_control
+from patchd.durations import parse_duration
+from patchd.engine.controls import (
+    PAUSE,
+    Pause,
+    approve,
+    clear_quarantine,
+    pauses,
+    quarantined,
+)
+from patchd.engine.stages import approvable, stage_gate
+from patchd.runtime import Runtime
+from patchd.state import Store, StoreError
+from patchd.windows import window_now
+
+
+class Steered(Protocol):
+    """What the verbs need of the daemon (patchd.daemon.Daemon)."""
+
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
+
+    @property
+    def scheduler(self) -> BaseScheduler: ...
+
+    @property
+    def live(self) -> LiveState: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    def start_run(self, group: str, *, now: bool = False, force: bool = False) -> bool: ...
+
+    def controls_changed(self) -> None: ...
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+
+def open_control(daemon: Steered, settings: Settings) -> ControlServer | None:
+    """Serve the control socket of these settings for `daemon`. A socket that cannot be
+    made is logged and patchd goes on without it: patching matters more than steering."""
+    path = settings.daemon.control_socket
+    logger = log.get("patchd.control")
+    if daemon_running(path):
+        logger.error("control_socket_busy", socket=str(path),
+                     problem=f"another patchd daemon answers on {path}: this one serves no"
+                     " control socket (set daemon.control_socket)")  # fmt: skip
+        return None
+    actions = Actions(daemon)
+    try:
+        server = serve_control(path, settings.daemon.control_group, actions.dispatch, actions.audit)
+    except OSError as err:
+        logger.error("control_socket_failed", socket=str(path), error=str(err))
+        return None
+    logger.info("control_socket", socket=str(path), group=settings.daemon.control_group)
+    return server
+
+
+class Actions:
+    def __init__(self, daemon: Steered) -> None:
+        self.daemon = daemon
+        self.log = log.get("patchd.control")
+
+    # --- the audit trail ------------------------------------------------------------------
+
+    def audit(self, peer: Peer, action: str, body: dict[str, Any], allowed: bool, why: str) -> None:
+        """Log and journal who asked for what (refusals too): who, what, when, why."""
+        fields = {"uid": peer.uid, "pid": peer.pid, "user": peer.user, "action": action,
+                  "allowed": allowed, "because": why, **body}  # fmt: skip
+        if allowed:
+            self.log.info("control_request", **fields)
+        else:
+            self.log.warning("control_refused", **fields)
+        if action in ("status", "quarantine") and allowed:
+            return  # reads change nothing: the log is enough
+        try:
+            self.daemon.store.audit(
+                self.daemon.clock(), peer.uid, peer.pid, peer.user,
+                action if allowed else f"refused {action}",
+                body.get("group"), {**body, "because": why},
+            )  # fmt: skip
+        except StoreError as err:
+            self.log.error("control_audit_failed", action=action, error=str(err))
+
+    # --- verbs ----------------------------------------------------------------------------
+
+    def dispatch(self, verb: Verb, body: dict[str, Any], peer: Peer) -> tuple[int, dict[str, Any]]:
+        handler = getattr(self, "do_" + verb.name.replace("-", "_"))
+        try:
+            reply: dict[str, Any] = handler(body, peer)
+        except StoreError as err:
+            raise ProtocolError(500, f"{verb.name}: the journal cannot be used: {err}") from None
+        return 200, {"ok": True, **reply}
+
+    def _groups(self, body: dict[str, Any]) -> list[str]:
+        known = self.daemon.settings.groups
+        wanted = list(known) if body.get("all") else list(body.get("groups") or [body["group"]])
+        unknown = [g for g in wanted if g not in known]
+        if unknown:
+            raise ProtocolError(
+                404, f"unknown group {', '.join(unknown)} (known: {', '.join(known) or 'none'})"
+            )
+        return wanted
+
+    def _start_if_open(self, group: str) -> bool:
+        """Start a run of the group if its window allows a start now (the runner still
+        applies every gate)."""
+        daemon = self.daemon
+        daemon.controls_changed()
+        settings = daemon.settings
+        if group not in settings.groups:
+            return False
+        window = settings.windows[settings.groups[group].window]
+        if window_now(window, daemon.clock(), settings.freezes).may_start:
+            return daemon.start_run(group)
+        return False
+
+    def do_status(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        daemon = self.daemon
+        now = daemon.clock()
+        settings, store = daemon.settings, daemon.store
+        waiting = {g: p.describe() for g, p in pauses(store, now).items() if g in settings.groups}
+        for group in settings.groups.values():
+            if group.approval == "manual" and group.name not in waiting:
+                gate = stage_gate(group, store, now)
+                if not gate.open and gate.reason.startswith("awaiting approval"):
+                    waiting[group.name] = gate.reason
+        live = {"pid": os.getpid(), "at": now.isoformat(), "runs": daemon.live.snapshot(now),
+                "waiting": waiting}  # fmt: skip
+        return {"live": live, "journal": reports.status(settings, store, now)}
+
+    def do_pause(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        daemon = self.daemon
+        now = daemon.clock()
+        until: datetime | None = None
+        if body.get("for"):
+            until = now + parse_duration(body["for"])
+        done = {}
+        for group in self._groups(body):
+            pause = Pause(group, now, until, str(body.get("reason", "")), peer.user)
+            daemon.store.put_control(PAUSE, group, "", pause.data(), now)
+            done[group] = pause.describe()
+            self.log.info("paused", group=group, until=until, reason=pause.reason, by=peer.user)
+            daemon.runtime.observer.operator(group, "paused", peer.user, pause.describe())
+            if until is not None:  # when it ends inside an open window, start again
+                daemon.scheduler.add_job(
+                    self._start_if_open, DateTrigger(run_date=until), args=[group],
+                    id=f"unpause:{group}", replace_existing=True, misfire_grace_time=None,
+                )  # fmt: skip
+        daemon.controls_changed()
+        return {"paused": done}
+
+    def do_resume(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        daemon = self.daemon
+        resumed, started = [], []
+        for group in self._groups(body):
+            if daemon.store.drop_control(PAUSE, group):
+                resumed.append(group)
+                self.log.info("resumed", group=group, by=peer.user)
+                daemon.runtime.observer.operator(group, "resumed", peer.user, "resumed")
+            if self._start_if_open(group):
+                started.append(group)
+        daemon.controls_changed()
+        return {"resumed": resumed, "started": started}
+
+    def do_approve(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        daemon = self.daemon
+        [group] = self._groups(body)
+        now = daemon.clock()
+        pins, why = approvable(daemon.settings.groups[group], daemon.store, now)
+        if pins is None:
+            raise ProtocolError(409, f"cannot approve {group}: {why}")
+        approval = approve(daemon.store, group, pins, peer.user, now)
+        self.log.info("approved", group=group, by=peer.user, pins=pins)
+        daemon.runtime.observer.operator(group, "approved", peer.user, approval.describe())
+        started = self._start_if_open(group)
+        return {"approval": approval.describe(), "pins": pins, "started": started}
+
+    def do_trigger(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        [group] = self._groups(body)
+        force = bool(body.get("force"))
+        if not self.daemon.start_run(group, now=True, force=force):
+            raise ProtocolError(409, f"a run of {group} is going on already (or patchd stops)")
+        return {"started": group, "force": force}
+
+    def do_quarantine(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        store = self.daemon.store
+        return {
+            "groups": {
+                g: [
+                    q.as_dict() | {"describe": q.describe()}
+                    for q in quarantined(store, [g]).values()
+                ]
+                for g in self.daemon.settings.groups
+            }
+        }
+
+    def do_quarantine_clear(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        [group] = self._groups(body)
+        version = body.get("version")
+        count = clear_quarantine(self.daemon.store, group, version)
+        if version is not None and not count:
+            raise ProtocolError(404, f"{group} has no quarantined version {version!r}")
+        self.log.info("quarantine_cleared", group=group, version=version, count=count,
+                      by=peer.user)  # fmt: skip
+        self.daemon.runtime.observer.operator(
+            group, "quarantine_cleared", peer.user, f"{count} version(s): {version or 'all'}"
+        )
+        self.daemon.controls_changed()
+        return {"cleared": count}

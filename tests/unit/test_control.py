@@ -1,0 +1,335 @@
+"""The control socket: the protocol's checks, who may steer patchd, and every verb against
+an in-process daemon with FakeBackend, over a real Unix socket.
+
+Refusing a real other user (SO_PEERCRED of another uid) is tested with the daemon as a
+process in tests/integration/test_control_daemon.py; here `may_steer` is given peers.
+"""
+
+from __future__ import annotations
+
+import grp
+import io
+import os
+import pwd
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from patchd import log
+from patchd.cli import main
+from patchd.control.client import ControlError, NoDaemon, request
+from patchd.control.protocol import VERBS, ProtocolError, parse_body, route
+from patchd.control.server import Peer, may_steer, serve_control
+from patchd.daemon import Daemon
+from patchd.engine.controls import pause_of, quarantined
+from patchd.observers import BaseObserver
+from patchd.systemd import Notifier
+from patchd.testing import FakeBackend
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 15) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+    return value
+
+
+# --- the protocol -------------------------------------------------------------------------
+
+
+def test_each_verb_has_one_route() -> None:
+    assert route("GET", "/v1/status") is VERBS["status"]
+    assert route("POST", "/v1/quarantine/clear/") is VERBS["quarantine-clear"]
+    with pytest.raises(ProtocolError) as err:
+        route("DELETE", "/v1/pause")
+    assert err.value.status == 404 and "POST /v1/pause" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("verb", "body", "wrong"),
+    [
+        ("pause", b"{", "not JSON"),
+        ("pause", b"[]", "JSON object"),
+        ("pause", b'{"groups": ["a"], "all": true}', "not both"),
+        ("pause", b"{}", "neither"),
+        ("pause", b'{"groups": ["a"], "for": "soon"}', "invalid duration"),
+        ("pause", b'{"groups": ["a"], "for": "0s"}', "longer than 0s"),
+        ("pause", b'{"groups": [1]}', "group names"),
+        ("pause", b'{"groups": ["a"], "why": "x"}', "unknown field"),
+        ("approve", b"{}", "'group' is required"),
+        ("trigger", b'{"group": "a", "force": 1}', "wrong type"),
+        ("trigger", b'{"group": true}', "wrong type"),
+    ],
+)
+def test_bad_bodies_are_refused_in_plain_words(verb: str, body: bytes, wrong: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        parse_body(VERBS[verb], body)
+    assert err.value.status == 400 and wrong in str(err.value)
+
+
+def test_good_bodies_pass() -> None:
+    body = parse_body(VERBS["pause"], b'{"groups": ["web"], "for": "2h", "reason": "x"}')
+    assert body == {"groups": ["web"], "for": "2h", "reason": "x"}
+    assert parse_body(VERBS["status"], b"") == {}
+
+
+# --- who may steer ------------------------------------------------------------------------
+
+
+def test_root_the_daemons_user_and_group_members_may_steer() -> None:
+    nobody = pwd.getpwnam("nobody")
+    assert may_steer(Peer(0, 1, 0), "no-such-group-x", 1000) == (True, "root")
+    assert may_steer(Peer(1000, 1, 1000), "no-such-group-x", 1000)[0]
+    allowed, why = may_steer(Peer(nobody.pw_uid, 1, nobody.pw_gid), "no-such-group-x", 0)
+    assert not allowed and "does not exist" in why
+    own = grp.getgrgid(nobody.pw_gid).gr_name  # nobody's own group: a member
+    assert may_steer(Peer(nobody.pw_uid, 1, nobody.pw_gid), own, 0)[0]
+    allowed, why = may_steer(Peer(nobody.pw_uid, 1, nobody.pw_gid), "root", 0)
+    assert not allowed and "not root nor a member of group 'root'" in why
+
+
+def test_a_refused_peer_is_audited_and_nothing_is_dispatched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The peer's credentials are real (this process); the server is told it runs as
+    # another user, for a group this process is not in: the refusal path.
+    log.setup("json", "error", sys.__stderr__)  # not a stream an earlier test captured
+    heard: list[tuple[str, bool, str]] = []
+    dispatched: list[str] = []
+    path = tmp_path / "c.sock"
+    server = serve_control(
+        path,
+        "no-such-group-x",
+        lambda verb, body, peer: (dispatched.append(verb.name), (200, {"ok": True}))[1],
+        lambda peer, action, body, allowed, why: heard.append((action, allowed, why)),
+    )
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o660
+        monkeypatch.setattr("patchd.control.server.may_steer",
+                            lambda peer, group, own: (False, "not in group x"))  # fmt: skip
+        with pytest.raises(ControlError) as err:
+            request(path, "pause", {"all": True})
+        assert err.value.status == 403 and "not in group x" in str(err.value)
+        assert dispatched == [] and heard == [("pause", False, "not in group x")]
+    finally:
+        server.shutdown()
+    assert not path.exists()
+    with pytest.raises(NoDaemon):
+        request(path, "status")
+
+
+# --- the verbs, against a daemon ------------------------------------------------------------
+
+
+def config_text(state: Path, start: datetime, manual: bool = False) -> str:
+    day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][start.weekday()]
+    return f"""
+[daemon]
+state_dir = "{state}"
+metrics_address = "127.0.0.1:0"
+log_format = "json"
+control_socket = "{state}/control.sock"
+
+[windows.now]
+days = ["{day}"]
+start = "{start:%H:%M:%S}"
+duration = "1h"
+
+[backends.d]
+type = "docker"
+
+[groups.web]
+backend = "d"
+window = "now"
+select = {{ names = ["w*"] }}
+max_concurrency = 1
+max_errors = 5
+
+[groups.prod]
+backend = "d"
+window = "now"
+after = "web"
+select = {{ names = ["p*"] }}
+approval = "{"manual" if manual else "auto"}"
+"""
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    backend = FakeBackend("d")
+    for i in range(3):
+        backend.add(f"w{i}")
+    backend.add("p0")
+    backend.publish("app", "v2")
+    return backend
+
+
+def started(tmp_path: Path, fake: FakeBackend, *, manual: bool = False,
+            paused: bool = False) -> Daemon:  # fmt: skip
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)  # open now
+    path = tmp_path / "patchd.toml"
+    path.write_text(config_text(tmp_path / "state", start, manual))
+    d = Daemon(path, None, connector=lambda spec: fake, notifier=Notifier(""))
+    if paused:  # paused before it starts: the open window starts nothing
+        from patchd.engine.controls import PAUSE, Pause
+        from patchd.state import SqliteStore
+
+        now = datetime.now(UTC)
+        store = SqliteStore(tmp_path / "state" / "patchd.db")
+        for g in ("web", "prod"):
+            store.put_control(PAUSE, g, "", Pause(g, now, None, "setup", "test").data(), now)
+        store.close()
+    d.start()
+    return d
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Callable[..., tuple[int, str]]:
+    """`patchd ARGS -c patchd.toml` in-process: its exit code and output."""
+
+    def run(*args: str) -> tuple[int, str]:
+        out = io.StringIO()
+        with redirect_stdout(out), redirect_stderr(out):
+            code = main([*args, "-c", str(tmp_path / "patchd.toml")])
+        return code, out.getvalue()
+
+    return run
+
+
+@pytest.fixture
+def stop_daemons() -> Iterator[list[Daemon]]:
+    daemons: list[Daemon] = []
+    yield daemons
+    log.setup("json", "error", sys.__stderr__)  # the test's captured stream is gone
+    for d in daemons:
+        if not d.stop.is_set():
+            d.shutdown()
+
+
+def test_without_a_daemon_the_verbs_say_so(tmp_path: Path, cli: Any) -> None:
+    start = datetime.now(UTC)
+    (tmp_path / "patchd.toml").write_text(config_text(tmp_path / "state", start))
+    code, out = cli("pause", "web")
+    assert code == 4 and "no patchd daemon is running" in out
+    code, out = cli("quarantine", "list")
+    assert code == 4
+
+
+def test_pause_holds_resume_goes_on_and_both_are_audited(
+    tmp_path: Path, fake: FakeBackend, cli: Any, stop_daemons: list[Daemon]
+) -> None:
+    fake.step_time = 0.3
+    fake.sleep = time.sleep
+    d = started(tmp_path, fake, paused=True)
+    stop_daemons.append(d)
+    heard: list[tuple[str, str, str]] = []
+
+    class Ears(BaseObserver):  # what a notification channel would hear
+        def operator(self, group: str, action: str, by: str, detail: str) -> None:
+            heard.append((group, action, by))
+
+    d.runtime.observer.observers.append(Ears())
+    time.sleep(0.5)
+    assert [c for c in fake.calls if c[0] == "apply"] == []  # paused before the window
+    code, out = cli("resume", "web")
+    assert code == 0 and "web: resumed; its run started" in out
+    wait_for(lambda: any(c[0] == "apply" for c in fake.calls))
+    code, out = cli("pause", "web", "--reason", "incident 4711")
+    assert code == 0 and "paused by root" in out and "incident 4711" in out
+    code, out = cli("status")
+    assert code == 0 and "live state" in out and "PAUSED: paused by root" in out
+    applies = len([c for c in fake.calls if c[0] == "apply"])
+    time.sleep(1.5)  # the target in flight finishes; no new one starts
+    assert len([c for c in fake.calls if c[0] == "apply"]) == applies
+    assert applies < 3
+    code, out = cli("resume", "web")
+    assert code == 0
+    wait_for(lambda: {fake.targets[f"w{i}"].version for i in range(3)} == {"v2"})
+    assert heard == [
+        ("web", "resumed", "root"),
+        ("web", "paused", "root"),
+        ("web", "resumed", "root"),
+    ]
+    actions = [(a.user, a.action, a.group) for a in d.store.audit_trail()]
+    assert ("root", "pause", None) in actions or ("root", "pause", "web") in actions
+    assert sum(1 for a in actions if a[1] == "resume") == 2
+
+
+def test_a_pause_for_a_while_ends_by_itself(
+    tmp_path: Path, fake: FakeBackend, cli: Any, stop_daemons: list[Daemon]
+) -> None:
+    d = started(tmp_path, fake, paused=True)
+    stop_daemons.append(d)
+    code, _ = cli("pause", "web", "--for", "2s")
+    assert code == 0
+    assert pause_of(d.store, "web", datetime.now(UTC)) is not None
+    wait_for(lambda: {fake.targets[f"w{i}"].version for i in range(3)} == {"v2"}, timeout=20)
+
+
+def test_manual_approval_waits_then_approve_releases_stagings_versions(
+    tmp_path: Path, fake: FakeBackend, cli: Any, stop_daemons: list[Daemon]
+) -> None:
+    d = started(tmp_path, fake, manual=True)
+    stop_daemons.append(d)
+    wait_for(lambda: {fake.targets[f"w{i}"].version for i in range(3)} == {"v2"})
+    fake.publish("app", "v3")  # newer than what staging verified: prod must not get it
+    wait_for(lambda: "awaiting approval" in cli("status")[1])
+    assert "awaiting approval" in cli("plan", "prod")[1]
+    assert fake.targets["p0"].version == "v1"
+    code, out = cli("approve", "prod")
+    assert code == 0 and "approved by root" in out and "app = v2" in out
+    wait_for(lambda: fake.targets["p0"].version == "v2")
+    code, out = cli("approve", "web")
+    assert code == 3 and "nothing to approve" in out
+
+
+def test_trigger_runs_now_and_a_bad_version_is_quarantined(
+    tmp_path: Path, fake: FakeBackend, cli: Any, stop_daemons: list[Daemon]
+) -> None:
+    fake.unhealthy.add("v2")
+    d = started(tmp_path, fake)
+    stop_daemons.append(d)
+    wait_for(lambda: quarantined(d.store, ["web"]))
+    wait_for(lambda: "web" not in d._runs)
+    applies = len([c for c in fake.calls if c[0] == "apply"])
+    assert applies == 1
+    code, out = cli("trigger", "web")
+    assert code == 0
+    wait_for(lambda: "web" not in d._runs and len(d.store.runs("web")) >= 2)
+    assert len([c for c in fake.calls if c[0] == "apply"]) == applies  # not again
+    code, out = cli("quarantine", "list")
+    assert code == 0 and "web: app v2 quarantined since" in out and "failed on w0" in out
+    assert "quarantined: app v2" in cli("plan", "web")[1]
+    code, out = cli("run", "web", "--now")
+    assert code == 3 and "patchd trigger web" in out
+    fake.unhealthy.clear()
+    code, out = cli("quarantine", "clear", "web", "v2")
+    assert code == 0 and "1 version(s) cleared" in out
+    assert cli("trigger", "web")[0] == 0
+    wait_for(lambda: {fake.targets[f"w{i}"].version for i in range(3)} == {"v2"})
+
+
+def test_unknown_groups_and_runs_going_on(
+    tmp_path: Path, fake: FakeBackend, cli: Any, stop_daemons: list[Daemon]
+) -> None:
+    d = started(tmp_path, fake, paused=True)
+    stop_daemons.append(d)
+    code, out = cli("pause", "nope")
+    assert code == 2 and "unknown group nope" in out
+    gate = threading.Event()
+    fake.sleep = lambda s: gate.wait(10)
+    fake.step_time = 1
+    cli("resume", "web")
+    wait_for(lambda: "web" in d._runs)
+    code, out = cli("trigger", "web")
+    assert code == 3 and "going on already" in out
+    gate.set()
