@@ -112,7 +112,11 @@ def setup(log_format: str = "auto", level: str = "info", stream: TextIO | None =
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.ERROR)),
-        logger_factory=lambda *args: _NamedPrintLogger(out, str(args[0]) if args else "patchd"),
+        # Without a stream, stderr is looked up at each logger's creation, not kept from
+        # now: a front door (or a test harness) may replace sys.stderr later.
+        logger_factory=lambda *args: _NamedPrintLogger(
+            stream or sys.stderr, str(args[0]) if args else "patchd"
+        ),
         cache_logger_on_first_use=False,
     )
 

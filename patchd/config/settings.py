@@ -6,7 +6,6 @@ problems are collected so an operator sees them in one pass.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from patchd.config.errors import ConfigError, ConfigIssue, KeyPath
 from patchd.config.files import Merged, config_files, load_merged
+from patchd.config.messages import reason as error_reason
+from patchd.config.messages import suggest, unknown
 from patchd.config.notifications import NotificationModel
 from patchd.config.schema import (
     SECTIONS,
@@ -167,7 +168,7 @@ class _Builder:
         except ValidationError as err:
             for error in err.errors():
                 loc = tuple(str(part) for part in error["loc"])
-                self.add((*path, *loc), _reason(model, error))
+                self.add((*path, *loc), error_reason(model, error))
             return None
         finally:
             for field_name, reason in warnings:
@@ -192,9 +193,7 @@ def build_settings(merged: Merged) -> Settings:
     b = _Builder(merged)
     for key in merged.data:
         if key not in SECTIONS:
-            b.add(
-                (key,), f"unknown section{_suggest(key, SECTIONS)} (known: {', '.join(SECTIONS)})"
-            )
+            b.add((key,), f"unknown section{suggest(key, SECTIONS)} (known: {', '.join(SECTIONS)})")
 
     daemon_raw = merged.data.get("daemon", {})
     daemon_model = b.validate(DaemonModel, daemon_raw, ("daemon",))
@@ -403,14 +402,14 @@ def _group(
         return None
     before = len(b.issues)
     if model.backend not in backend_raw:
-        b.add((*path, "backend"), _unknown("backend", model.backend, list(backend_raw)))
+        b.add((*path, "backend"), unknown("backend", model.backend, list(backend_raw)))
     if model.window not in window_names:
-        b.add((*path, "window"), _unknown("window", model.window, window_names))
+        b.add((*path, "window"), unknown("window", model.window, window_names))
     if model.after is not None:
         if model.after == name:
             b.add((*path, "after"), "a group cannot come after itself")
         elif model.after not in group_names:
-            b.add((*path, "after"), _unknown("group", model.after, group_names))
+            b.add((*path, "after"), unknown("group", model.after, group_names))
     else:
         if model.soak:
             b.add((*path, "soak"), "only used with after")
@@ -457,48 +456,3 @@ def _check_cycles(b: _Builder, groups: Mapping[str, Group]) -> None:
             ("groups", first, "after"),
             "cycle in after: " + " -> ".join([*ordered, first]),
         )
-
-
-def _unknown(kind: str, value: str, known: list[str]) -> str:
-    listed = ", ".join(known) if known else "none defined"
-    return f"unknown {kind} {value!r}{_suggest(value, known)} (known: {listed})"
-
-
-def _suggest(value: str, known: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(value, list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The keys a nested model accepts at `loc`, for 'did you mean' hints."""
-    current: Any = model
-    for part in loc:
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
-        current = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
-        if current is None:
-            return []
-    return list(getattr(current, "model_fields", {}))
-
-
-def _reason(model: type[BaseModel], error: Any) -> str:
-    kind = error["type"]
-    loc = tuple(error["loc"])
-    if kind == "extra_forbidden":
-        known = _fields_at(model, loc[:-1])
-        hint = _suggest(str(loc[-1]), known) if known else ""
-        listed = f" (known: {', '.join(known)})" if known else ""
-        return f"unknown key{hint}{listed}"
-    if kind == "missing":
-        return "required key is missing"
-    if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return "expected a table"
-    message = str(error["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if message.startswith(prefix):
-            message = message[len(prefix) :]
-    return message

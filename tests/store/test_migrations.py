@@ -170,4 +170,4 @@ def test_version_2_adds_controls_and_audit_to_a_first_store_journal(tmp_path: Pa
         assert [r.id for r in store.runs()] == ["r2", "r1"]  # the old rows are kept
     finally:
         store.close()
-    assert versions(path) == (2, "2")
+    assert versions(path) == (CURRENT, str(CURRENT))  # every migration since, 2 included
