@@ -154,7 +154,9 @@ class LogObserver(BaseObserver):
         if outcome.result == "rollback_failed":
             self.log.error("target_rollback_failed", **fields)
         elif outcome.result in ("rolled_back", "failed"):
-            self.log.warning("target_failed", **fields)
+            # An error, though the rollback worked: the patch failed, and an operator's
+            # `journalctl -p err` (issue 15) must find it.
+            self.log.error("target_failed", **fields)
         else:
             self.log.info("target_done", **fields)
 
