@@ -54,7 +54,8 @@ SECRET = "s3rvice-" + hashlib.sha256(str(time.time()).encode()).hexdigest()[:12]
 # is on a real host (checked: without it LoadCredential leaves an empty root-only directory,
 # even for a root service). So / is made shared before systemd starts.
 DOCKERFILE = """FROM {base}
-RUN printf '#!/bin/sh\\nmount --make-rshared /\\nexec /sbin/init\\n' > /usr/local/sbin/init-shared \\
+RUN printf '#!/bin/sh\\nmount --make-rshared /\\nexec /sbin/init\\n' \\
+      > /usr/local/sbin/init-shared \\
  && chmod 0755 /usr/local/sbin/init-shared \\
  && rm -f /etc/apt/sources.list && rm -rf /etc/apt/sources.list.d/* /var/lib/apt/lists/* \\
  && systemctl mask ssh.service ssh.socket apt-daily.timer apt-daily-upgrade.timer \\
@@ -68,10 +69,12 @@ echo "user=$(id -un) home=$HOME"
 for p in /var/lib/patchd/w /tmp/w /etc/patchd/w /usr/local/w /opt/w /var/log/w /root/w; do
     if touch "$p" 2>/dev/null; then echo "write $p=ok"; else echo "write $p=denied"; fi
 done
-if cat /etc/patchd/vsphere.password >/dev/null 2>&1; then echo "file=readable"; else echo "file=denied"; fi
+if cat /etc/patchd/vsphere.password >/dev/null 2>&1; then echo "file=readable"
+else echo "file=denied"; fi
 echo "credential_env=${CREDENTIALS_DIRECTORY:-unset}"
 echo "credential=$(sha256sum < /run/credentials/patchd.service/vsphere-password | cut -c1-16)"
-if ssh -o BatchMode=yes -o ConnectTimeout=20 "root@$1" true; then echo "ssh=ok"; else echo "ssh=failed"; fi
+if ssh -o BatchMode=yes -o ConnectTimeout=20 "root@$1" true; then echo "ssh=ok"
+else echo "ssh=failed"; fi
 if sudo -n true 2>/dev/null; then echo "sudo=ok"; else echo "sudo=denied"; fi
 } > "$out" 2>&1
 """
@@ -178,8 +181,8 @@ def machine(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mach
         shutil.copytree(REPO_ROOT / part, checkout / part)
     shutil.copytree(house, checkout / "wheelhouse")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(checkout / "wheelhouse"),
-         str(REPO_ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+         "-w", str(checkout / "wheelhouse"), str(REPO_ROOT)],
         check=True,
         timeout=600,
     )  # fmt: skip
@@ -245,13 +248,17 @@ retry_backoff = "0s"
 """ + "".join(groups.values())
 
 
+# health.command: ssh as the patchd user, with the key and known_hosts in its home.
+SSH_HEALTH = '["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "root@{ssh}", "true"]'
+
+
 def _group(name: str, vm: str, command: list[str], version: str = "2") -> str:
     return f"""
 [groups.{name}]
 backend = "vc"
 window = "always"
 select = {{ names = ["{vm}"] }}
-health = {{ timeout = "60s", stable_for = "1s", command = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "root@{{ssh}}", "true"] }}
+health = {{ timeout = "60s", stable_for = "1s", command = {SSH_HEALTH} }}
 patch = {{ command = {json.dumps(command)}, version = "{version}" }}
 """
 
