@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo lint lab-up lab-down venv
+.PHONY: test test-fast demo lint lab-up lab-down venv
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,13 @@ lab-up: venv
 
 lab-down:
 	tests/lab/lab.sh down
+
+# The inner loop: unit tests and the backend contract suite on the fake backend; no test
+# bed, no program it installs (tests marked integration or external are deselected, never
+# skipped: `make test` runs them all), and the config fuzzer with 25 examples a test
+# instead of 100 (`make test` runs them all too).
+test-fast: venv
+	PATCHD_FUZZ_EXAMPLES=25 $(PY) -m pytest -q -m "not integration and not external" $(PYTEST_ARGS)
 
 # Starts the test bed, runs lint and every test, and stops the bed whatever the result.
 test: venv

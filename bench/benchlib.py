@@ -1,5 +1,7 @@
 """What the benchmark scripts share: the test bed, extra simulators, small helpers.
 
+The bed's start-up is tests/lab/bed.py, the tests' own.
+
 The test bed is `tests/lab/lab.sh` with its own directory: `$PATCHD_BENCH_LAB_DIR`, else
 `$PATCHD_LAB_DIR`, else /tmp/patchd-lab-bench (never the tests' default /tmp/patchd-lab).
 A script that finds that bed up uses it and leaves it up; one that had to start it stops
@@ -10,9 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
-import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
-LAB_SH = REPO / "tests" / "lab" / "lab.sh"
+sys.path.insert(0, str(REPO))
+from tests.lab import bed  # noqa: E402  (the bed's start-up, shared with the tests)
+
 VENV_PY = REPO / ".venv" / "bin" / "python"
 PATCHD = REPO / ".venv" / "bin" / "patchd"
 DEFAULT_LAB_DIR = "/tmp/patchd-lab-bench"
@@ -40,62 +41,18 @@ def note(*parts: object) -> None:
 
 
 def lab_dir() -> Path:
-    chosen = os.environ.get("PATCHD_BENCH_LAB_DIR") or os.environ.get("PATCHD_LAB_DIR")
-    return Path(chosen or DEFAULT_LAB_DIR).absolute()
-
-
-def _lab(command: str, directory: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PATCHD_LAB_DIR=str(directory))
-    if VENV_PY.exists():
-        env.setdefault("PATCHD_LAB_PYTHON", str(VENV_PY))
-    return subprocess.run(
-        ["bash", str(LAB_SH), command],
-        env=env,
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def read_env(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        words = shlex.split(line, comments=True)
-        if words and words[0] == "export":
-            words = words[1:]
-        for word in words:
-            key, sep, value = word.partition("=")
-            if sep:
-                values[key] = value
-    return values
+    return bed.lab_dir("PATCHD_BENCH_LAB_DIR", "PATCHD_LAB_DIR", default=DEFAULT_LAB_DIR)
 
 
 @contextlib.contextmanager
 def lab(keep: bool = False) -> Iterator[dict[str, str]]:
     """The test bed's lab.env values; starts the bed if it does not answer."""
-    directory = lab_dir()
-    env_file = directory / "lab.env"
-    started = False
-    if not (env_file.is_file() and _lab("status", directory, 60).returncode == 0):
-        note(f"bench: starting the test bed in {directory} (tests/lab/lab.sh up)")
-        t0 = time.monotonic()
-        proc = _lab("up", directory)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout)
-            _lab("down", directory, 120)
-            raise SystemExit(f"bench: lab.sh up failed (exit {proc.returncode})")
-        started = True
-        note(f"bench: test bed up in {time.monotonic() - t0:.1f} s")
+    keep = keep or os.environ.get("PATCHD_BENCH_KEEP_LAB", "") not in ("", "0")
     try:
-        yield read_env(env_file)
-    finally:
-        keep = keep or os.environ.get("PATCHD_BENCH_KEEP_LAB", "") not in ("", "0")
-        if started and not keep:
-            proc = _lab("down", directory, 180)
-            note(f"bench: test bed down (lab.sh down exited {proc.returncode})")
+        with bed.running(lab_dir(), keep=keep, note=lambda text: note(f"bench: {text}")) as env:
+            yield env
+    except bed.BedError as e:
+        raise SystemExit(f"bench: {e}") from None
 
 
 @dataclass
@@ -114,43 +71,19 @@ class Vcsim:
 def vcsim(binary: str, *args: str, timeout: float = 300) -> Iterator[Vcsim]:
     """A vcsim of our own (`binary -listen 127.0.0.1:0 ARGS`), stopped at the end."""
     workdir = Path(tempfile.mkdtemp(prefix="patchd-bench-vcsim-"))
-    (workdir / "tmp").mkdir()
     t0 = time.monotonic()
-    with (workdir / "vcsim.log").open("wb") as err:
-        proc = subprocess.Popen(
-            [binary, "-listen", "127.0.0.1:0", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=dict(os.environ, TMPDIR=str(workdir / "tmp")),
-        )
-    assert proc.stdout is not None
-    line = b""
     try:
-        deadline = time.monotonic() + timeout
-        while not line.endswith(b"\n"):
-            left = max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([proc.stdout], [], [], left)
-            if not ready:
-                raise SystemExit(f"bench: vcsim {args} printed no URL in {timeout:g} s")
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                log = (workdir / "vcsim.log").read_text()[-2000:]
-                raise SystemExit(f"bench: vcsim {args} exited {proc.wait()}:\n{log}")
-            line += chunk
-        url = urlsplit(line.decode().strip())
-        assert url.hostname and url.port, line
-        sim = Vcsim(proc, url.hostname, url.port, workdir, time.monotonic() - t0)
-        yield sim
+        try:
+            proc, url = bed.start_vcsim(binary, *args, workdir=workdir, timeout=timeout)
+        except bed.BedError as e:
+            raise SystemExit(f"bench: {e}") from None
+        parts = urlsplit(url)
+        assert parts.hostname and parts.port, url
+        try:
+            yield Vcsim(proc, parts.hostname, parts.port, workdir, time.monotonic() - t0)
+        finally:
+            bed.stop_vcsim(proc, 30)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.stdout.close()
         subprocess.run(["rm", "-rf", "--one-file-system", str(workdir)], check=False)
 
 

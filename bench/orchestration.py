@@ -69,6 +69,7 @@ from patchd.config.settings import Group
 from patchd.config.types import Limit
 from patchd.engine import NullObserver, RunRequest, run_group
 from patchd.state import SqliteStore
+from patchd.states import RunStatus, TargetResult
 from patchd.testing import FakeBackend, FakeSelect
 
 WALL_TARGET = 1.05
@@ -199,8 +200,8 @@ def one_run(
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
     store.close()
-    ok = result.count("success")
-    if ok != targets or result.status != "completed":
+    ok = result.count(TargetResult.SUCCESS)
+    if ok != targets or result.status != RunStatus.COMPLETED:
         print(f"orchestration: run {index}: {result.status}, {ok}/{targets} patched")
         raise SystemExit(2)
     if backend.max_in_flight > args.concurrency:

@@ -21,6 +21,7 @@ from patchd.observers import BaseObserver
 from patchd.reconcile import Reconciled
 from patchd.runtime import Refusal, Runtime, open_store
 from patchd.state import Store, StoreError
+from patchd.states import RunStatus, TargetResult
 
 EXIT_CONFIG = 2
 EXIT_REFUSED = 3
@@ -137,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run one group now, in the foreground, with progress",
         description="Patch one group in the foreground, printing a line per target. Without "
         "options it runs only if the group's window allows a start now. The stage gate "
-        "(after/soak) always applies. Exit codes: 0 all patched or current, 1 a target "
+        "(after/soak) always applies. SIGINT, SIGTERM and SIGHUP (a closed terminal) start no "
+        "new target and let those in flight finish or roll back. "
+        "Exit codes: 0 all patched or current, 1 a target "
         "failed or the run halted or left targets pending, 2 config error, 3 refused.",
     )
     run.add_argument("group", metavar="GROUP", help="the [groups.NAME] to run")
@@ -153,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="show what the next run would do, changing nothing",
         description="For each group (or one): the targets, their current and available "
         "versions, the batch each would go in, and the stage gate. Reads only: it never "
-        "pulls an image or changes a target.",
+        "pulls an image, changes a target or creates the journal. With --json stdout holds "
+        "only the JSON document (log lines go to stderr). Exit codes: 0 the plan is shown, "
+        "1 discovering targets failed for every group shown (each group says why), "
+        "2 config error.",
     )
     plan.add_argument("group", metavar="GROUP", nargs="?", help="only this group")
     plan.add_argument("--json", action="store_true", help="print JSON")
@@ -223,15 +229,18 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def _open_store(settings: Settings) -> Store:
+    """The journal, opened only to read (report commands never create or change it)."""
     try:
-        return open_store(settings)
+        return open_store(settings, readonly=True)
     except StoreError as err:
         raise CommandError(str(err)) from None
 
 
-def _runtime(settings: Settings, observers: Sequence[BaseObserver] = ()) -> Runtime:
+def _runtime(
+    settings: Settings, observers: Sequence[BaseObserver] = (), *, readonly: bool = False
+) -> Runtime:
     try:
-        return Runtime(settings, _utcnow, observers)
+        return Runtime(settings, _utcnow, observers, readonly=readonly)
     except StoreError as err:
         raise CommandError(str(err)) from None
 
@@ -293,8 +302,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("stopping: no new targets; waiting for those in flight", file=sys.stderr)
             stop.set()
 
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        # A closed terminal (SIGHUP) or `kill` (SIGTERM) must not leave a target
+        # half-patched: each lets the targets in flight finish, as Ctrl-C does.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, on_signal)
         force = args.force
         try:
             result = runtime.run(
@@ -309,23 +320,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"patchd: run of {group} refused: {result.reason}", file=sys.stderr)
         return EXIT_REFUSED
     print(
-        f"run {result.run_id}: {result.status}; {result.count('success')} patched, "
-        f"{result.count('current')} current, {result.failed} failed, "
-        f"{result.count('pending')} pending, {result.count('skipped')} skipped"
+        f"run {result.run_id}: {result.status}; {result.count(TargetResult.SUCCESS)} patched, "
+        f"{result.count(TargetResult.CURRENT)} current, {result.failed} failed, "
+        f"{result.count(TargetResult.PENDING)} pending, "
+        f"{result.count(TargetResult.SKIPPED)} skipped"
         + (f"; {result.error}" if result.error else "")
     )
-    ok = result.status == "completed" and not result.failed and not result.count("pending")
+    ok = (
+        result.status == RunStatus.COMPLETED
+        and not result.failed
+        and not result.count(TargetResult.PENDING)
+    )
     return 0 if ok else 1
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     settings = _load(args)
     groups = _group_names(settings, args.group)
-    runtime = _runtime(settings)
+    runtime = _runtime(settings, readonly=True)
     now = _utcnow()
     try:
         for name in groups:
-            runtime.backend(settings.groups[name].backend)
+            backend = settings.groups[name].backend
+            try:
+                runtime.backend(backend)
+            except Exception as err:
+                raise CommandError(f"backend {backend}: cannot connect: {err}") from None
         docs = [reports.plan(settings, runtime.store, runtime.backends, g, now) for g in groups]
     finally:
         runtime.close()
@@ -333,7 +353,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps({"at": now.isoformat(), "groups": docs}, indent=2))
     else:
         print("\n\n".join(reports.render_plan(doc) for doc in docs))
-    return 0
+    # Nothing could be planned: a script must not read an empty plan as "nothing to do".
+    return 1 if docs and all("error" in doc for doc in docs) else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -370,6 +391,9 @@ def cmd_version(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Log lines go to stderr from the first one (a backend logs as it connects): stdout is
+    # the command's output alone, e.g. the JSON of --json. The daemon sets its own level.
+    log.setup("auto", "warning")
     try:
         faults.active()  # a test's bad PATCHD_FAULTS fails here, not mid-patch
     except faults.FaultSpecError as err:

@@ -88,12 +88,17 @@ class Daemon:
         )
         # Reconciling and patching both need the journal: without it, do not start at all.
         self.store.check_writable()
-        self.runtime.connect_all()
-        self.runtime.reconcile()  # what a stopped patchd left half-done, before anything new
+        # Connecting and reconciling may take minutes (a vSphere revert): systemd is told
+        # it is progress (EXTEND_TIMEOUT_USEC), so TimeoutStartSec stays short.
+        with self.notifier.extending():
+            self.runtime.connect_all()
+            self.runtime.reconcile()  # what a stopped patchd left half-done, first
         self.metrics.reload(True, self.clock().timestamp())
         self.metrics.prepare(settings)
+        self.metrics.restore(settings, self.store)  # what only runs set, after a restart
         self.gauges = DaemonGauges(self.metrics, lambda: self.runtime.settings, self.clock)
         self._refresh_snapshots()
+        self.runtime.outbox.start()  # what a stopped daemon left queued goes out now
         self.metrics_server = serve_metrics(
             settings.daemon.metrics_host, settings.daemon.metrics_port, self.metrics.registry
         )

@@ -4,7 +4,9 @@ The engine reports each target's transitions and outcomes (`Observer`: step and 
 both taking the Group; the engine defines that protocol, as the port it reports through,
 so that it imports nothing above it; it is re-exported here). The runtime adds what
 happens around a run: a backend checked, a target reconciled, a run started, refused,
-finished or failed, an alert gate's answer. An observer subclasses `BaseObserver` and
+finished or failed, an alert gate's answer, an event for people (`notify`: what the
+control socket reports, such as a pause, goes this way) and a notification's delivery
+result. An observer subclasses `BaseObserver` and
 overrides the events it cares about; `Observers` fans every event out to a list of them.
 Logs (here), metrics (patchd.metrics.observer) and, next, notifications plug in this way.
 """
@@ -19,8 +21,10 @@ from patchd.backends.base import Target
 from patchd.config.settings import Group
 from patchd.engine.rollout import GateResult, RunResult
 from patchd.engine.target import NullObserver, Observer, TargetOutcome
+from patchd.notifications.events import Event
 from patchd.reconcile import Reconciled
 from patchd.runner import Refusal
+from patchd.states import RunStatus, TargetResult, TargetState
 
 __all__ = ["BaseObserver", "LogObserver", "NullObserver", "Observer", "Observers", "RunLog"]
 
@@ -28,7 +32,9 @@ __all__ = ["BaseObserver", "LogObserver", "NullObserver", "Observer", "Observers
 class BaseObserver:
     """Every event, each doing nothing: subclass it and override what you need."""
 
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         """A target moved to `state`."""
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
@@ -62,6 +68,13 @@ class BaseObserver:
         """An answer of the group's alert gate; `changed` when the pre-start gate shut,
         changed its reason or opened again (not at every re-check)."""
 
+    def notify(self, event: Event) -> None:
+        """An event for people that no engine transition carries (paused, resumed,
+        approval needed, quarantined): the notifications observer queues it."""
+
+    def notification(self, channel: str, result: str) -> None:
+        """A notification to `channel` was sent, will be retried, or was dropped."""
+
 
 class Observers(BaseObserver):
     """Fans every event out to several observers, in order."""
@@ -73,7 +86,9 @@ class Observers(BaseObserver):
         # Engine-only observers (step and outcome alone) are welcome; they hear no more.
         return [o for o in self.observers if isinstance(o, BaseObserver)]
 
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         for observer in self.observers:
             observer.step(run_id, group, target, state, **fields)
 
@@ -117,6 +132,14 @@ class Observers(BaseObserver):
         for observer in self._each():
             observer.alert_gate(group, check, answer, changed)
 
+    def notify(self, event: Event) -> None:
+        for observer in self._each():
+            observer.notify(event)
+
+    def notification(self, channel: str, result: str) -> None:
+        for observer in self._each():
+            observer.notification(channel, result)
+
 
 class LogObserver(BaseObserver):
     """Logs every engine transition and outcome as one structured event."""
@@ -124,7 +147,9 @@ class LogObserver(BaseObserver):
     def __init__(self) -> None:
         self.log = log.get("patchd.engine")
 
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         self.log.info(
             "target_step",
             run_id=run_id,
@@ -151,9 +176,13 @@ class LogObserver(BaseObserver):
             )
         if outcome.error:
             fields["error"] = outcome.error
-        if outcome.result == "rollback_failed":
+        if outcome.result == TargetResult.ROLLBACK_FAILED:
             self.log.error("target_rollback_failed", **fields)
-        elif outcome.result in ("rolled_back", "failed"):
+        elif outcome.result in (
+            TargetResult.ROLLED_BACK,
+            TargetResult.OUT_OF_SERVICE,
+            TargetResult.FAILED,
+        ):
             # An error, though the rollback worked: the patch failed, and an operator's
             # `journalctl -p err` (issue 15) must find it.
             self.log.error("target_failed", **fields)
@@ -172,7 +201,7 @@ class RunLog(BaseObserver):
             self.log.warning("backend_down", backend=backend, error=error)
 
     def reconciled(self, item: Reconciled) -> None:
-        level = self.log.info if item.now == "rolled_back" else self.log.error
+        level = self.log.info if item.now == TargetState.ROLLED_BACK else self.log.error
         level(
             "reconciled",
             run_id=item.run_id,
@@ -192,15 +221,15 @@ class RunLog(BaseObserver):
         self.log.exception("run_crashed", group=group.name, error=str(error))
 
     def run_finished(self, group: Group, result: RunResult) -> None:
-        level = self.log.error if result.status == "failed" else self.log.info
+        level = self.log.error if result.status == RunStatus.FAILED else self.log.info
         level(
             "run_finished",
             run_id=result.run_id,
             group=group.name,
             status=result.status,
-            succeeded=result.count("success"),
+            succeeded=result.count(TargetResult.SUCCESS),
             failed=result.failed,
-            pending=result.count("pending"),
+            pending=result.count(TargetResult.PENDING),
             error=result.error,
         )
 

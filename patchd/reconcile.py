@@ -26,14 +26,23 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from patchd import health
-from patchd.backends.base import JOURNALED_VERSION, Backend, Snapshot, Target, Update
+from patchd.backends.base import (
+    JOURNALED_VERSION,
+    Backend,
+    LeftOutOfService,
+    Snapshot,
+    Target,
+    Update,
+)
 from patchd.config.settings import Group, Settings
 from patchd.runner import RunRefused, group_lock
 from patchd.state.base import Keep, Store, TargetRow
 from patchd.states import PROVEN, RunStatus, TargetState
 
 # Resting states of a target that counts as failed in its run's recount.
-_ENDED_BADLY = frozenset({TargetState.ROLLED_BACK, TargetState.ROLLBACK_FAILED})
+_ENDED_BADLY = frozenset(
+    {TargetState.ROLLED_BACK, TargetState.ROLLBACK_FAILED, TargetState.OUT_OF_SERVICE}
+)
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,15 @@ def reconcile(
         )
         try:
             backend.rollback(target, snapshot)
+        except LeftOutOfService as err:
+            store.record(
+                row.run_id, row.target, row.name, TargetState.OUT_OF_SERVICE, clock(),
+                step="reconcile", phase="done", error=f"reconcile: {err}",
+            )  # fmt: skip
+            done.append(
+                Reconciled(row.run_id, row.name, was, TargetState.OUT_OF_SERVICE, str(err))
+            )
+            continue
         except Exception as err:
             store.record(
                 row.run_id,

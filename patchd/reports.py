@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from patchd.backends.base import Backend
+from patchd.backends.base import Backend, NotNow
 from patchd.config.settings import Settings
 from patchd.durations import format_duration
 from patchd.engine import dependency_order, stage_gate
@@ -66,6 +66,10 @@ def plan(
         entry: dict[str, Any] = {"name": target.name, "id": target.id, "kind": target.kind}
         try:
             update = backend.check_update(target, gate.pins, group.patch)
+        except NotNow as err:  # a run would leave it pending
+            entry.update(action="wait", reason=str(err))
+            doc["targets"].append(entry)
+            continue
         except Exception as err:
             entry.update(action="error", error=str(err))
             doc["targets"].append(entry)
@@ -150,11 +154,12 @@ def status(settings: Settings, store: Store, now: datetime) -> dict[str, Any]:
         {"run_id": t.run_id, "target": t.name, "state": t.state, "since": _iso(t.updated)}
         for t in store.unfinished_targets()
     ]
-    needs_person = []
+    needs_person: dict[str, list[dict[str, Any]]] = {"rollback_failed": [], "out_of_service": []}
     for run in store.runs(limit=1000):
         for row in store.targets(run.id):
-            if row.state == "rollback_failed":
-                needs_person.append({"run_id": run.id, "target": row.name, "error": row.error})
+            if row.state in needs_person:
+                entry = {"run_id": run.id, "target": row.name, "error": row.error}
+                needs_person[row.state].append(entry)
     retained = [
         {
             "backend": r.backend,
@@ -168,7 +173,7 @@ def status(settings: Settings, store: Store, now: datetime) -> dict[str, Any]:
         "at": _iso(now),
         "groups": groups,
         "unfinished": unfinished,
-        "rollback_failed": needs_person,
+        **needs_person,
         "retained": retained,
     }
 
@@ -200,6 +205,11 @@ def render_status(doc: Mapping[str, Any]) -> str:
         lines.append("ROLLBACK FAILED, needs a person:")
         lines.extend(
             f"  {r['target']} in run {r['run_id']}: {r['error']}" for r in doc["rollback_failed"]
+        )
+    if doc["out_of_service"]:
+        lines.append("OUT OF SERVICE (left in maintenance mode), needs a person:")
+        lines.extend(
+            f"  {r['target']} in run {r['run_id']}: {r['error']}" for r in doc["out_of_service"]
         )
     if doc["retained"]:
         lines.append("kept after commit:")

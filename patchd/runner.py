@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from patchd import health
 from patchd.backends.base import Backend, Target
@@ -56,14 +57,32 @@ def new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
+def hand_over(*paths: Path) -> None:
+    """Give files root has just created in the state directory to the directory's owner
+    (the service user): else the service can no longer open its journal or locks."""
+    if os.geteuid() != 0:
+        return
+    for path in paths:
+        owner = path.parent.stat()
+        # SQLite gives its -wal and -shm files the owner of the database file when root
+        # creates them later; these may exist already.
+        for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if owner.st_uid != 0 and each.exists():
+                os.chown(each, owner.st_uid, owner.st_gid)
+
+
 @contextmanager
 def group_lock(settings: Settings, group: str) -> Iterator[None]:
     """Hold the group's lock file, or raise RunRefused if another run holds it (StoreError
     if the state directory cannot be written)."""
     locks = settings.daemon.state_dir / "locks"
+    lock = locks / f"{group}.lock"
     try:
+        new = not lock.exists()
         locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{group}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        if new:
+            hand_over(locks, lock)
     except OSError as err:
         raise StoreError(f"cannot take the lock of group {group!r}: {err}") from err
     try:

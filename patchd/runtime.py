@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
+from pathlib import Path
 
 from patchd import log
 from patchd.backends import connect
@@ -23,9 +24,12 @@ from patchd.config import BackendSpec, Settings
 from patchd.config.settings import Group
 from patchd.engine import GateResult, RunResult
 from patchd.engine.target import TargetOutcome
+from patchd.notifications.events import Event
+from patchd.notifications.observer import NotificationObserver
+from patchd.notifications.outbox import Outbox
 from patchd.observers import BaseObserver, LogObserver, Observers
 from patchd.reconcile import Reconciled, reconcile
-from patchd.runner import Refusal, Runner, RunRefused
+from patchd.runner import Refusal, Runner, RunRefused, hand_over
 from patchd.state import StoreError, StoreProtocol
 from patchd.state import open_store as open_journal
 
@@ -35,8 +39,23 @@ Progress = Callable[[TargetOutcome, int, int], None]
 
 
 def open_store(settings: Settings, *, readonly: bool = False) -> StoreProtocol:
-    """The state store of these settings: the one place that opens it."""
-    return open_journal(settings.daemon.state_dir / "patchd.db", readonly=readonly)
+    """The state store of these settings: the one place that opens it.
+
+    readonly (the report commands): never creates or changes the journal; before the
+    first run there is none, and the answer is an empty store held in memory. Written
+    to, a journal root creates in a state directory another user owns (the service's)
+    is handed to that owner: else the service could not open it.
+    """
+    path = settings.daemon.state_dir / "patchd.db"
+    if readonly:
+        if not path.exists():
+            return open_journal(Path(":memory:"))
+        return open_journal(path, readonly=True)
+    created = not path.exists()
+    store = open_journal(path)
+    if created:
+        hand_over(path)
+    return store
 
 
 class Runtime:
@@ -46,14 +65,26 @@ class Runtime:
         clock: Callable[[], datetime],
         observers: Sequence[BaseObserver] = (),
         connector: Callable[[BackendSpec], Backend] | None = None,
+        *,
+        readonly: bool = False,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.log = log.get("patchd.runtime")
         self.connector = connector if connector is not None else connect
+        self.store = open_store(settings, readonly=readonly)  # readonly: `patchd plan`
+        # Notifications are queued in the journal on the run's thread and delivered by
+        # the outbox's own thread (the daemon starts it; `patchd run` flushes at close).
+        self.outbox = Outbox(
+            settings.notifications,
+            self.store,
+            clock,
+            lambda channel, result: self.observer.notification(channel, result),
+        )
         # The engine's transitions are always logged; the front door adds its own.
-        self.observer = Observers([LogObserver(), *observers])
-        self.store = open_store(settings)
+        self.observer = Observers(
+            [LogObserver(), *observers, NotificationObserver(self.outbox, clock)]
+        )
         self._lock = threading.RLock()
         self._backends: dict[str, Backend] = {}
         self._retired: list[Backend] = []  # replaced by a reload, not closed yet
@@ -103,6 +134,7 @@ class Runtime:
                     self._retired.append(backend)
             self._backends = kept
             self.settings = settings
+        self.outbox.configure(settings.notifications)
         self._close_retired()
 
     def _close_retired(self) -> None:
@@ -113,12 +145,23 @@ class Runtime:
         self._close(retired)
 
     def close(self) -> None:
-        """Close every backend and the store (at the end of the process)."""
+        """Close every backend and the store (at the end of the process). Without the
+        delivery thread (`patchd run`), what is queued gets one delivery attempt first;
+        what fails stays queued for the daemon."""
         with self._lock:
             backends = [*self._backends.values(), *self._retired]
             self._backends, self._retired = {}, []
         self._close(backends)
+        if self.outbox.running:
+            self.outbox.stop()
+        elif self.settings.notifications:
+            self.outbox.flush()
         self.store.close()
+
+    def notify(self, event: Event) -> None:
+        """Tell people about something outside a run (the control socket's pause, resume,
+        approval needed, quarantine): observers hear it, the outbox queues it."""
+        self.observer.notify(event)
 
     def _close(self, backends: Iterable[Backend]) -> None:
         for backend in backends:
@@ -195,6 +238,14 @@ class Runtime:
                 self.gate_shut.pop(group.name, None)
             self.observer.run_ended(group)
             self._close_retired()
+        if result.status == "completed" and not result.outcomes:
+            # Likely a typo in a selector: say so rather than "0 patched" in silence.
+            self.log.warning(
+                "group_selects_nothing",
+                group=group.name,
+                backend=group.backend,
+                hint="no target matches the group's select; check its labels/names",
+            )
         self.observer.run_finished(group, result)
         return result
 

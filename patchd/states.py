@@ -28,6 +28,8 @@ class TargetState(StrEnum):
     ROLLING_BACK = "rolling_back"
     ROLLED_BACK = "rolled_back"
     ROLLBACK_FAILED = "rollback_failed"
+    # Nothing to roll back to (an ESXi host): safely out of service for a person to fix.
+    OUT_OF_SERVICE = "out_of_service"
     # Not written by today's engine; a journal row in it is treated as resting, as the
     # first store did.
     SKIPPED = "skipped"
@@ -45,6 +47,7 @@ RESTING = frozenset(
         TargetState.COMMITTED,
         TargetState.ROLLED_BACK,
         TargetState.ROLLBACK_FAILED,
+        TargetState.OUT_OF_SERVICE,
         TargetState.SKIPPED,
         TargetState.PENDING,
     }
@@ -61,6 +64,7 @@ class TargetResult(StrEnum):
     SUCCESS = "success"  # patched, verified and committed
     ROLLED_BACK = "rolled_back"
     ROLLBACK_FAILED = "rollback_failed"  # needs a person
+    OUT_OF_SERVICE = "out_of_service"  # failed, taken out of service (not rolled back)
     FAILED = "failed"  # nothing was changed (its update could not be read or started)
     CURRENT = "current"  # no update
     SKIPPED = "skipped"  # not to be patched in this run
@@ -69,7 +73,12 @@ class TargetResult(StrEnum):
 
 # Results that spend the error budget.
 FAILED_RESULTS = frozenset(
-    {TargetResult.ROLLED_BACK, TargetResult.ROLLBACK_FAILED, TargetResult.FAILED}
+    {
+        TargetResult.ROLLED_BACK,
+        TargetResult.ROLLBACK_FAILED,
+        TargetResult.OUT_OF_SERVICE,
+        TargetResult.FAILED,
+    }
 )
 
 

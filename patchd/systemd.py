@@ -1,4 +1,5 @@
-"""systemd's sd_notify protocol: READY, RELOADING, STATUS, WATCHDOG and STOPPING messages.
+"""systemd's sd_notify protocol: READY, RELOADING, STATUS, WATCHDOG, EXTEND_TIMEOUT_USEC
+and STOPPING messages.
 
 Without NOTIFY_SOCKET (not run by systemd with Type=notify) every call does nothing.
 """
@@ -7,6 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 
@@ -54,6 +58,34 @@ class Notifier:
 
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")
+
+    def extend_timeout(self, by: timedelta) -> bool:
+        """Ask systemd for `by` more time to start (or stop), counted from now."""
+        return self.send(f"EXTEND_TIMEOUT_USEC={int(by.total_seconds() * 1_000_000)}")
+
+    @contextmanager
+    def extending(self, by: timedelta = timedelta(seconds=60)) -> Iterator[None]:
+        """Keep extending the start timeout by `by` (every third of it) while the block
+        runs: a long start-up reconcile is progress, not a hang, so the unit keeps a
+        normal TimeoutStartSec and a hung start still fails."""
+        if not self.enabled:
+            yield
+            return
+        done = threading.Event()
+
+        def extend() -> None:
+            while True:
+                self.extend_timeout(by)
+                if done.wait(by.total_seconds() / 3):
+                    return
+
+        thread = threading.Thread(target=extend, name="extend-timeout", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def stopping(self, status: str = "stopping") -> bool:
         return self.send("STOPPING=1", f"STATUS={status}", wait=self.announce_wait)

@@ -40,7 +40,10 @@ __all__ = [
     "BackendError",
     "BackendPlugin",
     "KeptSnapshot",
+    "LeftOutOfService",
     "ListsSnapshots",
+    "NotNow",
+    "PreparesRun",
     "Retained",
     "RollbackFailed",
     "Snapshot",
@@ -61,6 +64,19 @@ class TransientError(BackendError):
 
 class StepFailed(BackendError):
     """The step failed or its outcome is unknown: the target must be rolled back."""
+
+
+class NotNow(StepFailed):
+    """The target may not start now for a reason outside it (its cluster is halted by
+    another host left in maintenance mode). From check_update nothing was changed: the
+    engine reports the target pending with this reason, not failed. From a later step it
+    is a StepFailed like any other."""
+
+
+class LeftOutOfService(BackendError):
+    """Raised by rollback when there is no earlier state to return to (an ESXi host) and
+    the failed target was safely taken out of service instead (maintenance mode): it is
+    reported `out_of_service`, not rolled back; a person fixes it and brings it back."""
 
 
 class RollbackFailed(BackendError):
@@ -186,6 +202,15 @@ class Backend(Protocol):
 class KeptSnapshot(Protocol):
     @property
     def created(self) -> datetime | None: ...
+
+
+@runtime_checkable
+class PreparesRun(Protocol):
+    """Optional: a backend that can do a run's shared work at once (one registry query per
+    image, pulls started early) before the first target starts."""
+
+    def prepare(self, targets: Sequence[Target], pins: Mapping[str, str]) -> None:
+        """Called once per run after discovery; failures are ignored by the engine."""
 
 
 @runtime_checkable

@@ -2,28 +2,34 @@
 
 A target is a container, identified by its NAME (stable across a recreate). One patch:
 
+- prepare (called by the engine before a run's first target starts): asks the registry
+  about every distinct image reference of the run at once, in parallel.
 - check_update: the registry's manifest digest for the container's configured image
-  reference (`Config.Image`, e.g. `registry:5000/app:stable`) against the `RepoDigests`
-  entry of that repository on the image the container runs. Never pulls.
-- snapshot: stop the container and rename it `NAME.patchd-RUN` (it and its image stay).
-- apply: pull `repository@digest`, tag it locally as the configured reference, create a
-  container under the original name with the old one's user-set configuration
-  (`docker_recreate`) from that reference, put the tag back where it was, and start the
-  container. Creating from the reference rather than from `repository@digest` keeps
-  `Config.Image` as configured, so the new container inspects identical to the old one
-  except for the image (and tools that read `Config.Image`, such as compose, keep
-  working). Tag, create and tag-back happen under a per-reference lock, and the created
-  container's image id is checked against the pulled one, so concurrent patches of one
-  reference never pick up each other's version; the local tag moves for good only at
-  commit, so a rollback has no tag to undo.
+  reference (`Config.Image`, e.g. `registry:5000/app:stable`, or the `patchd.image` label
+  of a replacement patchd made) against the `RepoDigests` entry of that repository on the
+  image the container runs; one query per reference per run (`docker_images`). Never
+  pulls. A container that others share the network namespace of (`network_mode:
+  container:NAME`) is refused here, before anything is touched: its replacement would
+  get a namespace of its own and cut them off.
+- snapshot: pull `repository@digest` (once per digest, however many containers need
+  it) and make the replacement's create request, then stop the container and rename it
+  `NAME.patchd-RUN` (it and its image stay). A registry that is slow or down costs no
+  downtime: nothing is stopped until the new version is on the engine.
+- apply: create a container under the original name with the old one's user-set
+  configuration (`docker_recreate`) from `repository@digest` and start it. No local tag
+  is moved to create it, so patches of one reference (threads, processes, backends on
+  one engine) neither race nor wait for each other; the configured reference is kept in
+  the `patchd.image` label, and the version shown is the pulled image's digest.
 - verify: the container's own HEALTHCHECK, or else running without a restart for
   `stable_for`.
 - commit: once the replacement still runs, remove the renamed container and move the
-  local tag to the new image; the old image is kept for `rollback_retention` and removed
-  by `release` when no container uses it and it has no tag.
+  local tag to the new image (as `docker pull` would); the old image is kept for the
+  group's `snapshot.keep` (the one key for it) and removed by `release` when no
+  container uses it and it has no tag.
 - rollback: from any partial state, put the renamed container back under its name and
   start it. A container is never removed unless the old one is there to replace it.
-  While the engine cannot be reached it is tried again, up to `rollback_timeout`.
+  While the engine cannot be reached it is tried again, up to `rollback_timeout`
+  (`docker_rollback`).
 
 Containers are selected only while running or restarting, and are checked again just
 before their patch: a stopped container cannot be verified, and starting it is not
@@ -39,83 +45,43 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import threading
-import time
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
-from pathlib import Path
-from typing import Any, ClassVar
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from typing import Any, ClassVar, NoReturn
 
-from pydantic import BaseModel, Field, FilePath, field_validator, model_validator
+from pydantic import BaseModel
 
-from patchd import faults
+from patchd import faults, poll
 from patchd.backends.base import (
     Retained,
     RollbackFailed,
     Snapshot,
     StepFailed,
     Target,
+    TransientError,
     Update,
 )
-from patchd.backends.docker_engine import Engine, message, not_found, status_code, transient
-from patchd.backends.docker_recreate import create_request, parse_ref, repo_digests
+from patchd.backends.docker_config import DockerConfig, DockerSelect
+from patchd.backends.docker_engine import Engine, message, transient
+from patchd.backends.docker_images import Images
+from patchd.backends.docker_recreate import (
+    CreateRequest,
+    configured_ref,
+    create_request,
+    parse_ref,
+    repo_digests,
+)
+from patchd.backends.docker_rollback import release_image, restore, stop
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
-from patchd.config.types import STRICT, Duration
 
-_SCHEMES = ("unix://", "tcp://", "ssh://")
 ENABLE_LABEL = "patchd.enable"
 DEPENDS_LABEL = "patchd.depends_on"
 SNAPSHOT_INFIX = ".patchd-"
 _SNAPSHOT_NAME = re.compile(r"\.patchd-[A-Za-z0-9_.-]+$")
 _SELECTABLE = ("running", "restarting")
 _ROLLBACK_MAX_DELAY = 2.0  # seconds between rollback attempts while the engine is away
-_DEFAULT_STOP = 10  # seconds; the engine's default stop timeout
-
-
-class DockerConfig(BaseModel):
-    """`[backends.NAME]` keys for `type = "docker"`."""
-
-    model_config = STRICT
-
-    url: str = "unix:///var/run/docker.sock"
-    timeout: Duration = timedelta(seconds=60)
-    tls_ca: FilePath | None = None
-    tls_cert: FilePath | None = None
-    tls_key: FilePath | None = None
-    # How long the image a container ran before a patch is kept after the commit.
-    rollback_retention: Duration = timedelta(days=7)
-    # How long a rollback waits for the restored container to be healthy again, and
-    # keeps trying an engine that cannot be reached.
-    rollback_timeout: Duration = timedelta(minutes=5)
-
-    @field_validator("url")
-    @classmethod
-    def _scheme(cls, value: str) -> str:
-        if not value.startswith(_SCHEMES) or value in _SCHEMES:
-            raise ValueError(f"expected a unix://, tcp:// or ssh:// URL, got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _tls(self) -> DockerConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key must be given together")
-        uses_tls = any(p is not None for p in (self.tls_ca, self.tls_cert))
-        if uses_tls and not self.url.startswith("tcp://"):
-            raise ValueError("TLS files apply only to a tcp:// url")
-        return self
-
-    @property
-    def tls_files(self) -> tuple[Path | None, Path | None, Path | None]:
-        return self.tls_ca, self.tls_cert, self.tls_key
-
-
-class DockerSelect(BaseModel):
-    """A group's `select` table for Docker: every label must match, and any name glob."""
-
-    model_config = STRICT
-
-    labels: dict[str, str] = Field(default_factory=dict)
-    names: list[str] = Field(default_factory=list)
+_PREPARE_WORKERS = 8
 
 
 class DockerBackend:
@@ -132,8 +98,16 @@ class DockerBackend:
         self.engine = Engine(
             self.config.url, self.config.timeout.total_seconds(), self.config.tls_files
         )
-        self._lock = threading.Lock()
-        self._ref_locks: dict[str, threading.Lock] = {}
+        self.images = Images(self.engine)
+        # target id -> (ref, digest, containers in its network namespace) that prepare
+        # learned: the target's next check_update uses it once (one registry query per
+        # reference and one container listing per run).
+        self._prepared: dict[str, tuple[str, str, list[str]]] = {}
+        # The update check_update last found per target: snapshot pulls it before it
+        # stops anything (the engine calls check_update just before, in one thread).
+        self._wanted: dict[str, Update] = {}
+        # name -> ((old id, source), create request) that snapshot made before the stop.
+        self._ready: dict[str, tuple[tuple[str, str], CreateRequest]] = {}
 
     @property
     def api(self) -> Any:
@@ -177,6 +151,37 @@ class DockerBackend:
             )
         return sorted(found, key=lambda t: t.name)
 
+    def prepare(self, targets: Sequence[Target], pins: Mapping[str, str]) -> None:
+        """Ask the registry about every reference of a run at once, and start pulling
+        the new versions (an optimisation: each target's check_update still asks for
+        itself what is not known, and its snapshot waits for its pull)."""
+
+        def ref_of(target: Target) -> tuple[str, str, dict[str, Any]] | None:
+            try:
+                attrs = self.engine.container(target.id)
+            except Exception:
+                return None  # the target's own check reports it
+            ref = configured_ref((attrs or {}).get("Config") or {})
+            if not attrs or ref in pins or ref.startswith("sha256:") or parse_ref(ref).digest:
+                return None
+            return target.id, ref, attrs
+
+        if not targets:
+            return
+        workers = min(_PREPARE_WORKERS, len(targets))
+        with ThreadPoolExecutor(workers, thread_name_prefix="patchd-prepare") as pool:
+            found = [r for r in pool.map(ref_of, targets) if r is not None]
+            listing = pool.submit(self.api.containers, all=True)
+            digests = self.images.checks.prefetch(ref for _, ref, _ in found)
+            listed = listing.result()
+        wanted = set()
+        for target_id, ref, attrs in found:
+            if ref in digests:
+                sharing = self.engine.sharing_network(attrs, listed)
+                self._prepared[target_id] = (ref, digests[ref], sharing)
+                wanted.add(f"{parse_ref(ref).repository}@{digests[ref]}")
+        self.images.pull_in_background(wanted)
+
     def _running(self, target: Target) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The target's inspect and that of the image it runs (None if the image is gone)."""
         attrs = self.engine.container(target.id)
@@ -196,25 +201,38 @@ class DockerBackend:
                 raise StepFailed(
                     f"{target.name} is {status}: patchd patches running containers only"
                 )
-            ref = str(attrs["Config"]["Image"])
+            ref = configured_ref(attrs["Config"])
             parsed = parse_ref(ref)
             if parsed.digest is not None or ref.startswith("sha256:"):
                 return None  # pinned to one version by its own configuration
             running = repo_digests(image or {}, parsed.repository)
+            prepared = self._prepared.pop(target.id, None)
+            if prepared is not None and prepared[0] != ref:
+                prepared = None  # recreated from another image since
             available = pins.get(ref)
             if available is None:
-                available = str(self.api.inspect_distribution(ref)["Descriptor"]["digest"])
+                available = prepared[1] if prepared else self.images.checks.get(ref)
             if available in running:
                 return None
+            sharing = prepared[2] if prepared else self.engine.sharing_network(attrs)
+            if sharing:
+                raise StepFailed(
+                    f"{target.name} is not patched: {', '.join(sharing)} run in its network"
+                    f" namespace (network_mode container:{target.name}), and a recreated"
+                    " container gets a namespace of its own, which would cut them off;"
+                    " nothing was changed"
+                )
             # An image that was built or imported here has no registry digest: the
             # registry's version is then taken to differ, and the id stands for it.
             current = running[0] if running else str(attrs["Image"])
-            return Update(ref=ref, current=current, available=available)
+            update = Update(ref=ref, current=current, available=available)
+            self._wanted[target.id] = update
+            return update
 
     def describe(self, target: Target) -> Mapping[str, str]:
         with self.engine.step(f"describing {target.name}"):
             attrs, image = self._running(target)
-        ref = str(attrs["Config"]["Image"])
+        ref = configured_ref(attrs["Config"])
         state = attrs.get("State") or {}
         digests = repo_digests(image or {}, parse_ref(ref).repository)
         facts = {
@@ -254,10 +272,12 @@ class DockerBackend:
                         f"{name} was started with --rm: stopping it would delete it, so it"
                         " cannot be snapshotted; recreate it without --rm to have it patched"
                     )
-            ref = str(attrs["Config"]["Image"])
+            ref = configured_ref(attrs["Config"])
+            if attrs["Name"].lstrip("/") == name:
+                self._prepare_replacement(attrs, ref)
             progress.changed = True
             if (attrs.get("State") or {}).get("Running"):
-                self._stop(attrs)
+                stop(self.api, attrs)
                 faults.hit("docker.after_stop")
             if attrs["Name"].lstrip("/") != old_name:
                 self.api.rename(attrs["Id"], old_name)
@@ -270,15 +290,20 @@ class DockerBackend:
         }
         return Snapshot(snapshot.target_id, data)
 
-    def _stop(self, attrs: Mapping[str, Any]) -> None:
-        # Given explicitly, the container's own stop timeout also extends the HTTP
-        # request's; left out, a long one would outlast the client's timeout.
-        grace = (attrs.get("Config") or {}).get("StopTimeout")
-        self.api.stop(attrs["Id"], timeout=_DEFAULT_STOP if grace is None else grace)
-
-    def _ref_lock(self, ref: str) -> threading.Lock:
-        with self._lock:
-            return self._ref_locks.setdefault(ref, threading.Lock())
+    def _prepare_replacement(self, attrs: Mapping[str, Any], ref: str) -> None:
+        """Before the container is stopped: pull the version check_update found and make
+        the create request, so that only create and start fall between stop and start."""
+        name = str(attrs["Name"]).lstrip("/")
+        update = self._wanted.get(name)
+        if update is None or update.ref != ref:
+            return  # not found by this process: apply pulls it
+        source = f"{parse_ref(ref).repository}@{update.available}"
+        try:
+            request = self._request(name, str(attrs["Id"]), ref, source)
+        except StepFailed as err:
+            # Nothing is changed yet: the engine tries again, then fails the target.
+            raise TransientError(f"{name} was not stopped: {err}") from err
+        self._ready[name] = ((str(attrs["Id"]), source), request)
 
     def _bridge_disabled(self, container: Mapping[str, Any]) -> bool:
         """Whether the engine runs without its default bridge (only asked when it matters)."""
@@ -298,37 +323,22 @@ class DockerBackend:
         if not old_id:
             raise StepFailed(f"{name}: the snapshot was not taken")
         ref = parse_ref(update.ref)
+        source = f"{ref.repository}@{update.available}"
         with self.engine.step(f"apply to {name}") as progress:
-            old = self.engine.container(old_id)
-            if old is None:
-                raise StepFailed(f"{name}: the snapshotted container {old_id[:12]} is gone")
-            image = self.engine.image(old["Image"])
-            if image is None:
-                raise StepFailed(f"{name}: the old image {old['Image']} is gone")
+            ready = self._ready.pop(name, None)
+            if ready is not None and ready[0] == (old_id, source):
+                request = ready[1]  # made by snapshot before the stop: no downtime spent
+            else:
+                request = self._request(name, old_id, update.ref, source)
             taken = self.engine.container(name)
             if taken is not None and taken["Id"] != old_id:
                 raise StepFailed(f"{name}: a container {taken['Id'][:12]} already has the name")
-            request = create_request(
-                old,
-                image.get("Config") or {},
-                update.ref,
-                bridge_disabled=self._bridge_disabled(old),
-            )
-            pulled = self.engine.pull(ref.repository, update.available)
-            with self._ref_lock(update.ref):
-                tagged = self.engine.image(update.ref)
-                progress.changed = True
-                self.api.tag(pulled, ref.repository, ref.tag_or_latest)
-                try:
-                    created = self.api.create_container_from_config(request.body, name=name)
-                finally:
-                    if tagged is not None and tagged["Id"] != pulled:
-                        self.api.tag(tagged["Id"], ref.repository, ref.tag_or_latest)
+            progress.changed = True
+            # From repository@digest: the engine resolves it to the image pulled, and to
+            # nothing else, so no check of the created container's image is needed.
+            created = self.api.create_container_from_config(request.body, name=name)
             new_id = created["Id"]
             faults.hit("docker.after_create")
-            new = self.api.inspect_container(new_id)
-            if new["Image"] != pulled:
-                raise StepFailed(f"{name}: created from {new['Image']}, expected {pulled}")
             for network, endpoint in request.connect:
                 ipam = endpoint.get("IPAMConfig") or {}
                 self.api.connect_container_to_network(
@@ -343,6 +353,19 @@ class DockerBackend:
                 )
             self.api.start(new_id)
             faults.hit("docker.after_start")
+
+    def _request(self, name: str, old_id: str, ref: str, source: str) -> CreateRequest:
+        """The create request of `name`'s replacement, with `source` on the engine."""
+        old = self.engine.container(old_id)
+        if old is None:
+            raise StepFailed(f"{name}: the snapshotted container {old_id[:12]} is gone")
+        image = self.engine.image(old["Image"])
+        if image is None:
+            raise StepFailed(f"{name}: the old image {old['Image']} is gone")
+        self.images.pulls.get(source)  # on the engine already, unless after a restart
+        config = image.get("Config") or {}
+        bridge_disabled = self._bridge_disabled(old)
+        return create_request(old, config, ref, image=source, bridge_disabled=bridge_disabled)
 
     def verify(self, target: Target, update: Update, health: HealthModel) -> None:
         with self.engine.step(f"verifying {target.name}"):
@@ -376,44 +399,33 @@ class DockerBackend:
                 progress.changed = True
                 self.api.remove_container(old["Id"], force=True)
                 faults.hit("docker.during_commit")
-            ref = str(new["Config"]["Image"])
+            ref = configured_ref(new["Config"])
             parsed = parse_ref(ref)
-            if parsed.digest is None:
+            if parsed.digest is None and not ref.startswith("sha256:"):
                 # What `docker pull` would have done; apply left the tag where it was.
-                with self._ref_lock(ref):
-                    progress.changed = True
-                    self.api.tag(new["Image"], parsed.repository, parsed.tag_or_latest)
+                progress.changed = True
+                self.api.tag(new["Image"], parsed.repository, parsed.tag_or_latest)
         if not image_id or new["Image"] == image_id:
             return None
         return Retained(
             data={"backend": self.name, "image_id": image_id, "image": ref, "container": name},
-            keep=self.config.rollback_retention,
-            description=f"image {image_id[:19]} ({ref}) that {name} ran before the patch",
+            keep=options.keep,
+            description=f"image {self._kept_name(image_id, parsed.repository)} that {name}"
+            " ran before the patch",
         )
+
+    def _kept_name(self, image_id: str, repository: str) -> str:
+        """repository@sha256:... (its tag has moved on), or the id of an image without one."""
+        with suppress(Exception):  # only a name: the commit is done
+            digests = repo_digests(self.engine.image(image_id) or {}, repository)
+            return f"{repository}@{digests[0]}" if digests else image_id
+        return image_id
 
     def release(self, retained: Mapping[str, Any]) -> None:
         image_id = retained.get("image_id")
-        if not image_id:
-            return
-        with self.engine.step(f"releasing image {image_id}"):
-            image = self.engine.image(image_id)
-            tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"] if image else []
-            if image is None or tags:
-                return  # gone already, or someone tagged it: theirs to remove
-            try:
-                self.api.remove_image(image_id)
-            except Exception as err:
-                if not_found(err):
-                    return
-                if status_code(err) != 409:
-                    raise
-                # 409: a container (running or not) or a child image uses it: kept. Or it
-                # is known by digest in several repositories, which only force removes.
-                if "multiple repositories" not in message(err):
-                    return
-                users = self.api.containers(all=True, quiet=True, filters={"ancestor": image_id})
-                if not users:
-                    self.api.remove_image(image_id, force=True)
+        if image_id:
+            with self.engine.step(f"releasing image {image_id}"):
+                release_image(self.engine, str(image_id))
 
     # --- rollback -----------------------------------------------------------------------
 
@@ -422,61 +434,24 @@ class DockerBackend:
         # Rollback is idempotent: while the engine cannot be reached (it restarts, say)
         # it is tried again, up to rollback_timeout, rather than leaving the target to a
         # person.
-        deadline = time.monotonic() + self.config.rollback_timeout.total_seconds()
-        attempt = 0
-        while True:
+        timeout = self.config.rollback_timeout.total_seconds()
+        last: list[Exception] = []  # the transient error of the last attempt
+
+        def attempt() -> bool | None:
             try:
-                self._rollback(snapshot)
-                return
+                restore(self.engine, snapshot, timeout)
+                return True
             except RollbackFailed:
                 raise
             except Exception as err:
-                delay = min(2.0**attempt, _ROLLBACK_MAX_DELAY)
-                if transient(err) and time.monotonic() + delay < deadline:
-                    self.engine.sleep(delay)
-                    attempt += 1
-                    continue
-                raise RollbackFailed(f"rollback of {name}: {message(err)}") from err
+                if not transient(err):
+                    raise RollbackFailed(f"rollback of {name}: {message(err)}") from err
+                last[:] = [err]
+                return None
 
-    def _rollback(self, snapshot: Snapshot) -> None:
-        data = snapshot.data
-        name, old_name, old_id = data["container"], data["old_name"], data.get("old_id")
-        old = self.engine.container(old_name)
-        current = self.engine.container(name)
-        if old is not None:
-            if old_id and old["Id"] != old_id:
-                raise RollbackFailed(
-                    f"{old_name} is container {old['Id'][:12]}, not {old_id[:12]} that patchd"
-                    " renamed; nothing was changed"
-                )
-            if current is not None and current["Id"] != old["Id"]:
-                self._stop(current)
-                self.api.remove_container(current["Id"], force=True)
-                faults.hit("docker.during_rollback")
-            if (old.get("State") or {}).get("Running"):
-                # An engine restart started it under the snapshot name (restart policy
-                # always). It is renamed stopped: the engine renames a running container's
-                # network sandbox too, and refuses when it has none after its restart.
-                self._stop(old)
-                old = {**old, "State": {**old["State"], "Running": False}}
-            self.api.rename(old["Id"], name)
-            restored = old
-        elif current is not None and (not old_id or current["Id"] == old_id):
-            # Not renamed yet (or back already). Without old_id the snapshot was never
-            # reported taken, so apply never ran and `name` is still the original.
-            restored = current
-        else:
-            where = f"container {current['Id'][:12]} is left as is" if current else "nothing is"
-            raise RollbackFailed(
-                f"{name}: the old container ({old_name}) is gone, so it cannot be put back;"
-                f" under {name} {where}"
-            )
-        state = restored.get("State") or {}
-        if not state.get("Running"):
-            self.api.start(restored["Id"])
-        try:
-            self.engine.await_healthy(
-                name, self.config.rollback_timeout.total_seconds(), 0.0, RollbackFailed
-            )
-        except RollbackFailed as err:
-            raise RollbackFailed(f"{name} is back on its old image but {err}") from err
+        def expired() -> NoReturn:
+            raise RollbackFailed(f"rollback of {name}: {message(last[-1])}") from last[-1]
+
+        clock = self.engine.clock
+        every = poll.backoff(1.0, _ROLLBACK_MAX_DELAY)
+        poll.until(attempt, clock.deadline(timeout), expired, every, clock)

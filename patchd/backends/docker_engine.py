@@ -8,15 +8,15 @@ The docker SDK has no type hints: its objects stay `Any` inside this module and
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from patchd import poll
 from patchd.backends.base import BackendError, StepFailed, TransientError
 
-_POLL = 0.2
+_POLL = 0.1  # as often as the bench's floor polls (bench/downtime.py)
 
 
 def status_code(err: BaseException) -> int | None:
@@ -47,9 +47,42 @@ def not_found(err: BaseException) -> bool:
     return is_api_error(err) and status_code(err) == 404
 
 
-def message(err: BaseException) -> str:
+def message(err: BaseException, url: str | None = None) -> str:
+    """The error in plain words; an engine that cannot be reached is named with a hint
+    (the SDK's own text is a nest of reprs: `('Connection aborted.', FileNotFoundError(..`)."""
+    unreachable = _unreachable(err)
+    if unreachable is not None and url is not None:
+        text = next(t for kind, t in _UNREACHABLE.items() if isinstance(unreachable, kind))
+        return text.format(url=url)
     explanation = getattr(err, "explanation", None)
     return str(explanation or err) or type(err).__name__
+
+
+# The socket's errno -> what it means and what to check.
+_UNREACHABLE: dict[type[OSError], str] = {
+    FileNotFoundError: "cannot reach the Docker engine at {url}: no such socket"
+    " — is dockerd running, and is the backend's url right?",
+    PermissionError: "cannot reach the Docker engine at {url}: permission denied"
+    " — add the service user to the docker group (or give it the socket)",
+    ConnectionRefusedError: "cannot reach the Docker engine at {url}: connection refused"
+    " — is dockerd running and listening there, and is the backend's url right?",
+}
+
+
+def _unreachable(err: BaseException) -> Any:
+    """The socket error (no such socket, permission denied, refused) somewhere in what
+    the SDK raised: in the cause chain or in the arguments of requests' wrappers."""
+    seen: set[int] = set()
+    todo: list[object] = [err]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, FileNotFoundError | PermissionError | ConnectionRefusedError):
+            return item
+        todo.extend([item.__cause__, item.__context__, *item.args])
+    return None
 
 
 class Progress:
@@ -70,7 +103,7 @@ class Engine:
         self.url = url
         self.timeout = timeout
         self.tls = tls
-        self.sleep: Callable[[float], None] = time.sleep
+        self.clock = poll.SYSTEM  # the health and rollback waits' time and sleep
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -102,7 +135,10 @@ class Engine:
                 try:
                     self._client = self._connect()
                 except Exception as err:
-                    raise TransientError(f"docker {self.url}: {message(err)}") from err
+                    text = message(err, self.url)
+                    if _unreachable(err) is None:
+                        text = f"docker {self.url}: {text}"
+                    raise TransientError(text) from err
             return self._client.api
 
     def close(self) -> None:
@@ -122,8 +158,8 @@ class Engine:
             raise
         except Exception as err:
             if not progress.changed and transient(err):
-                raise TransientError(f"{what}: {message(err)}") from err
-            raise StepFailed(f"{what}: {message(err)}") from err
+                raise TransientError(f"{what}: {message(err, self.url)}") from err
+            raise StepFailed(f"{what}: {message(err, self.url)}") from err
 
     def container(self, name_or_id: str) -> dict[str, Any] | None:
         """Inspect a container by exact name or id; None when there is none."""
@@ -159,6 +195,20 @@ class Engine:
             raise StepFailed(f"pulling {repository}@{digest} failed: {error or 'not found'}")
         return str(image["Id"])
 
+    def sharing_network(
+        self, attrs: dict[str, Any], listed: list[dict[str, Any]] | None = None
+    ) -> list[str]:
+        """Containers that run in `attrs`' network namespace (`--network container:X`),
+        from `listed` (the engine's container list) or a fresh list."""
+        name = str(attrs["Name"]).lstrip("/")
+        modes = {f"container:{attrs['Id']}", f"container:{name}"}
+        found = []
+        for item in self.api.containers(all=True) if listed is None else listed:
+            mode = str((item.get("HostConfig") or {}).get("NetworkMode") or "")
+            if item.get("Id") != attrs["Id"] and mode in modes:
+                found.append(str((item.get("Names") or ["/?"])[0]).lstrip("/"))
+        return sorted(found)
+
     def await_healthy(
         self,
         name: str,
@@ -174,11 +224,12 @@ class Engine:
         at once rather than at the deadline. `restarts`: the restart count it must keep
         (0 for a container just created); by default the count first seen.
         """
-        deadline = time.monotonic() + timeout
         started_at: str | None = None
         running_since: float | None = None
-        while True:
-            now = time.monotonic()
+
+        def attempt() -> bool | None:
+            nonlocal restarts, started_at, running_since
+            now = self.clock.monotonic()
             attrs = self.container(name)
             if attrs is None:
                 raise failure(f"{name}: the container is gone")
@@ -195,15 +246,17 @@ class Engine:
             health = state.get("Health")
             if health and check.get("Test") not in (None, [], ["NONE"]):
                 if health.get("Status") == "healthy":
-                    return
+                    return True
                 if health.get("Status") == "unhealthy":
                     last = (health.get("Log") or [{}])[-1]
                     output = str(last.get("Output", "")).strip()[-200:]
                     raise failure(f"{name} is unhealthy: {output or 'its healthcheck fails'}")
-            else:
-                running_since = now if running_since is None else running_since
-                if now - running_since >= stable_for:
-                    return
-            if now >= deadline:
-                raise failure(f"{name} was not healthy within {timeout:g}s")
-            self.sleep(min(_POLL, max(0.0, deadline - now)))
+                return None
+            # No healthcheck of its own: running without a restart for stable_for.
+            running_since = now if running_since is None else running_since
+            return True if now - running_since >= stable_for else None
+
+        def expired() -> NoReturn:
+            raise failure(f"{name} was not healthy within {timeout:g}s")
+
+        poll.until(attempt, self.clock.deadline(timeout), expired, _POLL, self.clock)

@@ -33,6 +33,10 @@ from typing import Any
 
 Json = dict[str, Any]
 
+# Set on a replacement created from `repository@digest`: the reference it was configured
+# with (`repository:tag`), which updates are checked against.
+REF_LABEL = "patchd.image"
+
 # Values the engine computes per container, or that only images carry.
 _IMAGE_ONLY = ("OnBuild",)
 _SCALARS_FROM_IMAGE = ("WorkingDir", "User", "StopSignal", "Shell", "ArgsEscaped")
@@ -81,6 +85,26 @@ def canonical_repository(repository: str) -> str:
         if "/" not in path:
             path = f"library/{path}"
     return f"{domain}/{path}"
+
+
+def configured_ref(config: Mapping[str, Any]) -> str:
+    """The image reference a container is configured with (its `Config`).
+
+    A replacement patchd made runs `repository@digest` (the exact version pulled, so no
+    local tag is moved to create it) and carries the reference it was configured with in
+    the `REF_LABEL` label; that reference is the one updates are checked against.
+    """
+    image = str(config.get("Image") or "")
+    label = str((config.get("Labels") or {}).get(REF_LABEL) or "")
+    if not label:
+        return image
+    parsed = parse_ref(image)
+    same_repository = canonical_repository(parsed.repository) == canonical_repository(
+        parse_ref(label).repository
+    )
+    if image.startswith("sha256:") or (parsed.digest is not None and same_repository):
+        return label
+    return image  # recreated by someone else since, from another image: theirs
 
 
 def repo_digests(image: Mapping[str, Any], repository: str) -> list[str]:
@@ -234,11 +258,14 @@ def create_request(
     image_config: Mapping[str, Any],
     ref: str,
     *,
+    image: str | None = None,
     bridge_disabled: bool = False,
 ) -> CreateRequest:
-    """The request creating `container`'s replacement from `ref` (tagged to the new image).
+    """The request creating `container`'s replacement, configured with `ref`.
 
     `container` is the old container's inspect, `image_config` the old image's Config.
+    `image`: what to create it from when not `ref` itself (`repository@digest`); `ref` is
+    then kept in the `REF_LABEL` label.
     `bridge_disabled`: the engine has no default bridge (dockerd --bridge=none).
     """
     container_id = str(container["Id"])
@@ -249,7 +276,9 @@ def create_request(
         # The engine sets NetworkDisabled itself when it starts such a container; copied,
         # it would keep the replacement off the bridge should one be configured later.
         body.pop("NetworkDisabled", None)
-    body["Image"] = ref
+    body["Image"] = image or ref
+    if image is not None and image != ref:
+        body["Labels"] = {**(body.get("Labels") or {}), REF_LABEL: ref}
     host["Links"] = _create_links(host.get("Links"))
     carried, replaced_binds = _anonymous_mounts(container)
     if carried:

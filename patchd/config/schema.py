@@ -223,4 +223,4 @@ class GroupModel(BaseModel):
     patch: PatchModel = PatchModel()
 
 
-SECTIONS = ("daemon", "windows", "freezes", "backends", "groups", "state", "ha")
+SECTIONS = ("daemon", "windows", "freezes", "backends", "groups", "state", "ha", "notifications")

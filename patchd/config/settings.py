@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from patchd.config.errors import ConfigError, ConfigIssue, KeyPath
 from patchd.config.files import Merged, config_files, load_merged
+from patchd.config.notifications import NotificationModel
 from patchd.config.schema import (
     SECTIONS,
     DaemonModel,
@@ -99,6 +100,10 @@ class Settings:
     # [state] (url None: SQLite in daemon.state_dir) and [ha] (used with a url only).
     state: StateModel = field(default_factory=StateModel)
     ha: HaModel = field(default_factory=HaModel)
+    # [notifications.NAME]: channel name -> its validated table.
+    notifications: Mapping[str, NotificationModel] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def stages(self) -> list[list[str]]:
         """Chains of groups linked by `after`, each listed from first to last stage."""
@@ -223,6 +228,12 @@ def build_settings(merged: Merged) -> Settings:
             groups[name] = group
     _check_cycles(b, groups)
 
+    notifications: dict[str, NotificationModel] = {}
+    for name, raw in b.tables("notifications").items():
+        channel = b.validate(NotificationModel, raw, ("notifications", name))
+        if channel is not None:
+            notifications[name] = channel
+
     if b.issues:
         raise ConfigError(b.issues)
     return Settings(
@@ -235,6 +246,7 @@ def build_settings(merged: Merged) -> Settings:
         warnings=tuple(b.warnings),
         state=state,
         ha=ha,
+        notifications=MappingProxyType(notifications),
     )
 
 

@@ -20,13 +20,14 @@ cannot be written is still reported, with that error.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from patchd.backends.base import Backend, Target
+from patchd.backends.base import Backend, PreparesRun, Target
 from patchd.config.settings import Group
 from patchd.engine.target import (
     Observer,
@@ -65,7 +66,7 @@ class RunResult:
     outcomes: tuple[TargetOutcome, ...]
     error: str | None = None
 
-    def count(self, *results: str) -> int:
+    def count(self, *results: TargetResult) -> int:
         return sum(1 for o in self.outcomes if o.result in results)
 
     @property
@@ -146,6 +147,12 @@ def run_group(request: RunRequest) -> RunResult:
         targets = dependency_order(req.backend.discover(group.select))
     except Exception as err:
         return _finish(req, RunStatus.FAILED, [], error=f"discovering targets: {err}")
+    if isinstance(req.backend, PreparesRun) and targets:
+        # Batch work for the whole run (the Docker backend asks the registry about every
+        # image at once and starts the pulls). Only an optimisation: each target still
+        # checks itself and reports its own failure, so an error here is not the run's.
+        with contextlib.suppress(Exception):
+            req.backend.prepare(targets, req.pins)
 
     ctx = TargetContext(
         run_id=req.run_id,

@@ -27,6 +27,8 @@ from typing import Any, Protocol, TypeVar
 from patchd import faults
 from patchd.backends.base import (
     Backend,
+    LeftOutOfService,
+    NotNow,
     Retained,
     Snapshot,
     StepFailed,
@@ -56,6 +58,7 @@ TRANSITIONS: Mapping[TargetState, frozenset[TargetState]] = {
     S.ROLLING_BACK: frozenset({*_WORKING, S.COMMITTING}),
     S.ROLLED_BACK: frozenset({S.ROLLING_BACK}),
     S.ROLLBACK_FAILED: frozenset({S.ROLLING_BACK}),
+    S.OUT_OF_SERVICE: frozenset({S.ROLLING_BACK}),
 }
 
 __all__ = ["FAILED_RESULTS", "TRANSITIONS"]  # FAILED_RESULTS: kept importable from here
@@ -79,8 +82,9 @@ class Observer(Protocol):
     """What the engine reports: every transition and outcome of a target. Both take the
     Group. patchd.observers fans them out (with the runtime's events) to logs and metrics."""
 
-    # `state` is a TargetState (a str enum).
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         """A target moved to `state`."""
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
@@ -88,7 +92,9 @@ class Observer(Protocol):
 
 
 class NullObserver:
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         return None
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
@@ -218,6 +224,8 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
 
     try:
         update, reason = find_update(ctx, target)
+    except NotNow as err:  # not started, through no fault of its own: a later run
+        return done(R.PENDING, error=str(err))
     except Exception as err:  # fail closed: a target we cannot read is not patched
         return done(R.FAILED, error=f"checking for an update: {err}")
     if update is None:
@@ -274,6 +282,10 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     try:
         _retrying(ctx, lambda: backend.rollback(target, snapshot))
         faults.hit("engine.after_rollback")
+    except LeftOutOfService as err:
+        failure = f"{failure}; {err}"
+        journal.move_anyway(S.OUT_OF_SERVICE, "rollback", "done", error=failure)
+        return done(R.OUT_OF_SERVICE, update=update, error=failure)
     except Exception as err:
         failure = f"{failure}; rollback: {err}"
         journal.move_anyway(S.ROLLBACK_FAILED, "rollback", "failed", error=failure)

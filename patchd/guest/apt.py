@@ -13,9 +13,10 @@ repository has any more.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NoReturn
 
+from patchd import poll
 from patchd.guest.errors import CommandFailed, PackageManagerError
 from patchd.guest.packages import Pending, Versions, describe
 from patchd.guest.ssh import Result, Session
@@ -59,31 +60,40 @@ class AptDriver:
 
     name = "apt"
 
-    def __init__(self, session: Session, lock_timeout: float = 300.0) -> None:
+    def __init__(
+        self, session: Session, lock_timeout: float = 300.0, clock: poll.Clock = poll.SYSTEM
+    ) -> None:
         self.session = session
         self.lock_timeout = lock_timeout
+        self.clock = clock
 
     # --- running apt -------------------------------------------------------------------
     def _apt(self, argv: Sequence[str], what: str) -> Result:
         """Run an apt-get that takes a lock; wait for the lock up to lock_timeout."""
-        deadline = time.monotonic() + self.lock_timeout
+        deadline = self.clock.deadline(self.lock_timeout)
         words = [argv[0], "-q", "-o", f"DPkg::Lock::Timeout={int(self.lock_timeout)}", *argv[1:]]
-        while True:
+        locked = ""  # what the last attempt said while the lock was held
+
+        def attempt() -> Result | None:
+            nonlocal locked
             result = self.session.run(words, sudo=True, env=_ENV, check=False)
             if result.status == 0:
                 return result
             text = result.stderr + result.stdout
             if any(sign in text for sign in _LOCKED):
-                if time.monotonic() < deadline:
-                    time.sleep(_LOCK_RETRY)
-                    continue
-                holder = next((ln for ln in text.splitlines() if "held by" in ln), "")
-                raise PackageManagerError(
-                    f"{self.session.name}: {what}: the package manager's lock is still held"
-                    f" after {self.lock_timeout:g}s ({holder.strip() or 'another apt or dpkg'});"
-                    " nothing was changed"
-                )
+                locked = text
+                return None
             raise self._failure(what, result)
+
+        def expired() -> NoReturn:
+            holder = next((ln for ln in locked.splitlines() if "held by" in ln), "")
+            raise PackageManagerError(
+                f"{self.session.name}: {what}: the package manager's lock is still held"
+                f" after {self.lock_timeout:g}s ({holder.strip() or 'another apt or dpkg'});"
+                " nothing was changed"
+            )
+
+        return poll.until(attempt, deadline, expired, _LOCK_RETRY, self.clock)
 
     def _failure(self, what: str, result: Result) -> Exception:
         # dpkg runs under apt's pseudo-terminal: its lines end in \r\n.

@@ -4,9 +4,10 @@ on its health (`systemctl is-system-running`)."""
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
+from typing import NoReturn
 
+from patchd import poll
 from patchd.backends.base import StepFailed
 from patchd.guest.errors import CommandFailed, Unreachable
 from patchd.guest.ssh import Session
@@ -24,7 +25,7 @@ def reboot(
     connect: Callable[[], Session],
     session: Session,
     timeout: float,
-    sleep: Callable[[float], None] = time.sleep,
+    clock: poll.Clock = poll.SYSTEM,
 ) -> str:
     """Reboot the machine and wait until SSH answers again with a new boot id, which
     proves it really went down. Returns the new boot id; StepFailed after `timeout`."""
@@ -33,22 +34,29 @@ def reboot(
     with contextlib.suppress(CommandFailed, Unreachable):
         session.run(["systemctl", "reboot"], sudo=True, check=False, timeout=30)
     session.close()
-    deadline = time.monotonic() + timeout
+    deadline = clock.deadline(timeout)
     last = "no answer yet"
-    while time.monotonic() < deadline:
-        sleep(1.0)
+
+    def back() -> str | None:
+        nonlocal last
         try:
             with connect() as fresh:
                 now = boot_id(fresh)
         except (Unreachable, CommandFailed) as err:
             last = str(err)
-            continue
+            return None
         if now != before:
             return now
         last = f"still up with the old boot id {before}"
-    raise StepFailed(
-        f"{session.name}: did not come back from a reboot within {timeout:g}s ({last})"
-    )
+        return None
+
+    def expired() -> NoReturn:
+        raise StepFailed(
+            f"{session.name}: did not come back from a reboot within {timeout:g}s ({last})"
+        )
+
+    clock.sleep(1.0)  # give it a moment to go down before the first ask
+    return poll.until(back, deadline, expired, 1.0, clock)
 
 
 def failed_units(session: Session) -> list[str]:
@@ -62,44 +70,54 @@ def wait_running(
     connect: Callable[[], Session],
     timeout: float,
     settle: float = 5.0,
-    sleep: Callable[[float], None] = time.sleep,
+    clock: poll.Clock = poll.SYSTEM,
 ) -> None:
     """Wait until `systemctl is-system-running` says running.
 
     While systemd is starting, keep waiting (a reboot just happened). A machine that stays
     degraded (or in maintenance) for `settle` seconds fails at once with its failed units
     named; an unhealthy state that does not settle fails at `timeout`."""
-    deadline = time.monotonic() + timeout
+    deadline = clock.deadline(timeout)
     bad_since: float | None = None
     state = "unknown"
+    units: list[str] = []
     name = "?"
     session: Session | None = None  # kept across polls; a new one after a failure
+
+    def failure() -> StepFailed:
+        detail = f"; failed units: {', '.join(units)}" if units else ""
+        return StepFailed(f"{name}: systemctl is-system-running says {state}{detail}")
+
+    def running() -> bool | None:
+        nonlocal bad_since, state, units, name, session
+        try:
+            if session is None:
+                fresh = connect()
+                name = fresh.name
+                session = fresh.open()
+            state = session.run(["systemctl", "is-system-running"], check=False).stdout.strip()
+            if state == "running":
+                return True
+            units = failed_units(session) if state not in _STARTING else []
+        except (Unreachable, CommandFailed) as err:
+            state, units = f"unreachable ({err})", []
+            if session is not None:
+                session.close()
+                session = None
+        now = clock.monotonic()
+        if state in _STARTING or state.startswith("unreachable"):
+            bad_since = None
+        elif bad_since is None:
+            bad_since = now
+        if bad_since is not None and now - bad_since >= settle:
+            raise failure()
+        return None
+
+    def expired() -> NoReturn:
+        raise failure()
+
     try:
-        while True:
-            try:
-                if session is None:
-                    fresh = connect()
-                    name = fresh.name
-                    session = fresh.open()
-                state = session.run(["systemctl", "is-system-running"], check=False).stdout.strip()
-                if state == "running":
-                    return
-                units = failed_units(session) if state not in _STARTING else []
-            except (Unreachable, CommandFailed) as err:
-                state, units = f"unreachable ({err})", []
-                if session is not None:
-                    session.close()
-                    session = None
-            now = time.monotonic()
-            if state in _STARTING or state.startswith("unreachable"):
-                bad_since = None
-            elif bad_since is None:
-                bad_since = now
-            settled = bad_since is not None and now - bad_since >= settle
-            if settled or now >= deadline:
-                detail = f"; failed units: {', '.join(units)}" if units else ""
-                raise StepFailed(f"{name}: systemctl is-system-running says {state}{detail}")
-            sleep(1.0)
+        poll.until(running, deadline, expired, 1.0, clock)
     finally:
         if session is not None:
             session.close()

@@ -14,6 +14,7 @@ from patchd.metrics.collectors import daemon_collectors
 from patchd.metrics.definitions import Metrics
 from patchd.metrics.journal import JournalView, journal_view
 from patchd.state import Store, StoreError
+from patchd.states import RunStatus
 
 
 class DaemonGauges:
@@ -55,7 +56,7 @@ class DaemonGauges:
             self.journal = journal_view(settings, store)
             for name in settings.groups:
                 last = store.last_run(name)
-                if last is not None and last.status != "running":
+                if last is not None and last.status != RunStatus.RUNNING:
                     pending = len(last.detail.get("pending", []))
                     self.metrics.targets_pending.labels(name).set(pending)
         except StoreError as err:

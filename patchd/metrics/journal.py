@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from patchd.config.settings import Group, Settings
 from patchd.state import Store
+from patchd.states import RunStatus
 from patchd.windows import current_opening
 
 
@@ -29,7 +30,7 @@ class JournalView:
 
 
 # Runs that left targets without their update (besides failed or pending targets).
-_UNFINISHED_STATUSES = frozenset({"failed", "interrupted"})
+_UNFINISHED_STATUSES = frozenset({RunStatus.FAILED, RunStatus.INTERRUPTED})
 
 
 def pending_windows(settings: Settings, store: Store, group: Group, limit: int = 200) -> int:
@@ -41,7 +42,7 @@ def pending_windows(settings: Settings, store: Store, group: Group, limit: int =
     window = settings.windows.get(group.window)
     openings: set[object] = set()
     for run in store.runs(group.name, limit=limit):
-        if run.status == "running":
+        if run.status == RunStatus.RUNNING:
             continue
         left = run.failed > 0 or bool(run.detail.get("pending"))
         if not left and run.status not in _UNFINISHED_STATUSES:

@@ -13,6 +13,7 @@ from patchd.engine import GateResult, RunResult
 from patchd.engine.target import TargetOutcome
 from patchd.metrics.definitions import Metrics
 from patchd.observers import BaseObserver
+from patchd.states import RunStatus, TargetResult, TargetState
 
 
 class MetricsObserver(BaseObserver):
@@ -22,20 +23,22 @@ class MetricsObserver(BaseObserver):
         self.metrics = metrics
         self.clock = clock
 
-    def step(self, run_id: str, group: Group, target: Target, state: str, **fields: Any) -> None:
+    def step(
+        self, run_id: str, group: Group, target: Target, state: TargetState, **fields: Any
+    ) -> None:
         self.metrics.target_state.labels(group.name, target.name).set(self.clock().timestamp())
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
         m = self.metrics
         name = outcome.target.name
-        if outcome.result in ("current", "pending"):
-            if outcome.result == "current":
+        if outcome.result in (TargetResult.CURRENT, TargetResult.PENDING):
+            if outcome.result == TargetResult.CURRENT:
                 m.update_available.labels(group.backend, group.name, name).set(0)
             return
         m.operations.labels(group.backend, group.name, outcome.result).inc()
         if outcome.update is not None:
             m.duration.labels(group.backend).observe(outcome.seconds)
-        if outcome.result == "success":
+        if outcome.result == TargetResult.SUCCESS:
             m.update_available.labels(group.backend, group.name, name).set(0)
             m.last_success.labels(group.backend, group.name, name).set(self.clock().timestamp())
         elif outcome.update is not None:
@@ -51,14 +54,20 @@ class MetricsObserver(BaseObserver):
         self.metrics.run_in_progress.labels(group.name).set(0)
 
     def run_failed(self, group: Group, error: str) -> None:
-        self.metrics.runs.labels(group.name, "failed").inc()
+        self.metrics.runs.labels(group.name, RunStatus.FAILED).inc()
 
     def run_finished(self, group: Group, result: RunResult) -> None:
         m = self.metrics
         m.runs.labels(group.name, result.status).inc()
-        if result.status == "halted":
+        if result.status == RunStatus.HALTED:
             m.run_halted.labels(group.name).inc()
-        m.targets_pending.labels(group.name).set(result.count("pending"))
+        m.targets_pending.labels(group.name).set(result.count(TargetResult.PENDING))
+        if result.status == RunStatus.COMPLETED:  # every target the group selects has its outcome
+            m.group_targets.labels(group.name).set(len(result.outcomes))
+            m.forget_targets(group.backend, group.name, {o.target.name for o in result.outcomes})
+
+    def notification(self, channel: str, result: str) -> None:
+        self.metrics.notifications.labels(channel, result).inc()
 
     def alert_gate(self, group: Group, check: str, answer: GateResult, changed: bool) -> None:
         if not answer.open:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from patchd.state import base
-from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
+from patchd.state.base import Keep, OutboxRow, RetainedRow, RunRow, StoreError, TargetRow
 from patchd.state.sqlite import SCHEMA_VERSION, SqliteStore
 
 Store = base.Store
@@ -31,6 +31,7 @@ def open_store(path: Path, *, readonly: bool = False) -> Store:
 __all__ = [
     "SCHEMA_VERSION",
     "Keep",
+    "OutboxRow",
     "RetainedRow",
     "RunRow",
     "SqliteStore",

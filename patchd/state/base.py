@@ -23,7 +23,7 @@ Contract shared by every method and every implementation (tests/store/ checks it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -86,6 +86,21 @@ class TargetRow:
     snapshot: Mapping[str, Any] | None
     error: str | None
     updated: datetime
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """A notification waiting for delivery to one channel: `id` is what
+    `notification_retry` and `notification_done` take."""
+
+    id: int
+    channel: str
+    event: str
+    document: Mapping[str, Any]
+    created: datetime
+    attempts: int  # delivery attempts made so far
+    due: datetime  # when to try (again)
+    error: str | None  # why the last attempt failed
 
 
 class Store(Protocol):
@@ -171,3 +186,22 @@ class Store(Protocol):
 
     def released(self, retained_id: int) -> None:
         """Forget a retained item (it was removed); an unknown id is no error."""
+
+    # --- the notifications outbox -------------------------------------------------------
+
+    def enqueue_notifications(
+        self, messages: Sequence[tuple[str, str, Mapping[str, Any]]], at: datetime
+    ) -> None:
+        """Queue (channel, event, document) messages, due at once, in one transaction."""
+
+    def due_notifications(self, by: datetime | None = None, limit: int = 100) -> list[OutboxRow]:
+        """Queued messages, soonest due first (then in the order queued); only those due by
+        `by` (that instant included) if given; at most `limit`."""
+
+    def notification_retry(
+        self, outbox_id: int, attempts: int, due: datetime, error: str
+    ) -> None:
+        """Record a failed attempt: the message is tried again at `due`."""
+
+    def notification_done(self, outbox_id: int) -> None:
+        """Forget a message (delivered or dropped); an unknown id is no error."""

@@ -36,6 +36,9 @@ class Migration:
     version: int  # the version the journal has after it
     description: str
     statements: tuple[str, ...]
+    # Only adds tables or indexes: what older versions hold reads the same, so a
+    # read-only handle (which cannot migrate) may read a journal that lacks it.
+    additive: bool = False
 
 
 _V1 = (
@@ -87,8 +90,27 @@ _V1 = (
     )""",
 )
 
+# The notifications outbox: one row per message and channel until it is delivered or
+# dropped (patchd.notifications.outbox).
+_V3 = (
+    """CREATE TABLE IF NOT EXISTS outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel TEXT NOT NULL,
+        event TEXT NOT NULL,
+        document TEXT NOT NULL,
+        created REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        due REAL NOT NULL,
+        error TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS outbox_by_due ON outbox (due)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, targets, journal, retained and meta (the first store)", _V1),
+    # Reserved for the control socket's tables (branch "control"): merging it replaces this.
+    Migration(2, "reserved (the control socket's tables)", (), additive=True),
+    Migration(3, "the notifications outbox", _V3, additive=True),
 )
 CURRENT = MIGRATIONS[-1].version
 
@@ -163,9 +185,12 @@ def migrate(db: sqlite3.Connection, path: Path) -> int:
 
 def check_current(db: sqlite3.Connection, path: Path) -> int:
     """For a read-only handle, which cannot migrate: the journal's version if this code
-    can read it as it is, else StoreError."""
+    can read it as it is (it is current, or only additive migrations are missing, whose
+    tables such a handle then cannot read), else StoreError."""
     version = found_version(db, path)
     _refuse_newer(version, path)
+    if all(m.additive for m in MIGRATIONS if m.version > version):
+        return version  # what is missing are only tables added since: it reads the same
     if version != CURRENT:
         raise StoreError(
             f"state store {path} has schema version {version}; this patchd reads version"

@@ -91,8 +91,25 @@ _V1 = (
     "CREATE TABLE write_marks (writer TEXT PRIMARY KEY, mark TEXT NOT NULL)",
 )
 
+# The notifications outbox (pgoutbox.py): one row per message and channel until it is
+# delivered or dropped; as SQLite's migration 3.
+_V2 = (
+    """CREATE TABLE outbox (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        channel TEXT NOT NULL,
+        event TEXT NOT NULL,
+        document JSON NOT NULL,
+        created TIMESTAMPTZ NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        due TIMESTAMPTZ NOT NULL,
+        error TEXT
+    )""",
+    "CREATE INDEX outbox_by_due ON outbox (due, id)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, targets, journal, retained, meta and the leader lease", _V1),
+    Migration(2, "the notifications outbox", _V2, additive=True),
 )
 CURRENT = MIGRATIONS[-1].version
 
@@ -139,7 +156,8 @@ def check_current(conn: Any, where: str) -> int:
     """For a read-only handle: the version if this code reads it as it is, else StoreError."""
     version = found_version(conn, where)
     _refuse_newer(version, where)
-    if version != CURRENT:
+    # A database short only of additive migrations reads the same (migrations.Migration).
+    if not all(m.additive for m in MIGRATIONS if m.version > version):
         raise StoreError(
             f"state store {where} has schema version {version}; this patchd reads version"
             f" {CURRENT} and migrates when a daemon opens it for writing"

@@ -20,7 +20,8 @@ the leadership is told at once. The lease itself uses a connection of its own, s
 write waiting out an outage never delays a renewal.
 
 Sessions (their settings, which failures a new one may cure) are pgsession.py's; the
-schema is pgschema.py's; the lease's SQL and the fence check are pglease.py's.
+schema is pgschema.py's; the lease's SQL and the fence check are pglease.py's; the
+notifications outbox is pgoutbox.py's.
 """
 
 from __future__ import annotations
@@ -41,12 +42,11 @@ from psycopg.types.json import Json
 from patchd.state import pglease, pgschema, pgsession
 from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
 from patchd.state.leader import Fence, NotLeader
+from patchd.state.pgoutbox import Conn, PostgresOutbox, Work
 from patchd.states import RESTING, RunStatus, TargetState
 
 E = TypeVar("E", bound=StrEnum)
 T = TypeVar("T")
-Conn = psycopg.Connection[Any]
-Work = Callable[[Conn, int | None], None]
 
 
 def _utc(value: datetime) -> datetime:
@@ -66,8 +66,9 @@ class _Write:
         self.error: BaseException | None = None
 
 
-class PostgresStore:
-    """A thread-safe handle on the shared PostgreSQL state (implements state.base.Store)."""
+class PostgresStore(PostgresOutbox):
+    """A thread-safe handle on the shared PostgreSQL state (implements state.base.Store;
+    the notifications outbox is pgoutbox.py's)."""
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from patchd import log
 from patchd.config.schema import HaModel, StateModel
-from patchd.state.base import StoreError
+from patchd.state.base import Store, StoreError
 from patchd.state.leader import (
     Change,
     LeaderLoop,
@@ -31,6 +31,9 @@ from patchd.state.leader import (
 )
 from patchd.state.pglease import PgLease
 from patchd.state.postgres import PostgresStore
+
+# mypy checks here that PostgresStore keeps the whole Store protocol (state/base.py).
+STORE_CLASS: type[Store] = PostgresStore
 
 
 def password_reader(state: StateModel) -> Callable[[], str] | None:

@@ -14,7 +14,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from patchd.state import migrations
-from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
+from patchd.state.base import Keep, OutboxRow, RetainedRow, RunRow, StoreError, TargetRow
 from patchd.states import RESTING, RunStatus, TargetState
 
 # Kept for callers of the first store; the version is migrations.CURRENT.
@@ -384,3 +384,41 @@ class SqliteStore:
     def released(self, retained_id: int) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM retained WHERE id = ?", (retained_id,))
+
+    # --- the notifications outbox ---------------------------------------------------------
+
+    def enqueue_notifications(
+        self, messages: Sequence[tuple[str, str, Mapping[str, Any]]], at: datetime
+    ) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO outbox (channel, event, document, created, due)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(ch, ev, json.dumps(dict(doc)), _ts(at), _ts(at)) for ch, ev, doc in messages],
+            )
+
+    def due_notifications(self, by: datetime | None = None, limit: int = 100) -> list[OutboxRow]:
+        sql = "SELECT id, channel, event, document, created, attempts, due, error FROM outbox"
+        args: tuple[object, ...] = ()
+        if by is not None:
+            sql += " WHERE due <= ?"
+            args = (_ts(by),)
+        rows = self._query(sql + " ORDER BY due, id LIMIT ?", (*args, limit))
+        return [
+            OutboxRow(
+                r[0], r[1], r[2], json.loads(r[3]), datetime.fromtimestamp(r[4], UTC), r[5],
+                datetime.fromtimestamp(r[6], UTC), r[7],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    def notification_retry(self, outbox_id: int, attempts: int, due: datetime, error: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = ?, due = ?, error = ? WHERE id = ?",
+                (attempts, _ts(due), error, outbox_id),
+            )
+
+    def notification_done(self, outbox_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM outbox WHERE id = ?", (outbox_id,))

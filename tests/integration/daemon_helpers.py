@@ -1,33 +1,34 @@
 """Running patchd as a real process in integration tests: `run_patchd` for one command,
 the `Daemon` helper (a subprocess with a notify socket the test reads, and its JSON log),
-a config writer for the lab's Docker engine, and small waiting and scraping helpers."""
+the daemon's config for the lab's Docker engine (through tests/conftest.py's builder),
+a health probe the test holds, and a scraping helper."""
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import docker
 
 from patchd import faults
+from tests.conftest import window_at, write_config
 from tests.integration.docker_fleet import Fleet
-
-DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
 def run_patchd(
     *args: str,
     fault: str | None = None,
-    timeout: float = 180,
+    timeout: float = 600,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
@@ -48,66 +49,81 @@ def run_patchd(
     )
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        for daemon in Daemon.running:
-            daemon.drain()
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
-
-
-def write_config(path: Path, f: Fleet, state: Path, port: int, start: datetime, group: str) -> None:
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "{state}"
-metrics_address = "127.0.0.1:{port}"
-log_format = "json"
-log_level = "info"
-
-[windows.soon]
-days = ["{DAYS[start.weekday()]}"]
-start = "{start:%H:%M:%S}"
-duration = "1h"
-
-[backends.lab]
-type = "docker"
-url = "{f.docker_host}"
-timeout = "30s"
-
-{group}
-"""
+def daemon_config(
+    path: Path,
+    f: Fleet,
+    state: Path,
+    port: int,
+    start: datetime,
+    groups: dict[str, dict[str, Any]],
+    backend_timeout: str = "30s",
+) -> Path:
+    """A daemon's config for the lab's engine: JSON log, metrics on `port`, the window
+    `soon` opening at `start` (in the past: open now)."""
+    return write_config(
+        path,
+        {
+            "daemon": {
+                "state_dir": state,
+                "metrics_address": f"127.0.0.1:{port}",
+                "log_format": "json",
+                "log_level": "info",
+            },
+            "windows": {"soon": window_at(start)},
+            "backends": {
+                "lab": {"type": "docker", "url": f.docker_host, "timeout": backend_timeout}
+            },
+            "groups": groups,
+        },
     )
 
 
-GROUP = """
-[groups.web]
-backend = "lab"
-window = "soon"
-select = {{ labels = {{ "patchd.test" = "{token}" }} }}
-max_concurrency = {concurrency}
-max_errors = 2
-health = {{ timeout = "20s", stable_for = "1s" }}
-"""
+def web_group(token: str, concurrency: int, **changes: Any) -> dict[str, dict[str, Any]]:
+    """The group `web`: the fleet's containers, in window `soon`. The health timeout is a
+    limit for a loaded machine; healthy containers pass in about `stable_for`."""
+    group: dict[str, Any] = {
+        "backend": "lab",
+        "window": "soon",
+        "select": {"labels": {"patchd.test": token}},
+        "max_concurrency": concurrency,
+        "max_errors": 2,
+        "health": {"timeout": "120s", "stable_for": "1s"},
+    }
+    return {"web": {**group, **changes}}
+
+
+def held_health(gate: Path, timeout: str = "600s") -> dict[str, Any]:
+    """A `health` table whose command waits until the test creates `gate/go`: a target
+    stays verifying exactly as long as the test needs (the probe writes
+    `gate/NAME.probing` first). The timeout is a limit, far beyond any engine restart."""
+    gate.mkdir(parents=True, exist_ok=True)
+    probe = gate / "probe.sh"
+    probe.write_text(
+        f'touch "{gate}/$PATCHD_TARGET_NAME.probing"\n'
+        f'while [ ! -e "{gate}/go" ]; do sleep 0.05; done\n'
+    )
+    return {"timeout": timeout, "stable_for": "1s", "command": ["sh", str(probe)]}
 
 
 class Daemon:
-    """A `patchd daemon` subprocess with a notify socket the test reads."""
+    """A `patchd daemon` subprocess with a notify socket the test reads.
 
-    running: ClassVar[list[Daemon]] = []
+    A thread reads the socket all the time, in order, into `messages`: it holds only 10
+    datagrams here (net.unix.max_dgram_qlen) and the daemon waits at most 1 s for room
+    for READY and RELOADING, so a reader that looked away would lose some. `on_notify`
+    is called with each message as it is read."""
 
-    def __init__(self, config: Path, tmp: Path) -> None:
-        Daemon.running.append(self)
+    def __init__(
+        self, config: Path, tmp: Path, on_notify: Callable[[str], None] | None = None
+    ) -> None:
         self.sock_path = tmp / "notify.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.sock_path))
-        self.sock.settimeout(0.2)
         self.messages: list[str] = []
+        self._lock = threading.Lock()
+        self.on_notify = on_notify
+        self._closing = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
         self.log = (tmp / "daemon.log").open("w+")
         env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "WATCHDOG_USEC": "1000000"}
         self.proc = subprocess.Popen(
@@ -116,31 +132,53 @@ class Daemon:
             stderr=subprocess.STDOUT,
             env=env,
         )
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closing.is_set():
+            ready, _, _ = select.select([self.sock], [], [], 0.2)
+            if ready:
+                self.drain()
 
     def drain(self) -> list[str]:
-        while True:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except (TimeoutError, BlockingIOError):
-                return self.messages
+        """Every message so far: those read before and those queued now (a message the
+        daemon sent before the test saw its effect is one or the other)."""
+        with self._lock:
+            while True:
+                try:
+                    message = self.sock.recv(4096, socket.MSG_DONTWAIT).decode()
+                except (BlockingIOError, OSError):
+                    break
+                self.messages.append(message)
+                if self.on_notify is not None:
+                    self.on_notify(message)
+            return list(self.messages)
 
     def saw(self, text: str) -> bool:
         return any(text in m for m in self.drain())
+
+    def exited(self) -> str | None:
+        """For wait_until's give_up: why waiting for this daemon is pointless."""
+        code = self.proc.poll()
+        return None if code is None else f"the daemon exited ({code})"
 
     def events(self) -> list[dict[str, Any]]:
         self.log.flush()
         self.log.seek(0)
         found = []
-        for line in self.log.read().splitlines():
-            if line.startswith("{"):
+        # Whole lines only: the daemon may be writing the last one right now.
+        for line in self.log.read().splitlines(keepends=True):
+            if line.startswith("{") and line.endswith("\n"):
                 found.append(json.loads(line))
         return found
 
     def close(self) -> None:
-        Daemon.running.remove(self)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._closing.set()
+        self._reader.join()
+        self.drain()
         self.sock.close()
         self.log.close()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +26,17 @@ import docker
 from patchd.backends.docker import DockerBackend, DockerConfig, DockerSelect
 from patchd.backends.docker_recreate import parse_ref, repo_digests
 from patchd.config.schema import HealthModel
+from tests.conftest import wait_until
 
 TEST_LABEL = "patchd.test"
 SECOND = 10**9
 LOCAL = "patchd-test/img"  # local repository of the built variants: LOCAL:<variant>
 
-_HEALTH = {"Interval": SECOND, "Timeout": 2 * SECOND, "Retries": 1}
+# A probe's timeout is a limit for a loaded machine (one that took 2 s made a healthy
+# container unhealthy). Healthy variants have a start period: a probe that runs before
+# the command created /tmp/ok does not count; the broken one fails from its first probe.
+_HEALTH = {"Interval": SECOND, "Timeout": 30 * SECOND, "Retries": 1}
+_START_PERIOD = {"StartPeriod": 120 * SECOND}
 
 
 def _app(version: int, healthy: bool = True) -> dict[str, Any]:
@@ -45,7 +49,11 @@ def _app(version: int, healthy: bool = True) -> dict[str, Any]:
         "Cmd": ["sh", "-c", f"echo {version} > /tmp/version; {ready}exec sleep 86400"],
         "WorkingDir": f"/srv/v{version}",
         "ExposedPorts": {f"80{version:02d}/tcp": {}},
-        "Healthcheck": {"Test": ["CMD-SHELL", check], **_HEALTH},
+        "Healthcheck": {
+            "Test": ["CMD-SHELL", check],
+            **_HEALTH,
+            **(_START_PERIOD if healthy else {}),
+        },
         "StopSignal": "SIGTERM",
     }
 
@@ -114,7 +122,7 @@ class Fleet:
         self.docker_host = docker_host
         self.images = images
         self.token = f"t{uuid.uuid4().hex[:8]}"
-        self.health = HealthModel(timeout=timedelta(seconds=20), stable_for=timedelta(seconds=1))
+        self.health = HealthModel(timeout=timedelta(seconds=120), stable_for=timedelta(seconds=1))
 
     # --- names --------------------------------------------------------------------------
 
@@ -222,12 +230,21 @@ class Fleet:
         health = state.get("Health")
         return health is None or health["Status"] == "healthy"
 
-    def wait_healthy(self, *names: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
+    def wait_healthy(self, *names: str, timeout: float = 180) -> None:
         for name in names:
-            while not self.is_healthy(name):
-                assert time.monotonic() < deadline, f"{name} not healthy: {self.inspect(name)}"
-                time.sleep(0.2)
+            wait_until(
+                lambda name=name: self.is_healthy(name),
+                timeout,
+                f"{name} to be healthy",
+                give_up=lambda name=name: self._hopeless(name),
+            )
+
+    def _hopeless(self, name: str) -> str | None:
+        # Not "unhealthy": a later probe that passes makes it healthy again.
+        state = self.inspect(name)["State"]
+        if not (state["Running"] or state["Restarting"]):
+            return f"{name} is {state['Status']}: {state}"
+        return None
 
     def leftovers(self) -> list[str]:
         """Containers of this fleet patchd renamed as snapshots."""

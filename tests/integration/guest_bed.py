@@ -25,7 +25,9 @@ import pytest
 
 from patchd.backends.ssh import SSHBackend
 from patchd.guest.packages import identity
-from tests.integration.conftest import Lab, _parse_env_file
+from tests.conftest import wait_until
+from tests.integration.conftest import Lab
+from tests.lab.bed import read_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))
 from aptrepo import AptRepo
@@ -63,11 +65,12 @@ class Bed:
             raise AssertionError(f"{name}: {argv} exited {proc.returncode}: {proc.stderr[-1500:]}")
         return proc
 
-    def wait_root(self, name: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.root(name, "true", check=False).returncode:
-            assert time.monotonic() < deadline, f"{name}: no SSH after {timeout}s"
-            time.sleep(0.5)
+    def wait_root(self, name: str, timeout: float = 120) -> None:
+        wait_until(
+            lambda: self.root(name, "true", check=False).returncode == 0,
+            timeout,
+            f"{name} answering SSH as root",
+        )
 
     def installed(self, name: str, package: str) -> str | None:
         proc = self.root(
@@ -148,7 +151,7 @@ def machines(lab: Lab) -> Bed:
         pytest.fail(
             f"{env_file} missing: the lab was started without machines (PATCHD_LAB_MACHINES=0?)"
         )
-    env = _parse_env_file(env_file)
+    env = read_env(env_file)
     names = env["PATCHD_LAB_MACHINE_NAMES"].split()
     addresses = dict(zip(names, env["PATCHD_LAB_MACHINE_ADDRESSES"].split(), strict=True))
     key = Path(env["PATCHD_LAB_MACHINE_KEY"])

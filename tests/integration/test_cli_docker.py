@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from tests.conftest import window_at, write_config
 from tests.integration.daemon_helpers import run_patchd
 from tests.integration.docker_fleet import Fleet
-
-DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
 def patchd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -26,24 +25,23 @@ def test_plan_then_run_now_then_status_and_history(f: Fleet, tmp_path: Path) -> 
     v1 = f.digest_of(names[0])
     v2 = f.publish("app-v2-broken", "w")
     config = tmp_path / "patchd.toml"
-    config.write_text(
-        f"""
-[daemon]
-state_dir = "{tmp_path / "state"}"
-[windows.never-now]
-days = ["{DAYS[(datetime.now(UTC).weekday() + 2) % 7]}"]
-start = "00:00"
-duration = "1h"
-[backends.lab]
-type = "docker"
-url = "{f.docker_host}"
-[groups.web]
-backend = "lab"
-window = "never-now"
-select = {{ labels = {{ "patchd.test" = "{f.token}" }} }}
-max_errors = 1
-health = {{ timeout = "8s", stable_for = "1s" }}
-"""
+    later = datetime.now(UTC) + timedelta(days=2)
+    write_config(
+        config,
+        {
+            "daemon": {"state_dir": tmp_path / "state"},
+            "windows": {"never-now": window_at(later)},
+            "backends": {"lab": {"type": "docker", "url": f.docker_host}},
+            "groups": {
+                "web": {
+                    "backend": "lab",
+                    "window": "never-now",
+                    "select": {"labels": {"patchd.test": f.token}},
+                    "max_errors": 1,
+                    "health": {"timeout": "120s", "stable_for": "1s"},
+                }
+            },
+        },
     )
     c = str(config)
     plan = patchd("plan", "-c", c, "--json")

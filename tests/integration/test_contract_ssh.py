@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from patchd.backends.ssh import SSHBackend, SSHSelect
 from patchd.config.schema import HealthModel, PatchModel
-from tests.contract.suite import BackendContract
+from patchd.testing.contract import BackendContract
 from tests.integration.guest_bed import HEALTH_TIMEOUT, Bed, bed, machines, versions_id
 
 __all__ = ["bed", "machines"]  # fixtures

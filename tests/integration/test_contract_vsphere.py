@@ -30,7 +30,7 @@ HEALTHY = [sys.executable, "-c", "import sys; print('patched', sys.argv[1])", "{
 class VSphereHarness:
     def __init__(self, sim: Sim, tmp_path: Path) -> None:
         self.sim = sim
-        self.health = HealthModel(timeout="3s", stable_for="0s")
+        self.health = HealthModel(timeout="120s", stable_for="0s")  # a limit, never waited
         self.patch = PatchModel(command=HEALTHY, version="v1")
         self.real = sim.backend(tmp_path, rollback_timeout="5s")
         self.backend = WithPatch(self.real, lambda: self.patch)

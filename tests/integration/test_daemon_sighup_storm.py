@@ -20,69 +20,30 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from patchd.state import SqliteStore
-from tests.integration.daemon_helpers import GROUP, Daemon, scrape, write_config
+from tests.conftest import wait_until
+from tests.integration.daemon_helpers import Daemon, daemon_config, scrape, web_group
 from tests.integration.docker_fleet import Fleet, free_port
 
 SIGNALS = 30
 BURST = 300
 KEEP_METRIC = 'patchd_group_snapshot_keep_seconds{backend="lab",group="web"}'
-BROKEN = [
-    lambda text: text + "\n[daemon\n",  # TOML syntax
-    lambda text: text.replace('window = "soon"', 'window = "nightly"'),  # unknown window
-    lambda text: text.replace('timeout = "20s"', 'timeout = "20 parsecs"'),  # bad duration
-]
 
 
-def until(daemon: Daemon, check: Callable[[], object], timeout: float, what: str) -> None:
-    """wait_for without draining the notify socket (the Drainer does, in order), and
-    failing at once if the daemon is gone."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        code = daemon.proc.poll()
-        assert code is None, f"the daemon exited ({code}) while waiting for {what}"
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def sighup_at_ready(daemon: Daemon, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            message = daemon.sock.recv(4096).decode()
-        except TimeoutError:
-            continue
-        daemon.messages.append(message)
-        if message.startswith("READY=1"):
-            daemon.proc.send_signal(signal.SIGHUP)
-            return
-    raise AssertionError(f"no READY=1 in {timeout}s")
-
-
-class Drainer(threading.Thread):
-    """Reads the notify socket all the time: it holds only 10 datagrams here
-    (net.unix.max_dgram_qlen), and the daemon waits at most 1 s for room for READY and
-    RELOADING, so a test that looked away for long would lose some."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        super().__init__(daemon=True)
-        self.d = daemon
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.d.drain()
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join()
+def broken(kind: int, text: str) -> str:
+    """A broken variant of the config `text` (broken as text: one is a TOML error)."""
+    if kind == 0:
+        bad = text + "\n[daemon\n"  # TOML syntax
+    elif kind == 1:
+        bad = text.replace('window = "soon"', 'window = "nightly"')  # unknown window
+    else:
+        bad = text.replace('timeout = "120s"', 'timeout = "120 parsecs"')  # bad duration
+    assert bad != text
+    return bad
 
 
 def test_a_sighup_storm_during_a_run_keeps_the_daemon_and_the_fleet_whole(
@@ -97,23 +58,28 @@ def test_a_sighup_storm_during_a_run_keeps_the_daemon_and_the_fleet_whole(
     v2 = f.publish("app-v2", "h")
     port = free_port()
     config = tmp_path / "patchd.toml"
+    new = config.with_suffix(".new")
     open_now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
-    write_config(
-        config, f, tmp_path / "state", port, open_now, GROUP.format(token=f.token, concurrency=2)
-    )
+    daemon_config(config, f, tmp_path / "state", port, open_now, web_group(f.token, 2))
     base = config.read_text()
 
-    def put(text: str) -> None:
-        new = config.with_suffix(".new")
-        new.write_text(text)
-        os.replace(new, config)  # as an editor that saves atomically
-
-    def valid(i: int) -> str:
+    def put_valid(i: int) -> None:
         # A new backend timeout makes a new backend object at each reload; the keep is
         # visible in the metrics.
-        return base.replace('timeout = "30s"', f'timeout = "{30 + i}s"').replace(
-            "max_errors = 2", f'max_errors = 2\nsnapshot = {{ keep = "{100 + i}s" }}'
+        daemon_config(
+            new,
+            f,
+            tmp_path / "state",
+            port,
+            open_now,
+            web_group(f.token, 2, snapshot={"keep": f"{100 + i}s"}),
+            backend_timeout=f"{30 + i}s",
         )
+        os.replace(new, config)  # as an editor that saves atomically
+
+    def put_broken(kind: int) -> None:
+        new.write_text(broken(kind, base))
+        os.replace(new, config)
 
     def applied(i: int) -> bool:
         text = scrape(port)
@@ -121,67 +87,75 @@ def test_a_sighup_storm_during_a_run_keeps_the_daemon_and_the_fleet_whole(
             return "patchd_config_last_reload_successful 0.0" in text
         return f"{KEEP_METRIC} {100 + i}.0" in text and "reload_successful 1.0" in text
 
-    daemon = Daemon(config, tmp_path)
-    drainer = Drainer(daemon)
+    sighups: list[int] = []
+
+    def sighup_at_ready(message: str) -> None:
+        # As `systemctl start patchd && systemctl reload patchd` would: the instant the
+        # first READY=1 arrives (this runs in the thread reading the socket).
+        if message.startswith("READY=1") and not sighups:
+            sighups.append(1)
+            daemon.proc.send_signal(signal.SIGHUP)
+
+    daemon = Daemon(config, tmp_path, on_notify=sighup_at_ready)
     try:
-        sighup_at_ready(daemon, 15)
-        drainer.start()
-        until(
-            daemon,
+        wait_until(lambda: sighups, 120, "READY=1", give_up=daemon.exited)
+        wait_until(
             lambda: any(e.get("state") == "applying" for e in daemon.events()),
-            30,
+            300,
             "a patch (after a SIGHUP right at READY=1)",
+            give_up=daemon.exited,
         )
         last_good = 0
         for i in range(SIGNALS):
             if i % 3 == 1:
-                put(BROKEN[i // 3 % len(BROKEN)](base))
+                put_broken(i // 3 % 3)
             else:
-                put(valid(i))
+                put_valid(i)
                 last_good = i
             daemon.proc.send_signal(signal.SIGHUP)
             if i % 10 == 4 or i == SIGNALS - 1:  # now and then, wait for that reload
-                until(daemon, lambda i=i: applied(i), 15, f"reload {i} done")
+                wait_until(lambda i=i: applied(i), 120, f"reload {i} done", give_up=daemon.exited)
             else:
-                time.sleep(0.1 if i % 2 else 0.02)  # some back to back, coalesced
+                # The storm's rhythm (not a wait): some back to back, coalesced.
+                time.sleep(0.1 if i % 2 else 0.02)
             assert daemon.proc.poll() is None, f"the daemon exited after SIGHUP {i}"
         # The storm ends on a broken config and a burst: the last good config stays.
-        put(BROKEN[0](base))
+        put_broken(0)
         for _ in range(BURST):
             daemon.proc.send_signal(signal.SIGHUP)
             time.sleep(0.002)
-        until(
-            daemon,
+        wait_until(
             lambda: "patchd_config_last_reload_successful 0.0" in scrape(port),
-            15,
+            120,
             "the last, broken reload refused",
+            give_up=daemon.exited,
         )
         assert f"{KEEP_METRIC} {100 + last_good}.0" in scrape(port)
-        until(
-            daemon,
+        wait_until(
             lambda: any(e["event"] == "run_finished" for e in daemon.events()),
-            90,
+            300,
             "run end",
+            give_up=daemon.exited,
         )
-        put(valid(SIGNALS))
+        put_valid(SIGNALS)
         daemon.proc.send_signal(signal.SIGHUP)
-        until(
-            daemon,
+        wait_until(
             lambda: (
                 f"{KEEP_METRIC} {100 + SIGNALS}.0" in scrape(port)
                 and "patchd_config_last_reload_successful 1.0" in scrape(port)
             ),
-            15,
+            120,
             "the good config after the storm",
+            give_up=daemon.exited,
         )
-        time.sleep(0.5)  # the READY=1 of that reload
-        drainer.stop()
         assert daemon.proc.poll() is None
         daemon.proc.send_signal(signal.SIGTERM)
-        assert daemon.proc.wait(timeout=60) == 0
+        assert daemon.proc.wait(timeout=120) == 0
+        # After the exit: every message the daemon sent is read or still queued (the
+        # READY=1 of that last reload may come after the metric changed).
+        messages = daemon.drain()
         events = daemon.events()
     finally:
-        drainer.done.set()
         daemon.close()
 
     log = (tmp_path / "daemon.log").read_text()
@@ -193,10 +167,13 @@ def test_a_sighup_storm_during_a_run_keeps_the_daemon_and_the_fleet_whole(
     assert len(failed) + len(reloaded) <= 1 + SIGNALS + BURST + 1
 
     # Every reload is a RELOADING=1 ... READY=1 pair, after the first READY=1.
-    marks = [m.split("\n")[0] for m in daemon.messages if m.startswith(("RELOADING=1", "READY=1"))]
+    marks = [m.split("\n")[0] for m in messages if m.startswith(("RELOADING=1", "READY=1"))]
     assert marks[0] == "READY=1"
     pairs = marks[1:]
-    assert pairs == ["RELOADING=1", "READY=1"] * (len(failed) + len(reloaded)), marks
+    assert pairs == ["RELOADING=1", "READY=1"] * (len(failed) + len(reloaded)), (
+        len(failed) + len(reloaded),
+        marks,
+    )
 
     [first, *_] = [e for e in events if e["event"] == "run_finished"]
     assert first["status"] == "completed", first

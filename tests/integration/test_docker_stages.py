@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from patchd.config import load_settings
 from patchd.engine import NullObserver
 from patchd.runner import Runner, RunRefused
 from patchd.state import SqliteStore
+from tests.conftest import write_config
 from tests.integration.docker_fleet import Fleet
 
 
@@ -36,31 +38,35 @@ def test_production_gets_the_digest_staging_verified_after_its_soak(
     v1 = f.digest_of(f.name("p1"))
     v2 = f.publish("app-v2", "web")
     config = tmp_path / "patchd.toml"
-    select = f'labels = {{ "patchd.test" = "{f.token}", tier = "%s" }}'
-    config.write_text(
-        f"""
-[daemon]
-state_dir = "{tmp_path / "state"}"
-[windows.any]
-cron = "*/5 * * * *"
-duration = "5m"
-[backends.lab]
-type = "docker"
-url = "{f.docker_host}"
-[groups.staging]
-backend = "lab"
-window = "any"
-select = {{ {select % "staging"} }}
-health = {{ timeout = "20s", stable_for = "1s" }}
-[groups.production]
-backend = "lab"
-window = "any"
-after = "staging"
-soak = "2h"
-max_concurrency = 2
-select = {{ {select % "production"} }}
-health = {{ timeout = "20s", stable_for = "1s" }}
-"""
+
+    def tier(name: str) -> dict[str, Any]:
+        return {"labels": {"patchd.test": f.token, "tier": name}}
+
+    health = {"timeout": "120s", "stable_for": "1s"}
+    write_config(
+        config,
+        {
+            "daemon": {"state_dir": tmp_path / "state"},
+            "windows": {"any": {"cron": "*/5 * * * *", "duration": "5m"}},
+            "backends": {"lab": {"type": "docker", "url": f.docker_host}},
+            "groups": {
+                "staging": {
+                    "backend": "lab",
+                    "window": "any",
+                    "select": tier("staging"),
+                    "health": health,
+                },
+                "production": {
+                    "backend": "lab",
+                    "window": "any",
+                    "after": "staging",
+                    "soak": "2h",
+                    "max_concurrency": 2,
+                    "select": tier("production"),
+                    "health": health,
+                },
+            },
+        },
     )
     settings = load_settings(config)
     clock = Clock()

@@ -26,15 +26,15 @@ from __future__ import annotations
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from patchd import faults
 from patchd.state import SqliteStore
+from tests.conftest import window_at, write_config
 from tests.integration.daemon_helpers import run_patchd
 from tests.integration.docker_fleet import Fleet
 
-DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 PARALLEL = 6  # patchd processes at a time: 2 cores, and dockerd needs some too
 
 # The success path in order, with what reconciliation must make of a crash there:
@@ -101,7 +101,7 @@ def cases_for(
     patching one image reference at once would race on its local tag (one process
     serialises its own targets' tag-create-retag; two processes cannot)."""
     # The window is two days away: only `--now` runs.
-    day = DAYS[(datetime.now(UTC).weekday() + 2) % 7]
+    later = datetime.now(UTC) + timedelta(days=2)
     cases = []
     shorts = [f"{prefix}{i}" for i in range(len(points))]
     with ThreadPoolExecutor(8) as pool:  # pushes of one image to many repositories
@@ -109,24 +109,23 @@ def cases_for(
     for short, (point, expect) in zip(shorts, points.items(), strict=True):
         state = tmp_path / short
         config = tmp_path / f"{short}.toml"
-        config.write_text(
-            f"""
-[daemon]
-state_dir = "{state}"
-[windows.later]
-days = ["{day}"]
-start = "00:00"
-duration = "1h"
-[backends.lab]
-type = "docker"
-url = "{f.docker_host}"
-rollback_timeout = "30s"
-[groups.web]
-backend = "lab"
-window = "later"
-select = {{ names = ["{f.name(short)}"], labels = {{ "patchd.test" = "{f.token}" }} }}
-health = {{ timeout = "20s", stable_for = "1s" }}
-"""
+        write_config(
+            config,
+            {
+                "daemon": {"state_dir": state},
+                "windows": {"later": window_at(later)},
+                "backends": {
+                    "lab": {"type": "docker", "url": f.docker_host, "rollback_timeout": "30s"}
+                },
+                "groups": {
+                    "web": {
+                        "backend": "lab",
+                        "window": "later",
+                        "select": {"names": [f.name(short)], "labels": {"patchd.test": f.token}},
+                        "health": {"timeout": "120s", "stable_for": "1s"},
+                    }
+                },
+            },
         )
         cases.append(Case(point, expect, f.name(short), short, config, state))
     with ThreadPoolExecutor(8) as pool:

@@ -13,20 +13,19 @@ version attribute patchd restores and the snapshot tree, not from the guest.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from patchd import faults
 from patchd.state import SqliteStore
+from tests.conftest import window_at, write_config
 from tests.integration.conftest import VcsimProcess
 from tests.integration.daemon_helpers import run_patchd
 from tests.integration.vsphere_lab import fleet, start, tool
 
-DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 VERSION = "patchd.patch_version"
 
 # A crash before the VM was verified is rolled back; after, it is checked and committed.
@@ -56,7 +55,7 @@ def patchd(
     config: Path, *args: str, crash_at: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     fault = None if crash_at is None else f"{crash_at}=crash"
-    return run_patchd("run", "vms", "-c", str(config), *args, fault=fault, timeout=120)
+    return run_patchd("run", "vms", "-c", str(config), *args, fault=fault, timeout=600)
 
 
 def test_kill_9_at_every_vsphere_point_then_restart(
@@ -68,38 +67,34 @@ def test_kill_9_at_every_vsphere_point_then_restart(
         names = list(sim.vms())
         fleet(sim, names, "2026-10")
         cases = dict(zip(points, names, strict=True))
-        config = sim.config(tmp_path)
-        day = DAYS[(datetime.now(UTC).weekday() + 2) % 7]  # `run` without --now: refused
+        backend = {
+            k: v
+            for k, v in sim.config(tmp_path).items()
+            if k in ("host", "port", "protocol", "insecure", "username", "password_file", "timeout")
+        }
+        later = datetime.now(UTC) + timedelta(days=2)  # `run` without --now: refused
         failing = [name for point, name in cases.items() if point in FAILING_POINTS]
         fail_args = [arg for name in failing for arg in ("--fail", name)]
         command = tool("vm", sim.process.url, "{moid}", "{name}", *fail_args)
         files = {}
         for point, name in cases.items():
             path = tmp_path / f"{name}.toml"
-            path.write_text(
-                f"""
-[daemon]
-state_dir = "{tmp_path / name}"
-[windows.later]
-days = ["{day}"]
-start = "00:00"
-duration = "1h"
-[backends.vc]
-type = "vsphere"
-host = "{config["host"]}"
-port = {config["port"]}
-protocol = "{config["protocol"]}"
-insecure = true
-username = "{config["username"]}"
-password_file = "{config["password_file"]}"
-timeout = "10s"
-[groups.vms]
-backend = "vc"
-window = "later"
-select = {{ names = ["{name}"] }}
-patch = {{ command = {json.dumps(command)}, version = "2026-11" }}
-health = {{ timeout = "10s", stable_for = "0s" }}
-"""
+            write_config(
+                path,
+                {
+                    "daemon": {"state_dir": tmp_path / name},
+                    "windows": {"later": window_at(later)},
+                    "backends": {"vc": {"type": "vsphere", **backend}},
+                    "groups": {
+                        "vms": {
+                            "backend": "vc",
+                            "window": "later",
+                            "select": {"names": [name]},
+                            "patch": {"command": command, "version": "2026-11"},
+                            "health": {"timeout": "120s", "stable_for": "0s"},
+                        }
+                    },
+                },
             )
             files[point] = path
 

@@ -18,7 +18,7 @@ from patchd.engine import NullObserver, RunRequest, RunResult, run_group, stage_
 from patchd.guest.apt import AptDriver
 from patchd.guest.packages import Pending, identity
 from patchd.guest.ssh import Session
-from patchd.state import Store
+from patchd.state import SqliteStore, Store
 from tests.integration.guest_bed import HEALTH_TIMEOUT, Bed, bed, machines
 
 __all__ = ["bed", "machines"]  # fixtures
@@ -61,7 +61,7 @@ def run(
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "state.db")
+    return SqliteStore(tmp_path / "state.db")
 
 
 def test_pending_updates_are_listed_exactly(bed: Bed) -> None:

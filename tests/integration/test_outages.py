@@ -32,7 +32,6 @@ must not run in parallel with others on the same lab (pytest-xdist).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -40,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +48,12 @@ import pytest
 from patchd import reports
 from patchd.config import load_settings
 from patchd.state import SqliteStore
+from tests.conftest import wait_until, window_at, write_config
 from tests.integration.conftest import LAB_SH, REPO_ROOT, Lab, VcsimProcess
-from tests.integration.daemon_helpers import run_patchd
+from tests.integration.daemon_helpers import held_health, run_patchd
 from tests.integration.docker_fleet import Fleet
 from tests.integration.vsphere_lab import fleet as vm_fleet
 from tests.integration.vsphere_lab import iter_lines, start, tool
-
-DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-
 
 # --- the lab's services --------------------------------------------------------------
 
@@ -102,35 +99,44 @@ def outages(lab: Lab, f: Fleet) -> Iterator[Outages]:
 # --- patchd as a process -------------------------------------------------------------
 
 
-def config_text(state: Path, backend: str, groups: str) -> str:
-    # A window two days away: `patchd run` without --now only reconciles (and exits 3).
-    day = DAYS[(datetime.now(UTC).weekday() + 2) % 7]
-    return f"""
-[daemon]
-state_dir = "{state}"
-[windows.later]
-days = ["{day}"]
-start = "00:00"
-duration = "1h"
-{backend}
-{groups}
-"""
+def later_config(path: Path, backends: dict[str, Any], groups: dict[str, Any]) -> Path:
+    """Groups in window `later`, two days away: `patchd run` without --now only reconciles
+    (and exits 3)."""
+    later = datetime.now(UTC) + timedelta(days=2)
+    return write_config(
+        path,
+        {
+            "daemon": {"state_dir": path.parent / "state"},
+            "windows": {"later": window_at(later)},
+            "backends": backends,
+            "groups": groups,
+        },
+    )
 
 
-def docker_config(tmp_path: Path, f: Fleet, groups: str) -> Path:
-    backend = f"""
-[backends.lab]
-type = "docker"
-url = "{f.docker_host}"
-timeout = "10s"
-rollback_timeout = "40s"
-"""
-    path = tmp_path / "patchd.toml"
-    path.write_text(config_text(tmp_path / "state", backend, groups))
-    return path
+def docker_config(tmp_path: Path, f: Fleet, groups: dict[str, Any]) -> Path:
+    backend = {
+        "type": "docker",
+        "url": f.docker_host,
+        "timeout": "10s",
+        "rollback_timeout": "40s",
+    }
+    return later_config(tmp_path / "patchd.toml", {"lab": backend}, groups)
 
 
-def patchd(config: Path, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+def web_group(f: Fleet, **settings: Any) -> dict[str, Any]:
+    """The group `web`: this fleet's containers, in window `later`."""
+    return {
+        "web": {
+            "backend": "lab",
+            "window": "later",
+            "select": {"labels": {"patchd.test": f.token}},
+            **settings,
+        }
+    }
+
+
+def patchd(config: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return run_patchd(*args, "-c", str(config), timeout=timeout)
 
 
@@ -143,16 +149,16 @@ def patchd_in_background(config: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def wait_until(
-    check: Callable[[], Any], what: str, proc: subprocess.Popen[str], limit: float = 60
-) -> None:
-    deadline = time.monotonic() + limit
-    while not check():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"patchd exited {proc.returncode} before {what}:\n{out}\n{err}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+def exited(proc: subprocess.Popen[str]) -> Callable[[], str | None]:
+    """For wait_until's give_up: patchd ended before what the test waits for."""
+
+    def why() -> str | None:
+        if proc.poll() is None:
+            return None
+        out, err = proc.communicate()
+        return f"patchd exited {proc.returncode}:\n{out}\n{err}\n"
+
+    return why
 
 
 def journal_state(config: Path, name: str) -> str | None:
@@ -226,31 +232,16 @@ def test_engine_restart_while_a_target_is_verified(
     f.wait_healthy(a, b, c)
     v2 = f.publish("plain-v2", "r")
     gate = tmp_path / "gate"
-    gate.mkdir()
-    probe = tmp_path / "probe.sh"
-    probe.write_text(
-        f'touch "{gate}/$PATCHD_TARGET_NAME.probing"\n'
-        f'while [ ! -e "{gate}/go" ]; do sleep 0.05; done\n'
-    )
-    config = docker_config(
-        tmp_path,
-        f,
-        f"""
-[groups.web]
-backend = "lab"
-window = "later"
-select = {{ labels = {{ "patchd.test" = "{f.token}" }} }}
-max_errors = 3
-health = {{ timeout = "30s", stable_for = "1s", command = ["sh", "{probe}"] }}
-""",
-    )
+    # The probe's limit (health.timeout) must outlast the engine's stop and start, however
+    # long a loaded machine makes them: it is a limit, the test opens the gate itself.
+    config = docker_config(tmp_path, f, web_group(f, max_errors=3, health=held_health(gate)))
     run = patchd_in_background(config, "run", "web", "--now")
     try:
-        wait_until((gate / f"{a}.probing").exists, f"{a} to be verifying", run)
+        wait_until((gate / f"{a}.probing").exists, 300, f"{a} to be verifying", give_up=exited(run))
         outages.stop("docker")
         outages.start("docker")
         (gate / "go").touch()
-        out, err = run.communicate(timeout=120)
+        out, err = run.communicate(timeout=600)
     finally:
         if run.poll() is None:
             run.kill()
@@ -277,14 +268,8 @@ health = {{ timeout = "30s", stable_for = "1s", command = ["sh", "{probe}"] }}
     assert (last["status"], last["succeeded"], last["failed"]) == ("completed", 1, 2)
 
 
-PLAIN_GROUP = """
-[groups.web]
-backend = "lab"
-window = "later"
-select = {{ labels = {{ "patchd.test" = "{token}" }} }}
-max_concurrency = 2
-health = {{ timeout = "90s", stable_for = "60s" }}
-"""
+# No HEALTHCHECK and `stable_for = 60s`: a target is verifying for a minute.
+PLAIN = {"max_concurrency": 2, "health": {"timeout": "90s", "stable_for": "60s"}}
 
 
 def test_engine_down_longer_than_the_step_retries(
@@ -304,14 +289,19 @@ def test_engine_down_longer_than_the_step_retries(
     f.wait_healthy(a)
     old_id = f.inspect(a)["Id"]
     f.publish("plain-v2", "p")
-    config = docker_config(tmp_path, f, PLAIN_GROUP.format(token=f.token))
+    config = docker_config(tmp_path, f, web_group(f, **PLAIN))
     run = patchd_in_background(config, "run", "web", "--now")
     try:
-        wait_until(lambda: journal_state(config, a) == "verifying", f"{a} verifying", run)
+        wait_until(
+            lambda: journal_state(config, a) == "verifying",
+            300,
+            f"{a} verifying",
+            give_up=exited(run),
+        )
         outages.stop("docker")
-        time.sleep(6)
+        time.sleep(6)  # the outage itself (the stimulus: longer than the step's retries)
         outages.start("docker")
-        out, err = run.communicate(timeout=120)
+        out, err = run.communicate(timeout=600)
     finally:
         if run.poll() is None:
             run.kill()
@@ -342,13 +332,14 @@ def test_patchd_killed_while_the_engine_is_down_then_restarted(
     a, b = f.name("a"), f.name("b")
     f.wait_healthy(a, b)
     f.publish("plain-v2", "k")
-    config = docker_config(tmp_path, f, PLAIN_GROUP.format(token=f.token))
+    config = docker_config(tmp_path, f, web_group(f, **PLAIN))
     run = patchd_in_background(config, "run", "web", "--now")
     try:
         wait_until(
             lambda: journal_state(config, a) == journal_state(config, b) == "verifying",
+            300,
             "both targets verifying",
-            run,
+            give_up=exited(run),
         )
         outages.stop("docker")
     finally:
@@ -393,7 +384,8 @@ def test_registry_down_before_the_check_and_during_the_pull(
     - `other` (no stage before it) must ask the registry which version is current: the
       check fails, the target fails before anything is changed;
     - `prod` (after staging) installs the digest staging verified, so it needs no check:
-      its container is stopped and renamed, then the pull fails; it is rolled back.
+      its pull fails before its container is stopped (the pull comes first), and it is
+      rolled back with nothing to undo.
 
     Both errors name the registry.
     """
@@ -403,29 +395,29 @@ def test_registry_down_before_the_check_and_during_the_pull(
     s, p, o = f.name("s"), f.name("p"), f.name("o")
     f.wait_healthy(s, p, o)
     before = {n: f.inspect(n)["Id"] for n in (p, o)}
-    o_started = f.inspect(o)["State"]["StartedAt"]
+    started = {n: f.inspect(n)["State"]["StartedAt"] for n in (p, o)}
     v2 = f.publish("plain-v2", "g")
-    groups = ""
-    for group, name, after in (
-        ("staging", s, ""),
-        ("prod", p, 'after = "staging"'),
-        ("other", o, ""),
-    ):
-        groups += f"""
-[groups.{group}]
-backend = "lab"
-window = "later"
-{after}
-select = {{ names = ["{name}"], labels = {{ "patchd.test" = "{f.token}" }} }}
-health = {{ timeout = "30s", stable_for = "1s" }}
-"""
+    groups = {
+        group: {
+            "backend": "lab",
+            "window": "later",
+            "after": after,
+            "select": {"names": [name], "labels": {"patchd.test": f.token}},
+            "health": {"timeout": "120s", "stable_for": "1s"},
+        }
+        for group, name, after in (("staging", s, None), ("prod", p, "staging"), ("other", o, None))
+    }
     config = docker_config(tmp_path, f, groups)
     staged = patchd(config, "run", "staging", "--now")
     assert staged.returncode == 0, staged.stdout + staged.stderr
+    # As if staging ran on another engine: v2 is not on this one by its digest (an
+    # engine that has it needs no registry to install it).
+    s_image = f.inspect(s)["Image"]
+    f.client.api.remove_image(f"{f.repo('g')}@{v2}")
 
     outages.stop("registry")
     runs = [patchd_in_background(config, "run", g, "--now") for g in ("prod", "other")]
-    (prod_out, prod_err), (other_out, other_err) = (r.communicate(timeout=120) for r in runs)
+    (prod_out, prod_err), (other_out, other_err) = (r.communicate(timeout=600) for r in runs)
     outages.start("registry")
 
     assert runs[0].returncode == 1, prod_out + prod_err
@@ -433,10 +425,12 @@ health = {{ timeout = "30s", stable_for = "1s" }}
     assert runs[1].returncode == 1, other_out + other_err
     assert f"{o}: failed" in other_out and f.registry in other_out, other_out
     assert "Traceback" not in prod_err + other_err
+    f.client.api.pull(f.repo("g"), tag=v2)  # the digest reference back, for digest_of
+    assert f.inspect(s)["Image"] == s_image
     assert_containers(f, {s: (v2, "running"), p: (v1, "running"), o: (v1, "running")})
-    # Rolled back to the container it ran, and the other one was not even stopped.
+    # Neither container was even stopped.
     assert {n: f.inspect(n)["Id"] for n in (p, o)} == before
-    assert f.inspect(o)["State"]["StartedAt"] == o_started
+    assert {n: f.inspect(n)["State"]["StartedAt"] for n in (p, o)} == started
     status = assert_journal_settled(config)
     assert status["rollback_failed"] == []
     runs_by_group = {r["group"]: r for r in history(config)}
@@ -473,42 +467,39 @@ def test_vcenter_hangs_while_vms_are_verified_and_rolled_back(
     )
     password = Path(sim.config(tmp_path)["password_file"])
     password.chmod(0o600)  # patchd refuses a secret every user can read
-    backend = f"""
-[backends.vc]
-type = "vsphere"
-host = "{sim.process.host}"
-port = {sim.process.port}
-protocol = "http"
-insecure = true
-username = "user"
-password_file = "{password}"
-timeout = "3s"
-retries = 1
-retry_backoff = "0s"
-rollback_timeout = "30s"
-"""
-    groups = f"""
-[groups.vms]
-backend = "vc"
-window = "later"
-select = {{ custom_attribute = {{ wave = "1" }} }}
-max_concurrency = 2
-max_errors = 2
-health = {{ timeout = "30s", stable_for = "1s" }}
-patch = {{ command = {json.dumps(command)}, version = "v2" }}
-"""
-    config = tmp_path / "patchd.toml"
-    config.write_text(config_text(tmp_path / "state", backend, groups))
+    backend = {
+        "type": "vsphere",
+        "host": sim.process.host,
+        "port": sim.process.port,
+        "protocol": "http",
+        "insecure": True,
+        "username": "user",
+        "password_file": password,
+        "timeout": "3s",
+        "retries": 1,
+        "retry_backoff": "0s",
+        "rollback_timeout": "30s",
+    }
+    group = {
+        "backend": "vc",
+        "window": "later",
+        "select": {"custom_attribute": {"wave": "1"}},
+        "max_concurrency": 2,
+        "max_errors": 2,
+        "health": {"timeout": "120s", "stable_for": "1s"},
+        "patch": {"command": command, "version": "v2"},
+    }
+    config = later_config(tmp_path / "patchd.toml", {"vc": backend}, {"vms": group})
     run = patchd_in_background(config, "run", "vms", "--now")
     pid = sim.process.proc.pid
     try:
         started = lambda: sum(1 for w in iter_lines(log) if w[0] == "start") == 2  # noqa: E731
-        wait_until(started, "both patch commands to start", run)
+        wait_until(started, 300, "both patch commands to start", give_up=exited(run))
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(6)
+        time.sleep(6)  # the hang itself (the stimulus: 6 s, longer than a call's retries)
         resumed = datetime.now(UTC)
         os.kill(pid, signal.SIGCONT)
-        out, err = run.communicate(timeout=120)
+        out, err = run.communicate(timeout=600)
     finally:
         os.kill(pid, signal.SIGCONT)
         if run.poll() is None:

@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.daemon_helpers import Daemon, on_version, wait_for, write_config
+from tests.conftest import wait_until
+from tests.integration.daemon_helpers import Daemon, daemon_config, on_version, web_group
 from tests.integration.docker_fleet import Fleet, free_port
 
 RULES = Path(__file__).resolve().parents[2] / "config" / "prometheus" / "patchd-rules.yml"
@@ -115,19 +116,19 @@ class Prometheus:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.log()}")
+
+        def ready() -> bool:
             try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as r:
+                    return r.status == 200
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prometheus not ready in 30s:\n{self.log()}")
-            time.sleep(0.2)
+                return False
+
+        def exited() -> str | None:
+            code = self.proc.poll()
+            return None if code is None else f"prometheus exited {code}:\n{self.log()}"
+
+        wait_until(ready, 120, "prometheus to be ready", give_up=exited)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -182,35 +183,32 @@ def setup(tmp_path: Path, switch: Switch) -> Iterator[tuple[Prometheus, int]]:
     prometheus.close()
 
 
-GROUP = """
-[groups.web]
-backend = "lab"
-window = "soon"
-select = {{ labels = {{ "patchd.test" = "{token}" }} }}
-max_concurrency = 2
-max_errors = 1
-
-[groups.web.health]
-timeout = "30s"
-stable_for = "1s"
-{command}
-
-[groups.web.health.prometheus]
-url = "{prometheus}"
-query = "lab_alert == 1"
-timeout = "5s"
-observe = "3s"
-interval = "1s"
-"""
-
-
 def start_daemon(
-    f: Fleet, tmp_path: Path, prometheus: Prometheus, port: int, command: str = ""
+    f: Fleet,
+    tmp_path: Path,
+    prometheus: Prometheus,
+    port: int,
+    command: list[str] | None = None,
+    observe: str = "3s",
 ) -> Daemon:
+    """A daemon started inside an open window, with the alert gate on `lab_alert == 1`.
+    `observe` is how long the query must stay empty after a patch."""
     config = tmp_path / "patchd.toml"
     open_now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
-    group = GROUP.format(token=f.token, prometheus=prometheus.url, command=command)
-    write_config(config, f, tmp_path / "state", port, open_now, group)
+    health = {
+        "timeout": "300s",  # a limit: at least `observe`, and the healthcheck on a loaded host
+        "stable_for": "1s",
+        "command": command,
+        "prometheus": {
+            "url": prometheus.url,
+            "query": "lab_alert == 1",
+            "timeout": "5s",
+            "observe": observe,
+            "interval": "1s",
+        },
+    }
+    group = web_group(f.token, 2, max_errors=1, health=health)
+    daemon_config(config, f, tmp_path / "state", port, open_now, group)
     return Daemon(config, tmp_path)
 
 
@@ -232,13 +230,13 @@ def test_prometheus_reads_a_patch_cycle_from_the_daemon(
     daemon = start_daemon(f, tmp_path, prometheus, port)
     try:
         # Started inside an open window, with the alert gate's query answering nothing.
-        finished = wait_for(lambda: run_finished(daemon), 40, "the run to finish")
+        finished = wait_until(lambda: run_finished(daemon), 160, "the run to finish")
         assert finished["status"] == "completed", daemon.events()
         assert finished["succeeded"] == 2
         assert on_version(f, names, v2)
-        wait_for(
+        wait_until(
             lambda: prometheus.value('patchd_runs_total{group="web",status="completed"}') == 1,
-            15,
+            120,
             "Prometheus to scrape the finished run",
         )
         ops = prometheus.query('patchd_patch_operations_total{group="web"}')
@@ -264,11 +262,11 @@ def test_prometheus_reads_a_patch_cycle_from_the_daemon(
         groups = prometheus.api("rules")["groups"]
         rules = [r for g in groups for r in g["rules"]]
         assert len(rules) >= 10
-        wait_for(
+        wait_until(
             lambda: all(
                 r["health"] == "ok" for g in prometheus.api("rules")["groups"] for r in g["rules"]
             ),
-            10,
+            120,
             "every rule to evaluate",
         )
         assert prometheus.query('ALERTS{alertname=~"Patchd.*"}') == {}
@@ -287,30 +285,32 @@ def test_alert_gate_holds_the_run_then_rolls_back_a_target_that_raises_an_alert(
     v1 = f.digest_of(name)
     v2 = f.publish("app-v2", "web")
     switch.value = 1  # an alert fires before the window's run begins
-    wait_for(lambda: prometheus.query("lab_alert == 1"), 10, "Prometheus to see lab_alert")
+    wait_until(lambda: prometheus.query("lab_alert == 1"), 120, "Prometheus to see lab_alert")
     # The patch's health command raises the alert again, after the patch.
-    raise_alert = json.dumps(
-        [sys.executable, "-c", "import sys, urllib.request; urllib.request.urlopen(sys.argv[1])",
-         f"{switch.url}/on"]
-    )  # fmt: skip
-    daemon = start_daemon(f, tmp_path, prometheus, port, command=f"command = {raise_alert}")
+    raise_alert = [
+        sys.executable, "-c", "import sys, urllib.request; urllib.request.urlopen(sys.argv[1])",
+        f"{switch.url}/on",
+    ]  # fmt: skip
+    # Observed for up to 120 s: the alert the command raises is seen once Prometheus
+    # has scraped the switch (every 1 s) and evaluated it, however loaded the machine.
+    daemon = start_daemon(f, tmp_path, prometheus, port, command=raise_alert, observe="120s")
     try:
         blocked = (
             'patchd_alert_gate_blocked_total{group="web",check="before_start",'
             'reason="alerts_firing"}'
         )
-        wait_for(lambda: (prometheus.value(blocked) or 0) >= 2, 20, "the gate to hold the run")
+        wait_until(lambda: (prometheus.value(blocked) or 0) >= 2, 120, "the gate to hold the run")
         assert any(e["event"] == "alert_gate_shut" for e in daemon.events())
         assert daemon.saw("STATUS=patching: web starting (held by the alert gate: alerts_firing)")
         assert f.digest_of(name) == v1  # held: nothing was touched
         assert run_finished(daemon) is None  # the run waits, it does not end
 
         switch.value = 0  # the alert resolves: the run goes on
-        wait_for(
-            lambda: any(e.get("state") == "applying" for e in daemon.events()), 20, "the patch"
+        wait_until(
+            lambda: any(e.get("state") == "applying" for e in daemon.events()), 120, "the patch"
         )
         assert any(e["event"] == "alert_gate_open" for e in daemon.events())
-        finished = wait_for(lambda: run_finished(daemon), 40, "the run to finish")
+        finished = wait_until(lambda: run_finished(daemon), 160, "the run to finish")
         assert finished["status"] == "halted", finished
         [failed] = [e for e in daemon.events() if e["event"] == "target_failed"]
         assert failed["result"] == "rolled_back"
@@ -320,9 +320,9 @@ def test_alert_gate_holds_the_run_then_rolls_back_a_target_that_raises_an_alert(
         assert f.leftovers() == []
         assert v1 != v2
 
-        wait_for(
+        wait_until(
             lambda: prometheus.value('patchd_runs_total{group="web",status="halted"}') == 1,
-            15,
+            120,
             "Prometheus to scrape the halted run",
         )
         assert (
@@ -336,7 +336,7 @@ def test_alert_gate_holds_the_run_then_rolls_back_a_target_that_raises_an_alert(
         )
         assert prometheus.value('patchd_group_pending_windows{group="web"}') == 1
         # patchd's own rules see it too: a rollback, and a rollout halted by its budget.
-        wait_for(
+        wait_until(
             lambda: (
                 {
                     dict(labels)["alertname"]
@@ -344,7 +344,7 @@ def test_alert_gate_holds_the_run_then_rolls_back_a_target_that_raises_an_alert(
                 }
                 >= {"PatchdRollback", "PatchdRolloutHalted"}
             ),
-            15,
+            120,
             "PatchdRollback and PatchdRolloutHalted to fire",
         )
     finally:

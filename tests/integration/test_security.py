@@ -37,8 +37,9 @@ from xml.sax.saxutils import escape
 import pytest
 from pyVim.task import WaitForTask
 
+from tests.conftest import wait_until, write_config
 from tests.integration.conftest import VcsimProcess
-from tests.integration.daemon_helpers import Daemon, scrape, wait_for
+from tests.integration.daemon_helpers import Daemon, scrape
 from tests.integration.daemon_helpers import run_patchd as patchd
 from tests.integration.docker_fleet import Fleet, free_port
 from tests.integration.vsphere_lab import Sim, fleet, start
@@ -127,19 +128,21 @@ def sims(vcsim_factory: Factory, tmp_path: Path) -> Iterator[Callable[..., Sim]]
         sim.close()
 
 
-def vsphere_backend(name: str, host: str, port: int, password_file: Path) -> str:
-    return f"""
-[backends.{name}]
-type = "vsphere"
-host = "{host}"
-port = {port}
-protocol = "http"
-insecure = true
-username = "user"
-password_file = "{password_file}"
-retries = 0
-timeout = "10s"
-"""
+def vsphere_backend(host: str, port: int, password_file: Path) -> dict[str, Any]:
+    return {
+        "type": "vsphere",
+        "host": host,
+        "port": port,
+        "protocol": "http",
+        "insecure": True,
+        "username": "user",
+        "password_file": password_file,
+        "retries": 0,
+        "timeout": "10s",
+    }
+
+
+ALWAYS = {"cron": "*/5 * * * *", "duration": "5m"}  # a window open at every instant
 
 
 # A site tool that reads the vCenter password, as one that logs in itself would, and
@@ -151,9 +154,9 @@ ECHO_PASSWORD = (
 )
 
 
-def echo(password: Path, name: str, failing: str) -> str:
-    """TOML argv of a command printing the password, failing for the target `failing`."""
-    return json.dumps([sys.executable, "-c", ECHO_PASSWORD, str(password), name, failing])
+def echo(password: Path, name: str, failing: str) -> list[str]:
+    """argv of a command printing the password, failing for the target `failing`."""
+    return [sys.executable, "-c", ECHO_PASSWORD, str(password), name, failing]
 
 
 def test_the_vsphere_password_is_in_nothing_patchd_writes(
@@ -183,44 +186,48 @@ def test_the_vsphere_password_is_in_nothing_patchd_writes(
     config = tmp_path / "patchd.toml"
 
     def write(vc_host: str) -> None:
-        config.write_text(
-            f"""
-[daemon]
-state_dir = "{state}"
-metrics_address = "127.0.0.1:{port}"
-log_format = "json"
-log_level = "debug"
-
-[windows.always]
-cron = "*/5 * * * *"
-duration = "5m"
-
-[backends.docker]
-type = "docker"
-url = "{f.docker_host}"
-timeout = "30s"
-{vsphere_backend("vc", vc_host, sim.process.port, password)}
-{vsphere_backend("vc-refusing", "127.0.0.1", proxy.port, password)}
-[groups.containers]
-backend = "docker"
-window = "always"
-select = {{ labels = {{ "patchd.test" = "{f.token}" }} }}
-health = {{ timeout = "20s", stable_for = "1s", command = {echo(password, "web", "web")} }}
-
-[groups.vms]
-backend = "vc"
-window = "always"
-select = {{ names = ["{good}", "{bad}"] }}
-max_errors = 2
-health = {{ timeout = "10s", stable_for = "0s" }}
-patch = {{ command = {echo(password, "{name}", bad)}, version = "2" }}
-
-[groups.refused]
-backend = "vc-refusing"
-window = "always"
-select = {{ names = ["*"] }}
-patch = {{ command = ["true"] }}
-"""
+        write_config(
+            config,
+            {
+                "daemon": {
+                    "state_dir": state,
+                    "metrics_address": f"127.0.0.1:{port}",
+                    "log_format": "json",
+                    "log_level": "debug",
+                },
+                "windows": {"always": ALWAYS},
+                "backends": {
+                    "docker": {"type": "docker", "url": f.docker_host, "timeout": "30s"},
+                    "vc": vsphere_backend(vc_host, sim.process.port, password),
+                    "vc-refusing": vsphere_backend("127.0.0.1", proxy.port, password),
+                },
+                "groups": {
+                    "containers": {
+                        "backend": "docker",
+                        "window": "always",
+                        "select": {"labels": {"patchd.test": f.token}},
+                        "health": {
+                            "timeout": "120s",
+                            "stable_for": "1s",
+                            "command": echo(password, "web", "web"),
+                        },
+                    },
+                    "vms": {
+                        "backend": "vc",
+                        "window": "always",
+                        "select": {"names": [good, bad]},
+                        "max_errors": 2,
+                        "health": {"timeout": "120s", "stable_for": "0s"},
+                        "patch": {"command": echo(password, "{name}", bad), "version": "2"},
+                    },
+                    "refused": {
+                        "backend": "vc-refusing",
+                        "window": "always",
+                        "select": {"names": ["*"]},
+                        "patch": {"command": ["true"]},
+                    },
+                },
+            },
         )
 
     write(sim.process.host)
@@ -230,14 +237,19 @@ patch = {{ command = ["true"] }}
         def finished() -> dict[str, dict[str, Any]]:
             return {e["group"]: e for e in daemon.events() if e["event"] == "run_finished"}
 
-        runs = wait_for(lambda: len(finished()) == 3 and finished(), 90, "three runs")
+        runs = wait_until(lambda: len(finished()) == 3 and finished(), 360, "three runs")
         metrics = scrape(port)
         # A config whose error would quote the password: the reload is refused, logged.
         write(f"{sim.process.host}/{secret}")
         daemon.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: any(e["event"] == "reload_failed" for e in daemon.events()), 30, "reload")
+        wait_until(
+            lambda: any(e["event"] == "reload_failed" for e in daemon.events()),
+            120,
+            "reload",
+            give_up=daemon.exited,
+        )
         daemon.proc.send_signal(signal.SIGTERM)
-        assert daemon.proc.wait(60) == 0
+        assert daemon.proc.wait(120) == 0
         events = daemon.events()
         daemon.log.seek(0)
         daemon_output = daemon.log.read()
@@ -311,9 +323,9 @@ RECORD = (
 )
 
 
-def record(*args: str) -> str:
-    """TOML argv of a command appending its arguments and PATCHD_TARGET_NAME to $OUT."""
-    return json.dumps([sys.executable, "-c", RECORD, *args])
+def record(*args: str) -> list[str]:
+    """argv of a command appending its arguments and PATCHD_TARGET_NAME to $OUT."""
+    return [sys.executable, "-c", RECORD, *args]
 
 
 def test_a_vm_named_with_shell_metacharacters_reaches_commands_intact(
@@ -331,22 +343,25 @@ def test_a_vm_named_with_shell_metacharacters_reaches_commands_intact(
     work.mkdir()
     out = tmp_path / "calls.jsonl"
     config = tmp_path / "patchd.toml"
-    config.write_text(
-        f"""
-[daemon]
-state_dir = "{tmp_path / "state"}"
-
-[windows.w]
-cron = "*/5 * * * *"
-duration = "5m"
-{vsphere_backend("vc", sim.process.host, sim.process.port, password)}
-[groups.odd]
-backend = "vc"
-window = "w"
-select = {{ names = ["web;*"] }}
-health = {{ timeout = "10s", stable_for = "0s", command = {record("health")} }}
-patch = {{ command = {record("{name}", "x{name}y", "{moid}")}, version = "2" }}
-"""
+    write_config(
+        config,
+        {
+            "daemon": {"state_dir": tmp_path / "state"},
+            "windows": {"w": ALWAYS},
+            "backends": {"vc": vsphere_backend(sim.process.host, sim.process.port, password)},
+            "groups": {
+                "odd": {
+                    "backend": "vc",
+                    "window": "w",
+                    "select": {"names": ["web;*"]},
+                    "health": {"timeout": "120s", "stable_for": "0s", "command": record("health")},
+                    "patch": {
+                        "command": record("{name}", "x{name}y", "{moid}"),
+                        "version": "2",
+                    },
+                }
+            },
+        },
     )
     run = patchd("run", "odd", "-c", str(config), "--force", cwd=work, env={"OUT": str(out)})
     assert run.returncode == 0, run.stdout + run.stderr

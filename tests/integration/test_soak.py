@@ -16,7 +16,6 @@ the new version. The figures are printed at the end (run with -s to see them).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from patchd import faults
 from patchd.state import SqliteStore
+from tests.conftest import write_config
 from tests.integration.daemon_helpers import run_patchd
 from tests.integration.docker_fleet import Fleet
 
@@ -46,25 +46,25 @@ def test_soak(f: Fleet, tmp_path: Path) -> None:
     state = tmp_path / "state"
     config = tmp_path / "patchd.toml"
     check = ["sh", "-c", 'test ! -e "$0/$PATCHD_TARGET_NAME"', str(markers)]
-    config.write_text(
-        f"""
-[daemon]
-state_dir = "{state}"
-[windows.any]
-days = ["mon"]
-duration = "1h"
-[backends.lab]
-type = "docker"
-url = "{f.docker_host}"
-rollback_timeout = "30s"
-[groups.soak]
-backend = "lab"
-window = "any"
-select = {{ labels = {{ "patchd.test" = "{f.token}" }} }}
-max_concurrency = 5
-max_errors = "50%"
-health = {{ timeout = "30s", stable_for = "0s", command = {json.dumps(check)} }}
-"""
+    write_config(
+        config,
+        {
+            "daemon": {"state_dir": state},
+            "windows": {"any": {"days": ["mon"], "duration": "1h"}},
+            "backends": {
+                "lab": {"type": "docker", "url": f.docker_host, "rollback_timeout": "30s"}
+            },
+            "groups": {
+                "soak": {
+                    "backend": "lab",
+                    "window": "any",
+                    "select": {"labels": {"patchd.test": f.token}},
+                    "max_concurrency": 5,
+                    "max_errors": "50%",
+                    "health": {"timeout": "120s", "stable_for": "0s", "command": check},
+                }
+            },
+        },
     )
     digests = {VERSIONS[0]: f.publish(VERSIONS[0], "s")}
     names = [f.name(f"s{i:02d}") for i in range(FLEET)]

@@ -24,10 +24,9 @@ from pathlib import Path
 import pytest
 
 from patchd.state import SqliteStore
-from tests.integration.daemon_helpers import GROUP, Daemon, run_patchd, write_config
+from tests.conftest import window_at, write_config
+from tests.integration.daemon_helpers import Daemon, daemon_config, run_patchd, web_group
 from tests.integration.docker_fleet import Fleet, free_port
-
-DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
 @contextmanager
@@ -51,28 +50,27 @@ def fill(path: Path) -> None:
     subprocess.run(["sh", "-c", f"cat /dev/zero > {path}/fill"], capture_output=True)
 
 
-def config(f: Fleet, path: Path, state: Path, health: str) -> Path:
-    day = DAYS[(datetime.now(UTC).weekday() + 2) % 7]  # run with --now
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "{state}"
-[windows.later]
-days = ["{day}"]
-duration = "1h"
-[backends.lab]
-type = "docker"
-url = "{f.docker_host}"
-rollback_timeout = "30s"
-[groups.web]
-backend = "lab"
-window = "later"
-select = {{ labels = {{ "patchd.test" = "{f.token}" }} }}
-max_errors = 3
-health = {{ timeout = "20s", stable_for = "1s"{health} }}
-"""
+def config(f: Fleet, path: Path, state: Path, command: list[str] | None = None) -> Path:
+    later = datetime.now(UTC) + timedelta(days=2)  # run with --now
+    return write_config(
+        path,
+        {
+            "daemon": {"state_dir": state},
+            "windows": {"later": window_at(later)},
+            "backends": {
+                "lab": {"type": "docker", "url": f.docker_host, "rollback_timeout": "30s"}
+            },
+            "groups": {
+                "web": {
+                    "backend": "lab",
+                    "window": "later",
+                    "select": {"labels": {"patchd.test": f.token}},
+                    "max_errors": 3,
+                    "health": {"timeout": "120s", "stable_for": "1s", "command": command},
+                }
+            },
+        },
     )
-    return path
 
 
 def patchd_run(config: Path) -> subprocess.CompletedProcess[str]:
@@ -102,7 +100,7 @@ def assert_untouched(f: Fleet, ids: dict[str, str], v1: str) -> None:
 def test_a_full_state_dir_before_the_run_touches_no_container(f: Fleet, tmp_path: Path) -> None:
     _, ids, v1, _ = fleet_of(f, 2)
     with tmpfs(tmp_path / "state", "1m") as state:
-        cfg = config(f, tmp_path / "patchd.toml", state, "")
+        cfg = config(f, tmp_path / "patchd.toml", state)
         SqliteStore(state / "patchd.db").close()  # a journal from earlier runs
         fill(state)
         # SQLite cannot even open the journal (it needs room for its -shm file).
@@ -132,7 +130,7 @@ def test_a_disk_that_fills_mid_patch_rolls_the_target_back_and_starts_no_other(
 ) -> None:
     names, ids, v1, v2 = fleet_of(f, 3)
     with tmpfs(tmp_path / "state", "2m") as state:
-        filler = f', command = ["sh", "-c", "cat /dev/zero > {state}/fill; exit 0"]'
+        filler = ["sh", "-c", f"cat /dev/zero > {state}/fill; exit 0"]
         done = patchd_run(config(f, tmp_path / "filling.toml", state, filler))
         assert done.returncode == 1, done.stdout + done.stderr
         assert "Traceback" not in done.stderr
@@ -147,7 +145,7 @@ def test_a_disk_that_fills_mid_patch_rolls_the_target_back_and_starts_no_other(
 
         # Space again: the next run finishes the journal's unfinished row, then patches.
         (state / "fill").unlink()
-        again = patchd_run(config(f, tmp_path / "patchd.toml", state, ""))
+        again = patchd_run(config(f, tmp_path / "patchd.toml", state))
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"reconciled {rolled}" in again.stderr
     assert all(f.digest_of(name) == v2 for name in names)
@@ -162,11 +160,11 @@ def test_a_daemon_with_a_read_only_state_dir_exits_with_a_clear_error(
         subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
         cfg = tmp_path / "patchd.toml"
         start = datetime.now(UTC) - timedelta(minutes=1)  # a window open now
-        write_config(cfg, f, state, free_port(), start, GROUP.format(token=f.token, concurrency=1))
+        daemon_config(cfg, f, state, free_port(), start, web_group(f.token, 1))
         (tmp_path / "d").mkdir()
         daemon = Daemon(cfg, tmp_path / "d")
         try:
-            assert daemon.proc.wait(timeout=30) == 1
+            assert daemon.proc.wait(timeout=120) == 1
             daemon.drain()
         finally:
             daemon.close()

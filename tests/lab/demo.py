@@ -1,5 +1,9 @@
 """The demo behind `make demo`: patch a small fleet on the local test bed with config/lab.toml.
 
+The bed is the one PATCHD_LAB_DIR names (default /tmp/patchd-lab): the demo writes its
+config to PATCHD_LAB_DIR/demo.toml from config/lab.toml and the bed's lab.env (its engine
+socket, its state directory, a free metrics port), so a demo never touches another bed.
+
 1. builds a web image v1, pushes it to the lab registry as patchd-demo/web:stable;
 2. starts 2 staging and 4 production containers from it;
 3. publishes v2 under the same tag;
@@ -14,9 +18,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,20 +31,45 @@ from typing import Any
 import docker
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "config" / "lab.toml"
+sys.path.insert(0, str(ROOT))
+from tests.lab import bed  # noqa: E402  (the test bed's lab.env, read as the tests read it)
+
+TEMPLATE = ROOT / "config" / "lab.toml"
+DEFAULT_LAB_DIR = "/tmp/patchd-lab"  # what config/lab.toml is written for
 PATCHD = [sys.executable, "-m", "patchd.cli"]
 LABEL = "patchd.demo"
-METRICS = "http://127.0.0.1:9863/metrics"
+WAIT = 180  # seconds for staging, its soak and production
+
+
+def lab_dir() -> Path:
+    return bed.lab_dir("PATCHD_LAB_DIR", default=DEFAULT_LAB_DIR)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def demo_config(env: dict[str, str], port: int) -> Path:
+    """config/lab.toml for this bed: its engine, its state directory, this metrics port."""
+    text = TEMPLATE.read_text()
+    text = text.replace(f"unix://{DEFAULT_LAB_DIR}/run/d.sock", env["PATCHD_LAB_DOCKER_HOST"])
+    text = text.replace(DEFAULT_LAB_DIR, str(lab_dir()))
+    text = text.replace('"127.0.0.1:9863"', f'"127.0.0.1:{port}"')
+    path = lab_dir() / "demo.toml"
+    path.write_text(text)
+    return path
+
+
+PORT = free_port()
+CONFIG = lab_dir() / "demo.toml"
+METRICS = f"http://127.0.0.1:{PORT}/metrics"
 
 
 def lab_env() -> dict[str, str]:
-    lab_dir = Path(os.environ.get("PATCHD_LAB_DIR", "/tmp/patchd-lab"))
-    env: dict[str, str] = {}
-    for line in (lab_dir / "lab.env").read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].partition("=")
-            env[key] = shlex.split(value)[0] if value else ""
-    return env
+    return bed.read_env(lab_dir() / "lab.env")
 
 
 def say(text: str) -> None:
@@ -119,15 +147,54 @@ def last_run(group: str) -> dict[str, Any] | None:
     return runs[0] if runs else None
 
 
+def failure(run: dict[str, Any]) -> str | None:
+    """Why a finished run failed, in its own words; None if it did not."""
+    if run["status"] == "completed" and not run["failed"]:
+        return None
+    errors = [f"{t['target']}: {t['error']}" for t in run["targets"] if t["error"]]
+    reasons = [run["error"], *errors] if run["error"] else errors
+    return f"run {run['id']} of {run['group']} {run['status']}: " + (
+        "; ".join(reasons) or "no reason recorded"
+    )
+
+
+def wait_for_production(daemon: subprocess.Popen[str]) -> None:
+    """Until production has run; stop at the first failed run with its reason, and say
+    when production waits for staging's soak."""
+    deadline = time.monotonic() + WAIT
+    soak_shown = False
+    while time.monotonic() < deadline:
+        for group in ("demo-staging", "demo-production"):
+            run = last_run(group)
+            if run is not None and run["finished"] and failure(run):
+                raise SystemExit(f"demo FAILED: {failure(run)}")
+        staging, production = last_run("demo-staging"), last_run("demo-production")
+        if production is not None and production["finished"]:
+            return
+        if staging is not None and staging["finished"] and production is None and not soak_shown:
+            print(
+                f"  staging verified at {staging['finished']}; production waits for its"
+                " soak (groups.demo-production.soak) before it starts",
+                flush=True,
+            )
+            soak_shown = True
+        if daemon.poll() is not None:
+            raise SystemExit(f"patchd daemon exited with {daemon.returncode}")
+        time.sleep(1)
+    raise SystemExit(f"demo FAILED: production was not patched within {WAIT} s")
+
+
 def main() -> int:
     env = lab_env()
+    demo_config(env, PORT)
+    print(f"config: {CONFIG} (config/lab.toml for the bed in {lab_dir()})")
     client = docker.DockerClient(base_url=env["PATCHD_LAB_DOCKER_HOST"])
     tag = f"{env['PATCHD_LAB_REGISTRY']}/patchd-demo/web:stable"
 
     say("clearing the previous demo")
     for container in client.containers.list(all=True, filters={"label": LABEL}):
         container.remove(force=True)
-    state = Path("/tmp/patchd-lab/state")
+    state = lab_dir() / "state"
     for path in state.glob("patchd.db*"):
         path.unlink()
 
@@ -157,7 +224,7 @@ def main() -> int:
     patchd("plan", "-c", str(CONFIG))
 
     say("starting patchd daemon; the lab window is open, so it patches at once")
-    log_path = Path(env.get("PATCHD_LAB_DIR", "/tmp/patchd-lab")) / "demo-daemon.log"
+    log_path = lab_dir() / "demo-daemon.log"
     print(f"(full JSON log: {log_path})")
     daemon = subprocess.Popen(
         [*PATCHD, "daemon", "-c", str(CONFIG)],
@@ -167,16 +234,7 @@ def main() -> int:
     )
     reader = follow(daemon, log_path)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            run = last_run("demo-production")
-            if run is not None and run["finished"]:
-                break
-            if daemon.poll() is not None:
-                raise SystemExit(f"patchd daemon exited with {daemon.returncode}")
-            time.sleep(1)
-        else:
-            raise SystemExit("production was not patched within 180 s")
+        wait_for_production(daemon)
 
         say("containers now")
         for container in sorted(

@@ -420,3 +420,31 @@ def test_a_closed_store_may_be_closed_again_and_reopened(harness: Harness) -> No
         assert [r.id for r in again.runs()] == ["r1"]
     finally:
         again.close()
+
+
+def test_the_outbox_keeps_messages_in_due_order_until_done(
+    store: StoreProtocol, harness: Harness
+) -> None:
+    store.enqueue_notifications([("mail", "halted", {"n": 1}), ("hook", "halted", {"n": 1})], T0)
+    store.enqueue_notifications([("mail", "rollback", {"n": 2})], T0 + timedelta(seconds=1))
+    assert [(r.channel, r.event, r.attempts) for r in store.due_notifications()] == [
+        ("mail", "halted", 0), ("hook", "halted", 0), ("mail", "rollback", 0)
+    ]  # fmt: skip
+    first = store.due_notifications(by=T0)
+    assert [r.document for r in first] == [{"n": 1}, {"n": 1}]
+    assert first[0].created == first[0].due == T0
+    store.notification_retry(first[0].id, 1, T0 + timedelta(seconds=10), "down")
+    store.notification_done(first[1].id)
+    store.notification_done(first[1].id)  # again: no error
+    assert [r.event for r in store.due_notifications(by=T0 + timedelta(seconds=5))] == ["rollback"]
+    [later, retried] = store.due_notifications(limit=5)
+    assert (retried.attempts, retried.error, retried.due) == (
+        1, "down", T0 + timedelta(seconds=10)
+    )  # fmt: skip
+    assert len(store.due_notifications(limit=1)) == 1
+    store.close()
+    reopened = harness.open()  # durable: a restart finds what is left
+    try:
+        assert [r.id for r in reopened.due_notifications()] == [later.id, retried.id]
+    finally:
+        reopened.close()

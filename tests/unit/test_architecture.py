@@ -73,10 +73,7 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 KNOWN_LONG: dict[str, str] = {}
 
 # Files allowed a deadline loop of their own -> the branch that moves them onto poll.py.
-KNOWN_POLL_LOOPS: dict[str, str] = {
-    "backends/docker.py": "docker",  # rollback retried until rollback_timeout
-    "backends/docker_engine.py": "docker",  # await_healthy's "stable for" loop
-}
+KNOWN_POLL_LOOPS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

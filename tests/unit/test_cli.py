@@ -5,39 +5,28 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import pytest
 
 from patchd import __version__
 from patchd.cli import main
+from tests.conftest import write_config
 
-DST_CONFIG = """
-[daemon]
-timezone = "Europe/Berlin"
-
-[windows.sunday]
-days = ["sun"]
-start = "02:30"
-duration = "2h"
-
-[windows.nightly]
-cron = "30 1 * * *"
-duration = "1h"
-timezone = "America/New_York"
-
-[freezes.f]
-start = 2026-04-05
-end = 2026-04-05
-reason = "release"
-"""
+DST_CONFIG = {
+    "daemon": {"timezone": "Europe/Berlin"},
+    "windows": {
+        "sunday": {"days": ["sun"], "start": "02:30", "duration": "2h"},
+        "nightly": {"cron": "30 1 * * *", "duration": "1h", "timezone": "America/New_York"},
+    },
+    "freezes": {"f": {"start": date(2026, 4, 5), "end": date(2026, 4, 5), "reason": "release"}},
+}
 
 
 @pytest.fixture
 def dst_config(tmp_path: Path) -> Path:
-    path = tmp_path / "patchd.toml"
-    path.write_text(DST_CONFIG)
-    return path
+    return write_config(tmp_path / "patchd.toml", DST_CONFIG)
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
@@ -151,30 +140,14 @@ def test_run_says_when_the_alert_gate_holds_and_releases(
     with serve() as url:
         # Shut, then open before the start, then empty after the patch.
         FakePrometheus.answers = [(200, vector({"alertname": "Down"}))] + [(200, vector())] * 2
-        path = tmp_path / "patchd.toml"
-        path.write_text(
-            f"""
-[daemon]
-state_dir = "{tmp_path / "state"}"
-
-[windows.w]
-days = ["sat"]
-duration = "1h"
-
-[backends.d]
-type = "docker"
-
-[groups.web]
-backend = "d"
-window = "w"
-
-[groups.web.health.prometheus]
-url = "{url}"
-query = "ALERTS"
-observe = "0s"
-interval = "1s"
-"""
-        )
+        gate = {"url": url, "query": "ALERTS", "observe": "0s", "interval": "1s"}
+        values = {
+            "daemon": {"state_dir": tmp_path / "state"},
+            "windows": {"w": {"days": ["sat"], "duration": "1h"}},
+            "backends": {"d": {"type": "docker"}},
+            "groups": {"web": {"backend": "d", "window": "w", "health": {"prometheus": gate}}},
+        }
+        path = write_config(tmp_path / "patchd.toml", values)
         assert main(["run", "web", "--now", "-c", str(path)]) == 0
     out, err = capsys.readouterr()
     assert 'alert gate shut: alerts_firing: 1 series: {alertname="Down"}; waiting' in err

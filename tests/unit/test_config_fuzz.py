@@ -43,6 +43,7 @@ from patchd.backends.docker import DockerConfig, DockerSelect
 from patchd.backends.vsphere.config import VSphereConfig, VSphereSelect
 from patchd.cli import main
 from patchd.config import ConfigError, load_settings
+from patchd.config.notifications import NotificationModel
 from patchd.config.schema import (
     SECTIONS,
     DaemonModel,
@@ -117,6 +118,7 @@ SECTION_KEYS = {
         "groups": [GroupModel, DockerSelect, VSphereSelect],
         "state": [StateModel],
         "ha": [HaModel],
+        "notifications": [NotificationModel],
     }.items()
 }
 

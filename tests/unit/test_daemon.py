@@ -8,9 +8,10 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,42 +20,41 @@ from patchd.state import SqliteStore
 from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
 from patchd.windows import Cron, Weekly, Window, next_start
+from tests.conftest import wait_until, window_at, write_config
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+def config(state: Path, start: datetime, broken: bool = False) -> dict[str, Any]:
+    """The daemon's config: window `soon` opens at `start`; group `web` on backend `d`."""
+    return {
+        "daemon": {"state_dir": state, "metrics_address": "127.0.0.1:0", "log_format": "json"},
+        "windows": {"soon": window_at(start)},
+        "backends": {"d": {"type": "docker"}},
+        "groups": {
+            "web": {"backend": "d", "window": "nope" if broken else "soon", "max_concurrency": 2}
+        },
+    }
 
 
-def config_text(state: Path, start: datetime, broken: bool = False) -> str:
-    day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][start.weekday()]
-    return f"""
-[daemon]
-state_dir = "{state}"
-metrics_address = "127.0.0.1:0"
-log_format = "json"
+class Recorder(Notifier):
+    """Keeps what the daemon tells systemd (no socket)."""
 
-[windows.soon]
-days = ["{day}"]
-start = "{start:%H:%M:%S}"
-duration = "1h"
+    def __init__(self) -> None:
+        super().__init__("")
+        self.sent: list[str] = []
 
-[backends.d]
-type = "docker"
-
-[groups.web]
-backend = "d"
-window = "{"nope" if broken else "soon"}"
-max_concurrency = 2
-"""
+    def send(self, *lines: str, wait: float = 0.0) -> bool:
+        self.sent.append("\n".join(lines))
+        return True
 
 
 @pytest.fixture
-def fake() -> FakeBackend:
+def fake(request: pytest.FixtureRequest) -> FakeBackend:
+    """Three targets, v2 published; a test may make each step take `request.param`
+    seconds (indirect parametrization)."""
     backend = FakeBackend("d")
+    if getattr(request, "param", 0):
+        backend.step_time = request.param
+        backend.sleep = time.sleep
     for i in range(3):
         backend.add(f"c{i}")
     backend.publish("app", "v2")
@@ -62,27 +62,38 @@ def fake() -> FakeBackend:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, fake: FakeBackend) -> Iterator[Daemon]:
-    start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
-    path = tmp_path / "patchd.toml"
-    path.write_text(config_text(tmp_path / "state", start))
-    d = Daemon(path, None, connector=lambda spec: fake, notifier=Notifier(""))
+def start(request: pytest.FixtureRequest) -> datetime:
+    """When the `daemon` fixture's window opens: in 3 s, or `request.param` s from now."""
+    return datetime.now(UTC).replace(microsecond=0) + timedelta(
+        seconds=getattr(request, "param", 3)
+    )
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, fake: FakeBackend, start: datetime) -> Iterator[Daemon]:
+    path = write_config(tmp_path / "patchd.toml", config(tmp_path / "state", start))
+    d = Daemon(path, None, connector=lambda spec: fake, notifier=Recorder())
     d.start()
     yield d
     if not d.stop.is_set():
         d.shutdown()
 
 
-def test_window_opening_after_start_patches_the_group(daemon: Daemon, fake: FakeBackend) -> None:
-    assert daemon.status_line().startswith("idle; next window soon at")
-    assert [c for c in fake.calls if c[0] == "apply"] == []  # nothing before the window
-    wait_for(lambda: {t.version for t in fake.targets.values()} == {"v2"})
-    wait_for(
-        lambda: (
-            daemon.store.last_run("web") is not None
-            and daemon.store.last_run("web").status == "completed"
-        )
-    )  # type: ignore[union-attr]
+def test_window_opening_after_start_patches_the_group(
+    daemon: Daemon, fake: FakeBackend, start: datetime
+) -> None:
+    assert isinstance(daemon.notifier, Recorder)
+    [ready] = [m for m in daemon.notifier.sent if m.startswith("READY=1")]
+    assert "STATUS=idle; next window soon at" in ready
+    wait_until(lambda: {t.version for t in fake.targets.values()} == {"v2"}, 120, "v2 everywhere")
+    run = wait_until(
+        lambda: (r := daemon.store.last_run("web")) is not None and r.status == "completed" and r,
+        120,
+        "a completed run",
+    )
+    # Nothing before the window: when the run started, not "nothing yet" at some instant
+    # (a loaded machine may start the daemon after the window opened).
+    assert run.started >= start
     port = daemon.metrics_server.server_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     assert 'patchd_patch_operations_total{backend="d",group="web",result="success"} 3.0' in text
@@ -94,7 +105,7 @@ def test_window_opening_after_start_patches_the_group(daemon: Daemon, fake: Fake
 def test_broken_reload_keeps_the_old_config(daemon: Daemon, tmp_path: Path) -> None:
     old = daemon.settings
     path = tmp_path / "patchd.toml"
-    path.write_text(config_text(tmp_path / "state", datetime.now(UTC), broken=True))
+    write_config(path, config(tmp_path / "state", datetime.now(UTC), broken=True))
     daemon.reload()
     assert daemon.settings is old
     assert daemon.metrics.config_reload_ok._value.get() == 0  # type: ignore[attr-defined]
@@ -102,18 +113,20 @@ def test_broken_reload_keeps_the_old_config(daemon: Daemon, tmp_path: Path) -> N
     status = daemon.status_line()
     assert status.startswith(f"reload failed, old config kept: {path}: groups.web.window"), status
     assert "nope" in status and "; idle; next window soon at " in status
-    path.write_text(config_text(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2)))
+    write_config(path, config(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2)))
     daemon.reload()
     assert daemon.settings is not old
     assert daemon.metrics.config_reload_ok._value.get() == 1  # type: ignore[attr-defined]
     assert daemon.status_line().startswith("idle; next window soon at")
 
 
+# The window is open at start, and the fake's steps take 1 s from the first one on.
+@pytest.mark.parametrize("start", [-60], indirect=True)
+@pytest.mark.parametrize("fake", [1], indirect=True)
 def test_shutdown_waits_for_in_flight_targets(daemon: Daemon, fake: FakeBackend) -> None:
-    fake.step_time = 1
-    fake.sleep = time.sleep
     assert daemon.start_run("web") or True
-    wait_for(lambda: fake.in_flight > 0)
+    # Both of the first batch (max_concurrency 2) have started: the stop leaves c2 alone.
+    wait_until(lambda: fake.in_flight == 2, 120, "two targets in flight")
     assert daemon.shutdown() == 0
     store = SqliteStore(daemon.settings.daemon.state_dir / "patchd.db")
     run = store.last_run("web")
@@ -148,8 +161,9 @@ def test_oldest_kept_snapshot_age_is_exported(tmp_path: Path) -> None:
             return self.kept
 
     keeper = Keeper()
-    path = tmp_path / "patchd.toml"
-    path.write_text(config_text(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2)))
+    path = write_config(
+        tmp_path / "patchd.toml", config(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2))
+    )
     d = Daemon(path, None, connector=lambda spec: keeper, notifier=Notifier(""))
     d.start()
     try:
@@ -185,13 +199,17 @@ def test_counters_start_at_zero_and_store_gauges_are_exported(
     assert 'patchd_group_snapshot_keep_seconds{backend="d",group="web"} 0.0' in text
     assert 'patchd_group_pending_windows{group="web"} 0.0' in text  # never ran
     assert "patchd_alert_gate_blocked_total{" not in text  # the group has no alert gate
-    wait_for(
+    wait_until(
         lambda: (
             daemon.store.last_run("web") is not None
             and daemon.store.last_run("web").status == "completed"  # type: ignore[union-attr]
-        )
+        ),
+        120,
+        "a completed run",
     )
-    wait_for(lambda: 'patchd_group_targets_pending{group="web"} 0.0' in scrape())
+    wait_until(
+        lambda: 'patchd_group_targets_pending{group="web"} 0.0' in scrape(), 120, "pending 0"
+    )
     text = scrape()
     assert 'patchd_group_pending_windows{group="web"} 0.0' in text
     assert 'patchd_runs_total{group="web",status="completed"} 1.0' in text
@@ -216,8 +234,9 @@ def test_alert_gate_answers_are_counted(daemon: Daemon) -> None:
 def test_daemon_exports_pending_targets_and_pending_windows_after_a_restart(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "patchd.toml"
-    path.write_text(config_text(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2)))
+    path = write_config(
+        tmp_path / "patchd.toml", config(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2))
+    )
     store = SqliteStore(tmp_path / "state" / "patchd.db")
     at = datetime.now(UTC) - timedelta(days=3)
     store.start_run("r1", "web", None, at)
@@ -243,20 +262,20 @@ def test_a_reload_never_closes_a_backend_a_run_still_uses(tmp_path: Path) -> Non
     fake.publish("app", "v2")
     release = threading.Event()
     fake.step_time = 1
-    fake.sleep = lambda seconds: release.wait(10)
-    path = tmp_path / "patchd.toml"
-    text = config_text(tmp_path / "state", datetime.now(UTC) - timedelta(minutes=1))
-    path.write_text(text)
+    fake.sleep = lambda seconds: release.wait(600)  # a limit: the test releases it
+    values = config(tmp_path / "state", datetime.now(UTC) - timedelta(minutes=1))
+    path = write_config(tmp_path / "patchd.toml", values)
     d = Daemon(path, None, connector=lambda spec: fake, notifier=Notifier(""))
     d.start()  # inside the open window: the run starts at once
     try:
-        wait_for(lambda: fake.in_flight > 0)
-        path.write_text(text.split("[backends.d]")[0])  # no backend, no group
+        wait_until(lambda: fake.in_flight > 0, 120, "a target in flight")
+        # No backend, no group:
+        write_config(path, {"daemon": values["daemon"], "windows": values["windows"]})
         d.reload()
         assert d.backends == {}
         assert ("close", "") not in fake.calls
         release.set()
-        wait_for(lambda: not d._runs)
+        wait_until(lambda: not d._runs, 120, "the run to end")
         assert {t.version for t in fake.targets.values()} == {"v2"}
         assert ("close", "") in fake.calls  # once the run no longer needs it
     finally:

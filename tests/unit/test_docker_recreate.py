@@ -228,7 +228,7 @@ def test_constructing_connects_to_nothing_and_a_missing_engine_is_transient(
     tmp_path: Path,
 ) -> None:
     backend = DockerBackend("d", DockerConfig(url=f"unix://{tmp_path}/no.sock", timeout="2s"))
-    assert backend.config.rollback_retention == timedelta(days=7)
+    assert backend.config.rollback_retention is None  # refused when set: snapshot.keep
     with pytest.raises(TransientError):
         backend.ping()
     with pytest.raises(TransientError):
@@ -244,8 +244,9 @@ def test_plan_snapshot_is_pure() -> None:
 
 
 def test_config_keys() -> None:
-    cfg = DockerConfig.model_validate({"rollback_retention": "36h", "rollback_timeout": "90s"})
-    assert cfg.rollback_retention == timedelta(hours=36)
+    cfg = DockerConfig.model_validate({"rollback_timeout": "90s"})
     assert cfg.rollback_timeout == timedelta(seconds=90)
+    with pytest.raises(ValidationError, match=r"replaced by groups\.NAME\.snapshot\.keep"):
+        DockerConfig.model_validate({"rollback_retention": "36h"})
     with pytest.raises(ValidationError):
         DockerConfig.model_validate({"rollback_retention": 5})

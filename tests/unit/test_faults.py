@@ -8,6 +8,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,7 @@ from patchd.config import load_settings
 from patchd.engine import NullObserver, RunRequest, run_group
 from patchd.state import open_store
 from patchd.testing import FakeBackend
+from tests.conftest import write_config
 
 PACKAGE = Path(__file__).resolve().parents[2] / "patchd"
 T0 = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
@@ -55,7 +57,7 @@ def test_crash_ends_the_process_at_once() -> None:
     code = "from patchd import faults\nfaults.hit('docker.after_stop')\nprint('survived')\n"
     env = {faults.ENABLE: "1", faults.SPEC: "docker.after_stop=crash", "PATH": "/usr/bin"}
     done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == faults.CRASH_EXIT
     assert "survived" not in done.stdout
@@ -69,7 +71,7 @@ def test_a_bad_spec_is_a_clear_exit_2(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,
     )
     assert done.returncode == 2, done
     assert "PATCHD_FAULTS: bad item 'bogus=crash'" in done.stderr
@@ -85,19 +87,14 @@ def test_every_point_is_reached_somewhere_in_the_code() -> None:
     assert named | journal == faults.POINTS
 
 
-CONFIG = """
-[daemon]
-state_dir = "{state}"
-[windows.w]
-days = ["sat"]
-duration = "4h"
-[backends.d]
-type = "docker"
-[groups.web]
-backend = "d"
-window = "w"
-max_errors = "100%"
-"""
+def config(state: Path, **group: Any) -> dict[str, Any]:
+    return {
+        "daemon": {"state_dir": state},
+        "windows": {"w": {"days": ["sat"], "duration": "4h"}},
+        "backends": {"d": {"type": "docker"}},
+        "groups": {"web": {"backend": "d", "window": "w", **group}},
+    }
+
 
 ENGINE_POINTS = sorted(
     p
@@ -105,7 +102,7 @@ ENGINE_POINTS = sorted(
     if p.startswith("engine.") or p.startswith("journal.before.")
     if p
     not in {"journal.before.snapshotting", "journal.before.rolling_back", "engine.after_rollback"}
-    if not p.endswith(("rolled_back", "rollback_failed"))
+    if not p.endswith(("rolled_back", "rollback_failed", "out_of_service"))
 )
 
 
@@ -115,8 +112,7 @@ def test_a_raise_at_any_engine_point_leaves_the_target_consistent(
 ) -> None:
     """A failure anywhere from the snapshot to the commit ends in a rollback to v1 (or a
     commit, for a failure after the commit was done) and nothing left over."""
-    path = tmp_path / "patchd.toml"
-    path.write_text(CONFIG.format(state=tmp_path / "state"))
+    path = write_config(tmp_path / "patchd.toml", config(tmp_path / "state", max_errors="100%"))
     settings = load_settings(path)
     store = open_store(settings.daemon.state_dir / "patchd.db")
     fake = FakeBackend("d")

@@ -13,12 +13,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from patchd.backends.base import StepFailed
 from patchd.backends.ssh import SSHBackend, SSHConfig, SSHSelect, _Ledger
+from patchd.guest import system
 from patchd.guest.apt import AptDriver, is_security, parse_simulation
-from patchd.guest.errors import CommandFailed, PackageManagerError
+from patchd.guest.errors import CommandFailed, PackageManagerError, Unreachable
 from patchd.guest.packages import Pending, identity
 from patchd.guest.settings import SshModel
 from patchd.guest.ssh import Result, Session
+from tests.unit.test_poll import FakeClock
 
 SIMULATION = """\
 Reading package lists...
@@ -180,3 +183,119 @@ def test_paramiko_is_loaded_only_when_a_session_opens() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- the waits, on patchd.poll with a fake clock ---------------------------------------------
+# A fake session stands in for the machine: what a real one says while locked, rebooting or
+# degraded is tested on the lab's machines (tests/integration/test_guest_*); here only the
+# timing and the messages of the waits, without sleeping.
+
+
+class _Machine:
+    """Answers each command from a script (one reply per call, the last one repeated)."""
+
+    def __init__(self, clock: FakeClock, replies: dict[str, list[Any]]) -> None:
+        self.name = "web1"
+        self.clock = clock
+        self.replies = replies
+        self.asked: list[tuple[float, str]] = []
+        self.closed = 0
+
+    def run(self, argv: Any, **kw: Any) -> Result:
+        key = next(word for word in argv if word in self.replies)
+        self.asked.append((self.clock.now, key))
+        script = self.replies[key]
+        reply = script.pop(0) if len(script) > 1 else script[0]
+        if isinstance(reply, Exception):
+            raise reply
+        status, out = reply
+        return Result(tuple(argv), status, out, "")
+
+    def open(self) -> _Machine:
+        return self
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def __enter__(self) -> _Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_LOCK = "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 812 (apt-get)"
+
+
+def test_apt_waits_for_the_lock_until_lock_timeout() -> None:
+    fake = FakeClock()
+    machine = _Machine(fake, {"apt-get": [(100, _LOCK), (100, _LOCK), (0, "done")]})
+    driver = AptDriver(machine, lock_timeout=10, clock=fake.clock)  # type: ignore[arg-type]
+    assert driver._apt(["apt-get", "update"], "refreshing").stdout == "done"
+    assert fake.slept == [2.0, 2.0]
+    machine = _Machine(fake, {"apt-get": [(100, _LOCK)]})
+    driver = AptDriver(machine, lock_timeout=5, clock=fake.clock)  # type: ignore[arg-type]
+    start = fake.now
+    with pytest.raises(PackageManagerError) as err:
+        driver._apt(["apt-get", "update"], "refreshing")
+    assert str(err.value) == (
+        "web1: refreshing: the package manager's lock is still held after 5s (E: Could not"
+        " get lock /var/lib/dpkg/lock-frontend. It is held by process 812 (apt-get));"
+        " nothing was changed"
+    )
+    assert [t - start for t, _ in machine.asked] == [0, 2, 4, 5]  # the last ask at the deadline
+    machine = _Machine(fake, {"apt-get": [(100, "E: Version '9' for 'a' was not found")]})
+    driver = AptDriver(machine, clock=fake.clock)  # type: ignore[arg-type]
+    with pytest.raises(PackageManagerError, match="no repository offers a=9"):
+        driver._apt(["apt-get", "install"], "installing a=9")
+    assert len(machine.asked) == 1  # any other failure: no retry
+
+
+def test_a_reboot_is_waited_for_until_the_boot_id_changes() -> None:
+    fake = FakeClock()
+    machine = _Machine(
+        fake,
+        {
+            "systemctl": [CommandFailed("web1: the connection dropped")],
+            "cat": [(0, "old\n"), (0, "old\n"), Unreachable("web1: refused"), (0, "new\n")],
+        },
+    )
+    assert system.reboot(lambda: machine, machine, 60, fake.clock) == "new"  # type: ignore[arg-type, return-value]
+    assert fake.slept == [1.0, 1.0, 1.0]
+    machine = _Machine(fake, {"systemctl": [(0, "")], "cat": [(0, "old\n")]})
+    with pytest.raises(StepFailed) as err:
+        system.reboot(lambda: machine, machine, 3, fake.clock)  # type: ignore[arg-type, return-value]
+    assert str(err.value) == (
+        "web1: did not come back from a reboot within 3s (still up with the old boot id old)"
+    )
+
+
+def test_wait_running_fails_once_a_bad_state_settles_or_at_the_timeout() -> None:
+    fake = FakeClock()
+    units = (0, "nginx.service loaded failed failed nginx\n")
+    machine = _Machine(
+        fake,
+        {
+            "is-system-running": [(1, "starting"), (1, "degraded")],
+            "list-units": [units],
+        },
+    )
+    start = fake.now
+    with pytest.raises(StepFailed) as err:
+        system.wait_running(lambda: machine, 60, 3, fake.clock)  # type: ignore[arg-type, return-value]
+    assert str(err.value) == (
+        "web1: systemctl is-system-running says degraded; failed units: nginx.service"
+    )
+    assert fake.now - start == 4  # starting at 0, degraded from 1, settled at 4
+    assert machine.closed == 1
+    machine = _Machine(fake, {"is-system-running": [Unreachable("web1: refused"), (1, "starting")]})
+    start = fake.now
+    with pytest.raises(StepFailed, match=r"web1: systemctl is-system-running says starting$"):
+        system.wait_running(lambda: machine, 2.5, 3, fake.clock)  # type: ignore[arg-type, return-value]
+    assert fake.now - start == 2.5
+    machine = _Machine(
+        fake, {"is-system-running": [(1, "degraded"), (0, "running")], "list-units": [(0, "")]}
+    )
+    start = fake.now
+    system.wait_running(lambda: machine, 60, 3, fake.clock)  # type: ignore[arg-type, return-value]
+    assert fake.now - start == 1  # degraded for less than `settle`: still waited for

@@ -25,7 +25,8 @@ from patchd.runner import group_lock
 from patchd.state import SqliteStore, StoreError
 from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
-from tests.unit.test_daemon import config_text, wait_for
+from tests.conftest import wait_until, write_config
+from tests.unit.test_daemon import config
 from tests.unit.test_engine import fleet, group, run
 
 T0 = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
@@ -173,30 +174,21 @@ def test_check_writable_and_the_group_lock_report_an_unwritable_state_dir(
 
 
 def _settings(tmp_path: Path) -> Settings:
-    path = tmp_path / "patchd.toml"
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "{tmp_path / "state"}"
-[windows.w]
-days = ["sat"]
-duration = "1h"
-[backends.fake]
-type = "docker"
-[groups.web]
-backend = "fake"
-window = "w"
-"""
-    )
-    return load_settings(path)
+    values = {
+        "daemon": {"state_dir": tmp_path / "state"},
+        "windows": {"w": {"days": ["sat"], "duration": "1h"}},
+        "backends": {"fake": {"type": "docker"}},
+        "groups": {"web": {"backend": "fake", "window": "w"}},
+    }
+    return load_settings(write_config(tmp_path / "patchd.toml", values))
 
 
 def test_a_daemon_whose_store_stops_taking_writes_starts_nothing_and_recovers(
     tmp_path: Path,
 ) -> None:
     fake = FakeBackend("d")  # no targets yet: the run at start finishes at once
-    path = tmp_path / "patchd.toml"
-    path.write_text(config_text(tmp_path / "state", datetime.now(UTC) - timedelta(minutes=1)))
+    open_now = datetime.now(UTC) - timedelta(minutes=1)
+    path = write_config(tmp_path / "patchd.toml", config(tmp_path / "state", open_now))
     d = Daemon(path, None, connector=lambda spec: fake, notifier=Notifier(""))
     d.start()
     runs = d.metrics.runs
@@ -205,24 +197,24 @@ def test_a_daemon_whose_store_stops_taking_writes_starts_nothing_and_recovers(
         return float(runs.labels("web", status)._value.get())  # type: ignore[attr-defined]
 
     try:
-        wait_for(lambda: count("completed") == 1)
+        wait_until(lambda: count("completed") == 1, 120, "completed runs: 1")
         for i in range(3):
             fake.add(f"c{i}")
         fake.publish("app", "v2")
         db = d.store._db
         db.execute("PRAGMA query_only = 1")  # as a full or read-only disk would refuse
         assert d.start_run("web")
-        wait_for(lambda: count("failed") == 1)
+        wait_until(lambda: count("failed") == 1, 120, "failed runs: 1")
         db.execute("PRAGMA query_only = 0")
         locks = tmp_path / "state" / "locks"
         shutil.rmtree(locks)
         locks.write_text("")  # the lock file cannot be created: the other refusal path
         assert d.start_run("web")
-        wait_for(lambda: count("failed") == 2)
+        wait_until(lambda: count("failed") == 2, 120, "failed runs: 2")
         assert [c for c in fake.calls if c[0] not in ("ping", "discover")] == []
         locks.unlink()
         assert d.start_run("web")
-        wait_for(lambda: count("completed") == 2)
+        wait_until(lambda: count("completed") == 2, 120, "completed runs: 2")
         assert {t.version for t in fake.targets.values()} == {"v2"}
     finally:
         d.shutdown()

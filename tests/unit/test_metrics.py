@@ -11,30 +11,20 @@ import pytest
 from patchd.config import Settings, load_settings
 from patchd.metrics import JournalCollector, journal_view, pending_windows
 from patchd.state import Keep, SqliteStore, Store
+from tests.conftest import write_config
 
-CONFIG = """
-[daemon]
-state_dir = "{state}"
 
-[windows.sat]
-days = ["sat"]
-start = "02:00"
-duration = "4h"
+def config(state: Path) -> dict[str, Any]:
+    return {
+        "daemon": {"state_dir": state},
+        "windows": {"sat": {"days": ["sat"], "start": "02:00", "duration": "4h"}},
+        "backends": {"d": {"type": "docker"}, "e": {"type": "docker"}},
+        "groups": {
+            "web": {"backend": "d", "window": "sat"},
+            "db": {"backend": "e", "window": "sat"},
+        },
+    }
 
-[backends.d]
-type = "docker"
-
-[backends.e]
-type = "docker"
-
-[groups.web]
-backend = "d"
-window = "sat"
-
-[groups.db]
-backend = "e"
-window = "sat"
-"""
 
 SAT = datetime(2026, 11, 28, 2, 30, tzinfo=UTC)  # inside an opening of `sat`
 WEEK = timedelta(days=7)
@@ -42,9 +32,7 @@ WEEK = timedelta(days=7)
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    path = tmp_path / "patchd.toml"
-    path.write_text(CONFIG.format(state=tmp_path / "state"))
-    return load_settings(path)
+    return load_settings(write_config(tmp_path / "patchd.toml", config(tmp_path / "state")))
 
 
 @pytest.fixture

@@ -187,6 +187,7 @@ def rule_exprs(text: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.external  # promtool, from the prometheus package lab.sh installs
 def test_promtool_checks_the_rules() -> None:
     check = subprocess.run(
         [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
@@ -197,6 +198,7 @@ def test_promtool_checks_the_rules() -> None:
     assert int(count.group(1)) == len(rule_exprs(RULES.read_text()))
 
 
+@pytest.mark.external  # promtool, from the prometheus package lab.sh installs
 def test_promtool_unit_tests_pass() -> None:
     run = subprocess.run(
         [promtool(), "test", "rules", RULE_TESTS.name],
@@ -341,6 +343,7 @@ def test_dashboard_reads_only_metrics_patchd_exports() -> None:
         assert family in used, f"the dashboard shows nothing of {family}"
 
 
+@pytest.mark.external  # promtool, from the prometheus package lab.sh installs
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
     """promtool parses each query (with Grafana's interval variables filled in) as the
     expression of a recording rule."""

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from patchd.backends import installed_types, load_plugin
 from patchd.cli import main
+from patchd.config.notifications import NotificationModel
 from patchd.config.schema import (
     DaemonModel,
     FreezeModel,
@@ -52,6 +53,7 @@ def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 def test_every_config_key_is_documented() -> None:
     wanted = keys(DaemonModel) + keys(WindowModel) + keys(FreezeModel) + keys(GroupModel)
     wanted += keys(StateModel) + keys(HaModel)
+    wanted += keys(NotificationModel)
     for type_name in installed_types():
         plugin = load_plugin(type_name)
         wanted += keys(plugin.config_model) + keys(plugin.select_model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from patchd.backends.base import RollbackFailed
 from patchd.config import load_settings
@@ -11,25 +12,22 @@ from patchd.reconcile import reconcile
 from patchd.runner import group_lock
 from patchd.state import Store, open_store
 from patchd.testing import FakeBackend
+from tests.conftest import write_config
 
 T0 = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
-CONFIG = """
-[daemon]
-state_dir = "{state}"
-[windows.w]
-days = ["sat"]
-duration = "4h"
-[backends.d]
-type = "docker"
-[groups.web]
-backend = "d"
-window = "w"
-"""
+
+
+def config(state: Path, **group: Any) -> dict[str, Any]:
+    return {
+        "daemon": {"state_dir": state},
+        "windows": {"w": {"days": ["sat"], "duration": "4h"}},
+        "backends": {"d": {"type": "docker"}},
+        "groups": {"web": {"backend": "d", "window": "w", **group}},
+    }
 
 
 def crashed_mid_apply(tmp_path: Path) -> tuple[object, Store, FakeBackend]:
-    path = tmp_path / "patchd.toml"
-    path.write_text(CONFIG.format(state=tmp_path / "state"))
+    path = write_config(tmp_path / "patchd.toml", config(tmp_path / "state"))
     settings = load_settings(path)
     store = open_store(settings.daemon.state_dir / "patchd.db")
     fake = FakeBackend("d")
@@ -132,8 +130,9 @@ def test_a_verified_target_that_is_unhealthy_now_is_rolled_back(tmp_path: Path) 
 
 def test_a_commit_that_keeps_its_snapshot_is_recorded_for_release(tmp_path: Path) -> None:
     settings, store, fake = crashed_mid_commit(tmp_path, "verified")
-    path = tmp_path / "patchd.toml"
-    path.write_text(path.read_text() + '[groups.web.snapshot]\nkeep = "1h"\n')
+    path = write_config(
+        tmp_path / "patchd.toml", config(tmp_path / "state", snapshot={"keep": "1h"})
+    )
     settings = load_settings(path)
     [item] = reconcile(settings, store, {"d": fake}, lambda: T0)  # type: ignore[arg-type]
     assert item.now == "committed"

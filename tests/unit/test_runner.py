@@ -18,39 +18,41 @@ from patchd.engine import GateResult, NullObserver
 from patchd.runner import Runner, RunRefused, group_lock
 from patchd.state import SqliteStore
 from patchd.testing import FakeBackend
+from tests.conftest import write_config
 from tests.unit.fake_prometheus import FakePrometheus, serve, vector
 
-CONFIG = """
-[daemon]
-state_dir = "{state}"
 
-[windows.sat]
-days = ["sat"]
-start = "02:00"
-duration = "4h"
-cutoff = "1h"
+def config(state: Path) -> dict[str, Any]:
+    return {
+        "daemon": {"state_dir": state},
+        "windows": {
+            "sat": {"days": ["sat"], "start": "02:00", "duration": "4h", "cutoff": "1h"},
+        },
+        "freezes": {
+            "f": {
+                "start": datetime(2026, 12, 12, tzinfo=UTC),
+                "end": datetime(2026, 12, 13, tzinfo=UTC),
+            }
+        },
+        "backends": {"d": {"type": "docker"}},
+        "groups": {
+            "staging": {
+                "backend": "d",
+                "window": "sat",
+                "select": {"labels": {"tier": "staging"}},
+                "snapshot": {"keep": "1h"},
+            },
+            "prod": {
+                "backend": "d",
+                "window": "sat",
+                "after": "staging",
+                "soak": "30m",
+                "max_concurrency": "50%",
+                "select": {"labels": {"tier": "prod"}},
+            },
+        },
+    }
 
-[freezes.f]
-start = 2026-12-12T00:00:00Z
-end = 2026-12-13T00:00:00Z
-
-[backends.d]
-type = "docker"
-
-[groups.staging]
-backend = "d"
-window = "sat"
-select = {{ labels = {{ tier = "staging" }} }}
-snapshot = {{ keep = "1h" }}
-
-[groups.prod]
-backend = "d"
-window = "sat"
-after = "staging"
-soak = "30m"
-max_concurrency = "50%"
-select = {{ labels = {{ tier = "prod" }} }}
-"""
 
 OPEN = datetime(2026, 11, 28, 2, 30, tzinfo=UTC)  # Saturday, inside the window
 
@@ -65,9 +67,7 @@ class Clock:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    path = tmp_path / "patchd.toml"
-    path.write_text(CONFIG.format(state=tmp_path / "state"))
-    return load_settings(path)
+    return load_settings(write_config(tmp_path / "patchd.toml", config(tmp_path / "state")))
 
 
 @pytest.fixture
@@ -187,23 +187,23 @@ def test_status_and_history(settings: Settings, fake: FakeBackend) -> None:
 
 # --- the alert gate, wired by the runner --------------------------------------------------
 
-GATED = """
-[groups.gated]
-backend = "d"
-window = "sat"
-select = {{ labels = {{ tier = "gated" }} }}
-
-[groups.gated.health.prometheus]
-url = "{url}"
-query = 'ALERTS{{alertstate="firing"}}'
-observe = "0s"
-interval = "1s"
-"""
-
 
 def gated_runner(tmp_path: Path, fake: FakeBackend, url: str) -> tuple[Runner, list[Any]]:
-    path = tmp_path / "gated.toml"
-    path.write_text(CONFIG.format(state=tmp_path / "state") + GATED.format(url=url))
+    values = config(tmp_path / "state")
+    values["groups"]["gated"] = {
+        "backend": "d",
+        "window": "sat",
+        "select": {"labels": {"tier": "gated"}},
+        "health": {
+            "prometheus": {
+                "url": url,
+                "query": 'ALERTS{alertstate="firing"}',
+                "observe": "0s",
+                "interval": "1s",
+            }
+        },
+    }
+    path = write_config(tmp_path / "gated.toml", values)
     fake.add("g1", labels={"tier": "gated"})
     runner = make_runner(load_settings(path), fake, Clock(OPEN))
     answers: list[Any] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,8 @@ from patchd.engine import RunResult
 from patchd.runtime import Refusal, Runtime
 from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
-from tests.unit.test_runner import CONFIG, OPEN, Clock
+from tests.conftest import write_config
+from tests.unit.test_runner import OPEN, Clock, config
 
 
 @pytest.fixture
@@ -26,10 +28,9 @@ def fake() -> FakeBackend:
     return backend
 
 
-def settings_at(tmp_path: Path, text: str = CONFIG) -> Settings:
-    path = tmp_path / "patchd.toml"
-    path.write_text(text.format(state=tmp_path / "state"))
-    return load_settings(path)
+def settings_at(tmp_path: Path, values: dict[str, Any] | None = None) -> Settings:
+    values = config(tmp_path / "state") if values is None else values
+    return load_settings(write_config(tmp_path / "patchd.toml", values))
 
 
 def test_a_soaking_stage_is_refused_until_its_soak_ends(tmp_path: Path, fake: FakeBackend) -> None:
@@ -63,8 +64,7 @@ def test_the_daemon_schedules_a_refused_run_at_its_retry_instant(
     tmp_path: Path, fake: FakeBackend
 ) -> None:
     clock = Clock(OPEN)
-    path = tmp_path / "patchd.toml"
-    path.write_text(CONFIG.format(state=tmp_path / "state"))
+    path = write_config(tmp_path / "patchd.toml", config(tmp_path / "state"))
     daemon = Daemon(path, None, clock=clock, connector=lambda spec: fake, notifier=Notifier(""))
     daemon.scheduler.start = lambda *a, **k: type(daemon.scheduler).start(  # type: ignore[method-assign]
         daemon.scheduler, paused=True
@@ -91,10 +91,13 @@ def test_the_pool_reuses_unchanged_backends_and_closes_replaced_ones(tmp_path: P
 
     runtime = Runtime(settings_at(tmp_path), Clock(OPEN), connector=connector)
     first = runtime.backend("d")
-    runtime.reload(settings_at(tmp_path, CONFIG.replace('snapshot = {{ keep = "1h" }}', "")))
+    unkept = config(tmp_path / "state")
+    del unkept["groups"]["staging"]["snapshot"]
+    runtime.reload(settings_at(tmp_path, unkept))
     assert runtime.backend("d") is first  # same backend spec: kept, not reconnected
     assert ("close", "") not in first.calls
-    changed = CONFIG.replace('type = "docker"', 'type = "docker"\nurl = "unix:///other.sock"')
+    changed = config(tmp_path / "state")
+    changed["backends"]["d"]["url"] = "unix:///other.sock"
     runtime.reload(settings_at(tmp_path, changed))
     assert ("close", "") in first.calls  # replaced, and no run was using it
     second = runtime.backend("d")

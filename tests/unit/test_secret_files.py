@@ -16,6 +16,7 @@ import pytest
 
 from patchd.cli import main
 from patchd.config import ConfigError, load_settings
+from tests.conftest import write_config
 
 
 def readers(group: str) -> set[str]:
@@ -28,15 +29,14 @@ def config(tmp_path: Path, mode: int, gid: int = 0, **extra: str) -> tuple[Path,
     secret.write_text("Hunter2-not-echoed\n")
     os.chown(secret, 0, gid)
     secret.chmod(mode)
-    path = tmp_path / "patchd.toml"
-    lines = [f'{key} = "{value}"' for key, value in extra.items()]
-    path.write_text(
-        "[backends.vc]\n"
-        'type = "vsphere"\n'
-        'host = "vcenter.example.com"\n'
-        'username = "patchd@vsphere.local"\n'
-        f'password_file = "{secret}"\n' + "\n".join(lines) + "\n"
-    )
+    backend = {
+        "type": "vsphere",
+        "host": "vcenter.example.com",
+        "username": "patchd@vsphere.local",
+        "password_file": secret,
+        **extra,
+    }
+    path = write_config(tmp_path / "patchd.toml", {"backends": {"vc": backend}})
     return path, secret
 
 

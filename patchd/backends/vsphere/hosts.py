@@ -20,8 +20,9 @@ maintenance mode included, happens while it holds one of those slots.
 - commit: records the version.
 - rollback: there is nothing to revert to. A failed host is taken OUT OF SERVICE instead:
   it is left in maintenance mode (put back into it if it had already left), never returned
-  to service broken. When it is safely in maintenance mode, rollback returns and the
-  engine reports the target `rolled_back` with the failure; a person fixes it and exits
+  to service broken. When it is safely in maintenance mode, rollback raises
+  LeftOutOfService and the engine reports the target `out_of_service` (not rolled back:
+  nothing was) with the failure; a person fixes it and exits
   maintenance mode, which also lets its cluster be patched again. Only if the host cannot
   be put into maintenance mode (disconnected, evacuation fails) does rollback raise
   RollbackFailed (`rollback_failed`): then it may be in service in a broken state. A host
@@ -42,6 +43,8 @@ from typing import Any, ClassVar, NoReturn
 
 from patchd import poll
 from patchd.backends.base import (
+    LeftOutOfService,
+    NotNow,
     Snapshot,
     StepFailed,
     Target,
@@ -190,7 +193,8 @@ class HostFlow(Flow[HostState]):
             )
         others = self._others_in_maintenance(state)
         if others:
-            raise StepFailed(
+            # Not this host's failure: it is left pending until the cluster is whole.
+            raise NotNow(
                 f"host {state.name}: {', '.join(others)} of its cluster is in maintenance mode"
                 " and not being patched by this run: patching of this cluster is halted until"
                 " it is back in service"
@@ -317,10 +321,16 @@ class HostFlow(Flow[HostState]):
             " patch and may be in service"
         )
         with self.rollback_failure(what):
-            self._rollback(target, snapshot, key)
+            left = self._rollback(target, snapshot, key)
         self._forget(key)
+        if left:
+            raise LeftOutOfService(
+                f"host {target.name} is left in maintenance mode (nothing was rolled back):"
+                " a person must fix it and exit maintenance mode"
+            )
 
-    def _rollback(self, target: Target, snapshot: Snapshot, key: tuple[str, str]) -> None:
+    def _rollback(self, target: Target, snapshot: Snapshot, key: tuple[str, str]) -> bool:
+        """Whether the host is left in maintenance mode (out of service)."""
         state = self.read(target.id)
         with self._lock:
             untouched = key in self._snapshotted and key not in self._touched
@@ -337,3 +347,4 @@ class HostFlow(Flow[HostState]):
                 host=target.name,
                 reason="its patch failed: a person must fix it and exit maintenance mode",
             )
+        return state.in_maintenance
