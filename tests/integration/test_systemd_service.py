@@ -27,7 +27,6 @@ import hashlib
 import json
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,11 +36,11 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import REPO_ROOT, Lab, VcsimProcess, _parse_env_file
+from tests.integration.conftest import REPO_ROOT, Lab, VcsimProcess
+from tests.integration.docker_fleet import free_port
 from tests.integration.vsphere_lab import Sim, fleet, start
-
-sys.path.insert(0, str(REPO_ROOT / "tests" / "lab"))
-import machines
+from tests.lab import machines
+from tests.lab.bed import read_env
 
 NAME = "patchd-systemd"
 SECRET = "s3rvice-" + hashlib.sha256(str(time.time()).encode()).hexdigest()[:12]
@@ -145,12 +144,6 @@ def _wheelhouse(cache: Path) -> Path:
             own.unlink()
         partial.rename(house)
     return house
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +271,9 @@ def test_patchd_under_systemd(
     sim = start(vcsim_factory, tmp_path, vms=4)
     vms = sorted(sim.vms())
     fleet(sim, vms, "1")
-    menv = _parse_env_file(lab.lab_dir / "machines" / "env")
+    menv = read_env(lab.lab_dir / "machines" / "env")
     ssh_host = menv["PATCHD_LAB_MACHINE_ADDRESSES"].split()[0]
-    port = _free_port()
+    port = free_port()
 
     def group(name: str, vm: str, command: list[str]) -> str:
         return _group(name, vm, command).replace("{ssh}", ssh_host)
