@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,7 @@ class Machine:
 
 def _wheelhouse(cache: Path) -> Path:
     """patchd's dependencies as wheels, built once per dependency set and kept."""
-    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
-    deps = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     key = hashlib.sha256(f"{sys.version_info[:2]} {deps}".encode()).hexdigest()[:12]
     house = cache / f"wheelhouse-{key}"
     if not house.exists():
