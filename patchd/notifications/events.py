@@ -39,6 +39,7 @@ _WORDS = {
     "success": "patched",
     "rolled_back": "rolled back",
     "rollback_failed": "rollback failed",
+    "out_of_service": "left out of service",
     "failed": "failed",
     "current": "up to date",
     "skipped": "skipped",

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime
 
+from patchd import log
 from patchd.config.settings import Group
 from patchd.engine.rollout import RunResult
 from patchd.engine.target import TargetOutcome
@@ -29,8 +30,17 @@ class NotificationObserver(BaseObserver):
     def __init__(self, outbox: Outbox, clock: Callable[[], datetime]) -> None:
         self.outbox = outbox
         self.clock = clock
+        self.log = log.get("patchd.notifications")
         self._lock = threading.Lock()
         self._started: dict[str, datetime] = {}  # group -> when its run started
+
+    def _submit(self, build: Callable[[], Event]) -> None:
+        """Build an event and queue it. Telling people must never break a patch: an
+        event that cannot be built or queued is logged and the run goes on."""
+        try:
+            self.outbox.submit(build())
+        except Exception as err:
+            self.log.error("notification_not_queued", error=repr(err))
 
     def run_started(self, group: Group) -> None:
         with self._lock:
@@ -38,7 +48,7 @@ class NotificationObserver(BaseObserver):
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
         if outcome.result in (TargetResult.ROLLED_BACK, TargetResult.ROLLBACK_FAILED):
-            self.outbox.submit(events.rollback(run_id, group.name, outcome, self.clock()))
+            self._submit(lambda: events.rollback(run_id, group.name, outcome, self.clock()))
 
     def reconciled(self, item: Reconciled) -> None:
         if item.now not in (TargetState.ROLLED_BACK, TargetState.ROLLBACK_FAILED):
@@ -46,11 +56,10 @@ class NotificationObserver(BaseObserver):
         failed = None
         if item.now == TargetState.ROLLBACK_FAILED:
             failed = item.detail or "no reason given"
-        event = events.rolled_back_at_restart(
+        self._submit(lambda: events.rolled_back_at_restart(
             item.run_id, self._group_of(item.run_id), item.target, item.was.value, failed,
             self.clock(),
-        )  # fmt: skip
-        self.outbox.submit(event)
+        ))  # fmt: skip
 
     def _group_of(self, run_id: str) -> str | None:
         try:
@@ -64,9 +73,9 @@ class NotificationObserver(BaseObserver):
         finished = self.clock()
         with self._lock:
             started = self._started.pop(group.name, finished)
-        self.outbox.submit(events.run_finished(result, group.window, started, finished))
+        self._submit(lambda: events.run_finished(result, group.window, started, finished))
         if result.status == RunStatus.HALTED:
-            self.outbox.submit(events.halted(result, group.window, finished))
+            self._submit(lambda: events.halted(result, group.window, finished))
 
     def notify(self, event: Event) -> None:
-        self.outbox.submit(event)
+        self._submit(lambda: event)

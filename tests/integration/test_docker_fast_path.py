@@ -39,10 +39,12 @@ def store(tmp_path: Path) -> Iterator[Store]:
     the_store.close()
 
 
-def engine_events(f: Fleet, since: float) -> list[dict[str, Any]]:
-    """The engine's own events since `since` (epoch seconds), oldest first."""
-    stream = f.client.api.events(since=since, until=time.time() + 0.5, decode=True)
-    return list(stream)
+def engine_events(f: Fleet, since_ns: int) -> list[dict[str, Any]]:
+    """The engine's own events after `since_ns` (epoch nanoseconds), oldest first. The
+    engine's `since` filter has whole-second granularity, so events of the test's own
+    set-up in that second are filtered out here by their timeNano."""
+    stream = f.client.api.events(since=since_ns // 10**9, until=time.time() + 0.5, decode=True)
+    return [e for e in stream if e.get("timeNano", 0) > since_ns]
 
 
 def net_namespace(f: Fleet, name: str) -> str:
@@ -74,7 +76,7 @@ def test_pull_once_before_any_stop_and_one_registry_query_per_reference(
 
     backend.images.checks._call = counted_query
     backend.engine.pull = counted_pull  # type: ignore[method-assign]
-    since = time.time() - 1
+    since = time.time_ns()
 
     result = run(
         backend, store, f.select(), max_concurrency=Limit(count=5), max_errors=Limit(count=5)
@@ -109,21 +111,22 @@ def test_two_processes_patch_containers_of_one_image_at_once(f: Fleet, tmp_path:
     v2 = f.publish("plain-v2", "g")
     configs = []
     for side in ("x", "y"):
-        group = f"""
-[groups.{side}]
-backend = "lab"
-window = "later"
-select = {{ names = ["{f.name(side)}*"], labels = {{ "patchd.test" = "{f.token}" }} }}
-max_concurrency = 3
-max_errors = 3
-health = {{ timeout = "30s", stable_for = "1s" }}
-"""
+        group = {
+            side: {
+                "backend": "lab",
+                "window": "later",
+                "select": {"names": [f"{f.name(side)}*"], "labels": {"patchd.test": f.token}},
+                "max_concurrency": 3,
+                "max_errors": 3,
+                "health": {"timeout": "120s", "stable_for": "1s"},
+            }
+        }
         workdir = tmp_path / side
         workdir.mkdir()
         configs.append((side, docker_config(workdir, f, group)))
 
     runs = [patchd_in_background(config, "run", side, "--now") for side, config in configs]
-    outputs = [r.communicate(timeout=150) for r in runs]
+    outputs = [r.communicate(timeout=600) for r in runs]
 
     for proc, (out, err) in zip(runs, outputs, strict=True):
         assert proc.returncode == 0, out + err

@@ -21,7 +21,8 @@ from patchd import log
 from patchd.daemon import Daemon
 from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
-from tests.unit.test_daemon import config_text
+from tests.conftest import write_config
+from tests.unit.test_daemon import config
 
 
 @pytest.fixture
@@ -80,8 +81,7 @@ def test_start_up_extends_the_start_timeout_before_ready(
     fake = FakeBackend("d")
     fake.add("c1")
     start = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
-    path = tmp_path / "patchd.toml"
-    path.write_text(config_text(tmp_path / "state", start))
+    path = write_config(tmp_path / "patchd.toml", config(tmp_path / "state", start))
     notifier = Notifier(notify_socket.getsockname())
     daemon = Daemon(path, None, connector=lambda spec: fake, notifier=notifier)
     daemon.start()

@@ -9,6 +9,7 @@ exposition text, as Prometheus reads them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -16,7 +17,7 @@ from prometheus_client import generate_latest
 from patchd.metrics import Metrics, MetricsObserver
 from patchd.runtime import Runtime
 from patchd.testing import FakeBackend
-from tests.unit.test_runner import CONFIG, OPEN, Clock
+from tests.unit.test_runner import OPEN, Clock, config
 from tests.unit.test_runtime import settings_at
 
 
@@ -38,11 +39,11 @@ def fake() -> FakeBackend:
 
 
 def runtime_with(
-    tmp_path: Path, fake: FakeBackend, metrics: Metrics, text: str = CONFIG
+    tmp_path: Path, fake: FakeBackend, metrics: Metrics, values: dict[str, Any] | None = None
 ) -> Runtime:
     clock = Clock(OPEN)
     return Runtime(
-        settings_at(tmp_path, text), clock, [MetricsObserver(metrics, clock)], lambda spec: fake
+        settings_at(tmp_path, values), clock, [MetricsObserver(metrics, clock)], lambda spec: fake
     )
 
 
@@ -92,12 +93,11 @@ def test_series_of_removed_targets_and_groups_are_dropped(
     )
     assert sample(metrics, "patchd_group_targets", group="staging") == 1
     # A reload without the group: its series go.
-    without = settings_at(
-        tmp_path,
-        CONFIG.replace('after = "staging"\nsoak = "30m"\n', "").replace(
-            "[groups.staging]", "[groups.gone]"
-        ),
-    )
+    values = config(tmp_path / "state")
+    groups = values["groups"]
+    del groups["prod"]["after"], groups["prod"]["soak"]
+    groups["gone"] = groups.pop("staging")
+    without = settings_at(tmp_path, values)
     metrics.prepare(without)
     assert "s1" not in exposition(metrics)
 

@@ -173,7 +173,7 @@ def test_a_run_summary_names_group_window_counts_failures_versions_and_duration(
     assert event.subject == "patchd: web completed: 1 patched, 1 rolled back, 1 pending"
     text = event.text
     assert "Group web, window sat: run 20261128T023000Z-abc123 completed in 2m5s." in text
-    assert "Patched 1, rolled back 1, rollback failed 0, failed 0" in text
+    assert "Patched 1, rolled back 1, rollback failed 0, left out of service 0, failed 0" in text
     assert "  web-2: rolled_back: health check failed: HTTP 502" in text
     assert "  web-1: app v1 -> v2 (success)" in text
     document = event.document()
@@ -185,6 +185,14 @@ def test_a_run_summary_names_group_window_counts_failures_versions_and_duration(
     assert data["failed_targets"] == [
         {"target": "web-2", "result": "rolled_back", "error": "health check failed: HTTP 502"}
     ]
+
+
+def test_a_summary_counts_every_result_a_target_can_end_with() -> None:
+    run = RunResult(
+        "r", "web", RunStatus.COMPLETED, tuple(outcome(f"t-{r.value}", r) for r in TargetResult)
+    )
+    event = events.run_finished(run, "sat", T0, T0)
+    assert all(event.document()["data"]["counts"][r.value] == 1 for r in TargetResult)
 
 
 def test_control_events_carry_who_and_why() -> None:
