@@ -71,6 +71,9 @@ class Daemon:
         self._runs: dict[str, Future[None]] = {}
         self.control: ControlServer | None = None
         self._progress: dict[str, tuple[int, int]] = {}
+        # Why the last reload was refused, shown in the status line (`systemctl status`)
+        # until a reload succeeds: the old config keeps running meanwhile.
+        self._reload_error: str | None = None
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.pool = ThreadPoolExecutor(max_workers=RUN_WORKERS, thread_name_prefix="run")
 
@@ -201,6 +204,9 @@ class Daemon:
         except ConfigError as err:
             self.metrics.reload(False, self.clock().timestamp())
             self.log.error("reload_failed", errors=[str(issue) for issue in err.issues])
+            more = f" (+{len(err.issues) - 1} more)" if len(err.issues) > 1 else ""
+            first = str(err.issues[0]) if err.issues else str(err)
+            self._reload_error = f"reload failed, old config kept: {first}{more}"
             self.notifier.ready(self.status_line())
             return
         # Runs going on keep the backends they use; replaced ones close when they end.
@@ -212,6 +218,7 @@ class Daemon:
         self.metrics.prepare(settings)
         self._refresh_snapshots()
         self._arm()
+        self._reload_error = None
         self.log.info("reloaded", files=[str(p) for p in settings.files])
         self.notifier.ready(self.status_line())
         self._run_open_windows()
@@ -356,6 +363,10 @@ class Daemon:
     # --- status ---------------------------------------------------------------------------
 
     def status_line(self) -> str:
+        line = self._status_line()
+        return f"{self._reload_error}; {line}" if self._reload_error else line
+
+    def _status_line(self) -> str:
         with self._lock:
             running = dict(self._progress)
             busy = list(self._runs)

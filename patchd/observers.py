@@ -192,7 +192,9 @@ class LogObserver(BaseObserver):
             TargetResult.OUT_OF_SERVICE,
             TargetResult.FAILED,
         ):
-            self.log.warning("target_failed", **fields)
+            # An error, though the rollback worked: the patch failed, and an operator's
+            # `journalctl -p err` (issue 15) must find it.
+            self.log.error("target_failed", **fields)
         else:
             self.log.info("target_done", **fields)
 

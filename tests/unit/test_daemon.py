@@ -109,10 +109,15 @@ def test_broken_reload_keeps_the_old_config(daemon: Daemon, tmp_path: Path) -> N
     daemon.reload()
     assert daemon.settings is old
     assert daemon.metrics.config_reload_ok._value.get() == 0  # type: ignore[attr-defined]
+    # `systemctl status` shows why, until a reload works (the old config runs meanwhile).
+    status = daemon.status_line()
+    assert status.startswith(f"reload failed, old config kept: {path}: groups.web.window"), status
+    assert "nope" in status and "; idle; next window soon at " in status
     write_config(path, config(tmp_path / "state", datetime.now(UTC) + timedelta(hours=2)))
     daemon.reload()
     assert daemon.settings is not old
     assert daemon.metrics.config_reload_ok._value.get() == 1  # type: ignore[attr-defined]
+    assert daemon.status_line().startswith("idle; next window soon at")
 
 
 # The window is open at start, and the fake's steps take 1 s from the first one on.
