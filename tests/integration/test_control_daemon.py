@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,35 +26,16 @@ import pytest
 from patchd.control.client import ControlError, request
 from patchd.engine.controls import pause_of, quarantined
 from patchd.state import SqliteStore
+from tests.conftest import wait_until, write_config
 from tests.integration.daemon_helpers import (
     Daemon,
+    daemon_config,
     on_version,
     run_patchd,
     scrape,
-    wait_for,
-    write_config,
+    web_group,
 )
 from tests.integration.docker_fleet import Fleet, free_port
-
-GROUPS = """
-[groups.web]
-backend = "lab"
-window = "soon"
-select = {{ labels = {{ "patchd.test" = "{token}", tier = "web" }} }}
-max_concurrency = 1
-max_errors = 2
-health = {{ timeout = "{timeout}", stable_for = "{stable}" }}
-"""
-
-PROD = """
-[groups.prod]
-backend = "lab"
-window = "soon"
-after = "web"
-approval = "manual"
-select = {{ labels = {{ "patchd.test" = "{token}", tier = "prod" }} }}
-health = {{ timeout = "20s", stable_for = "1s" }}
-"""
 
 
 @pytest.fixture
@@ -71,23 +53,34 @@ def configure(
     public: Path,
     *,
     prod: bool = False,
-    timeout: str = "20s",
+    timeout: str = "120s",
     stable: str = "1s",
 ) -> tuple[Path, int]:
     """A config whose window opened a minute ago (the daemon starts at once)."""
     config = public / "patchd.toml"
     port = free_port()
-    groups = GROUPS.format(token=f.token, timeout=timeout, stable=stable)
-    if prod:
-        groups += PROD.format(token=f.token)
-    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
-    write_config(config, f, tmp / "state", port, start, groups)
-    text = config.read_text().replace(
-        'log_level = "info"',
-        f'log_level = "info"\ncontrol_socket = "{public / "control.sock"}"\n'
-        'control_group = "staff"',  # a group that exists here, and nobody is not in
+    groups = web_group(
+        f.token,
+        1,
+        select={"labels": {"patchd.test": f.token, "tier": "web"}},
+        health={"timeout": timeout, "stable_for": stable},
     )
-    config.write_text(text)
+    if prod:
+        groups["prod"] = {
+            "backend": "lab",
+            "window": "soon",
+            "after": "web",
+            "approval": "manual",
+            "select": {"labels": {"patchd.test": f.token, "tier": "prod"}},
+            "health": {"timeout": "120s", "stable_for": "1s"},
+        }
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    daemon_config(config, f, tmp / "state", port, start, groups)
+    values = tomllib.loads(config.read_text())
+    values["daemon"]["control_socket"] = str(public / "control.sock")
+    # A group that exists here, and nobody is not in.
+    values["daemon"]["control_group"] = "staff"
+    write_config(config, values)
     config.chmod(0o644)
     return config, port
 
@@ -119,8 +112,8 @@ def fleet_of(
 
 
 def ready(daemon: Daemon, config: Path) -> None:
-    wait_for(lambda: daemon.saw("READY=1"), 30, "READY=1")
-    wait_for(lambda: patchd(config, "status").returncode == 0, 10, "status")
+    wait_until(lambda: daemon.saw("READY=1"), 300, "READY=1")
+    wait_until(lambda: patchd(config, "status").returncode == 0, 300, "status")
 
 
 def test_pause_holds_a_running_rollout_and_resume_continues_it(
@@ -135,18 +128,18 @@ def test_pause_holds_a_running_rollout_and_resume_continues_it(
     daemon = Daemon(config, tmp_path)
     try:
         ready(daemon, config)
-        wait_for(lambda: started_targets(daemon), 60, "the first target to start")
+        wait_until(lambda: started_targets(daemon), 300, "the first target to start")
         paused = patchd(config, "pause", "web", "--reason", "incident 4711")
         assert paused.returncode == 0, paused.stderr
         assert "paused by root" in paused.stdout and "incident 4711" in paused.stdout
         held = set(started_targets(daemon))
         assert len(held) < 3
         # The targets in flight finish; then nothing new starts while paused.
-        wait_for(
+        wait_until(
             lambda: (
                 {e["target"] for e in daemon.events() if e.get("event") == "target_done"} >= held
             ),
-            60,
+            300,
             "the targets in flight to finish",
         )
         status = patchd(config, "status")
@@ -158,9 +151,9 @@ def test_pause_holds_a_running_rollout_and_resume_continues_it(
         assert set(started_targets(daemon)) == held
         resumed = patchd(config, "resume", "web")
         assert resumed.returncode == 0, resumed.stderr
-        wait_for(lambda: on_version(f, names, v2), 90, "every container on v2")
-        finished = wait_for(
-            lambda: [e for e in daemon.events() if e.get("event") == "run_finished"], 30, "run end"
+        wait_until(lambda: on_version(f, names, v2), 300, "every container on v2")
+        finished = wait_until(
+            lambda: [e for e in daemon.events() if e.get("event") == "run_finished"], 300, "run end"
         )
         assert [e["status"] for e in finished] == ["completed"]  # the same run went on
         assert finished[0]["succeeded"] == 3
@@ -195,14 +188,14 @@ def test_a_pause_survives_a_restart_and_ends_on_time(
     second = Daemon(config, second_dir)
     try:
         ready(second, config)
-        refused = wait_for(
+        refused = wait_until(
             lambda: [e for e in second.events() if e.get("event") == "run_refused"],
-            30,
+            300,
             "the run refused by the pause",
         )
         assert "paused by root" in refused[0]["reason"]
         assert not on_version(f, names, v2)
-        wait_for(lambda: on_version(f, names, v2), 90, "the patch once the pause ended")
+        wait_until(lambda: on_version(f, names, v2), 300, "the patch once the pause ended")
         [step] = [
             e
             for e in second.events()
@@ -284,8 +277,8 @@ def test_manual_approval_waits_then_releases_exactly_stagings_versions(
     daemon = Daemon(config, tmp_path)
     try:
         ready(daemon, config)
-        wait_for(lambda: on_version(f, web, v2), 60, "staging on v2")
-        wait_for(lambda: "awaiting approval" in patchd(config, "status").stdout, 30, "waiting")
+        wait_until(lambda: on_version(f, web, v2), 300, "staging on v2")
+        wait_until(lambda: "awaiting approval" in patchd(config, "status").stdout, 300, "waiting")
         assert "prod waits: awaiting approval" in patchd(config, "status").stdout
         assert "stage gate: SHUT: awaiting approval" in patchd(config, "plan", "prod").stdout
         v3 = f.publish("app-v3", "web")  # newer than staging verified: not for prod
@@ -293,7 +286,7 @@ def test_manual_approval_waits_then_releases_exactly_stagings_versions(
         approved = patchd(config, "approve", "prod")
         assert approved.returncode == 0, approved.stderr
         assert "approved by root" in approved.stdout and v2 in approved.stdout
-        wait_for(lambda: on_version(f, prod, v2), 60, "prod on staging's version")
+        wait_until(lambda: on_version(f, prod, v2), 300, "prod on staging's version")
         store = SqliteStore(tmp_path / "state" / "patchd.db")
         assert any(a.action == "approve" for a in store.audit_trail())
     finally:
@@ -317,8 +310,8 @@ def test_a_broken_image_is_quarantined_until_a_newer_good_one(
     daemon = Daemon(config, tmp_path)
     try:
         ready(daemon, config)
-        wait_for(
-            lambda: [e for e in daemon.events() if e.get("event") == "run_finished"], 90, "run"
+        wait_until(
+            lambda: [e for e in daemon.events() if e.get("event") == "run_finished"], 300, "run"
         )
         assert len(applied(daemon)) == 1  # failed once; the second target was not offered it
         listing = patchd(config, "quarantine", "list")
@@ -328,11 +321,11 @@ def test_a_broken_image_is_quarantined_until_a_newer_good_one(
         assert "quarantined since" in patchd(config, "plan", "web").stdout
         # A reload and a trigger run the group again: nothing is installed.
         daemon.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: any(e["event"] == "reloaded" for e in daemon.events()), 30, "reload")
-        wait_for(lambda: patchd(config, "trigger", "web").returncode == 0, 30, "trigger")
-        wait_for(
+        wait_until(lambda: any(e["event"] == "reloaded" for e in daemon.events()), 300, "reload")
+        wait_until(lambda: patchd(config, "trigger", "web").returncode == 0, 300, "trigger")
+        wait_until(
             lambda: len([e for e in daemon.events() if e.get("event") == "run_finished"]) >= 3,
-            60,
+            300,
             "the reload's and the trigger's runs",
         )
         assert len(applied(daemon)) == 1
@@ -345,15 +338,17 @@ def test_a_broken_image_is_quarantined_until_a_newer_good_one(
     again = Daemon(config, again_dir)  # a restart inside the open window
     try:
         ready(again, config)
-        wait_for(lambda: [e for e in again.events() if e.get("event") == "run_finished"], 60, "run")
+        wait_until(
+            lambda: [e for e in again.events() if e.get("event") == "run_finished"], 300, "run"
+        )
         assert applied(again) == []
         assert not any(on_version(f, [n], broken) for n in names)
         v3 = f.publish("app-v3", "web")
         assert patchd(config, "trigger", "web").returncode == 0
-        wait_for(lambda: on_version(f, names, v3), 90, "the newer good version everywhere")
-        wait_for(  # the commit removes the old containers: let it end before the cleanup
+        wait_until(lambda: on_version(f, names, v3), 300, "the newer good version everywhere")
+        wait_until(  # the commit removes the old containers: let it end before the cleanup
             lambda: len([e for e in again.events() if e.get("event") == "run_finished"]) >= 2,
-            60,
+            300,
             "the trigger's run to end",
         )
         store = SqliteStore(tmp_path / "state" / "patchd.db")
