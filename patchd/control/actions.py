@@ -33,6 +33,7 @@ from patchd.engine.controls import (
     quarantined,
 )
 from patchd.engine.stages import approvable, stage_gate
+from patchd.notifications import events
 from patchd.runtime import Runtime
 from patchd.state import Store, StoreError
 from patchd.windows import window_now
@@ -176,6 +177,10 @@ class Actions:
                     id=f"unpause:{group}", replace_existing=True, misfire_grace_time=None,
                 )  # fmt: skip
         daemon.controls_changed()
+        if done:
+            daemon.runtime.notify(
+                events.paused(list(done), peer.user, now, str(body.get("reason", "")), until)
+            )
         return {"paused": done}
 
     def do_resume(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -189,6 +194,8 @@ class Actions:
             if self._start_if_open(group):
                 started.append(group)
         daemon.controls_changed()
+        if resumed:
+            daemon.runtime.notify(events.resumed(resumed, peer.user, daemon.clock()))
         return {"resumed": resumed, "started": started}
 
     def do_approve(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:

@@ -16,12 +16,14 @@ from datetime import datetime
 from patchd import log
 from patchd.config.settings import Group
 from patchd.engine.rollout import RunResult
+from patchd.engine.stages import approvable
 from patchd.engine.target import TargetOutcome
 from patchd.notifications import events
 from patchd.notifications.events import Event
 from patchd.notifications.outbox import Outbox
 from patchd.observers import BaseObserver
 from patchd.reconcile import Reconciled
+from patchd.runner import Refusal
 from patchd.state import StoreError
 from patchd.states import RunStatus, TargetResult, TargetState
 
@@ -33,6 +35,7 @@ class NotificationObserver(BaseObserver):
         self.log = log.get("patchd.notifications")
         self._lock = threading.Lock()
         self._started: dict[str, datetime] = {}  # group -> when its run started
+        self._awaiting: set[str] = set()  # groups already announced as awaiting approval
 
     def _submit(self, build: Callable[[], Event]) -> None:
         """Build an event and queue it. Telling people must never break a patch: an
@@ -45,10 +48,41 @@ class NotificationObserver(BaseObserver):
     def run_started(self, group: Group) -> None:
         with self._lock:
             self._started[group.name] = self.clock()
+            self._awaiting.discard(group.name)
 
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
         if outcome.result in (TargetResult.ROLLED_BACK, TargetResult.ROLLBACK_FAILED):
             self._submit(lambda: events.rollback(run_id, group.name, outcome, self.clock()))
+        update = outcome.update
+        if outcome.quarantine and update is not None:
+            self._submit(
+                lambda: events.quarantined(
+                    group.name,
+                    update.available,
+                    outcome.target.name,
+                    outcome.error or "verification failed",
+                    self.clock(),
+                )
+            )
+
+    def run_refused(self, group: Group, refusal: Refusal) -> None:
+        # A stage with approval = "manual" is refused at every window check until it is
+        # approved: people hear it once per wait, with the versions an approval would pin.
+        waiting = "awaiting approval" in refusal.reason
+        with self._lock:
+            announced = group.name in self._awaiting
+            if waiting:
+                self._awaiting.add(group.name)
+            else:
+                self._awaiting.discard(group.name)
+        if not waiting or announced:
+            return
+
+        def build() -> Event:
+            pins, _ = approvable(group, self.outbox.store, self.clock())
+            return events.approval_needed(group.name, pins or {}, refusal.reason, self.clock())
+
+        self._submit(build)
 
     def reconciled(self, item: Reconciled) -> None:
         if item.now not in (TargetState.ROLLED_BACK, TargetState.ROLLBACK_FAILED):

@@ -378,8 +378,10 @@ def test_a_run_queues_its_rollback_summary_and_halt_and_control_events(tmp_path:
         assert isinstance(run, RunResult) and run.status == "halted"
         runtime.notify(events.paused(["web"], "alice (uid 1000)", T0, "incident"))
         queued = runtime.store.due_notifications()
-        assert [r.event for r in queued] == ["rollback", "run_finished", "halted", "paused"]
-        summary = queued[1].document
+        assert [r.event for r in queued] == [
+            "rollback", "quarantined", "run_finished", "halted", "paused"
+        ]  # fmt: skip
+        summary = queued[2].document
         assert summary["data"]["counts"]["rolled_back"] == 1
         assert summary["data"]["failed_targets"][0]["error"].endswith("web-1 is unhealthy on v2")
         assert "halted" in summary["subject"] and summary["data"]["window"] == "sat"
@@ -542,3 +544,33 @@ def test_apprise_failures_say_why_and_an_unknown_url_is_not_retried() -> None:
     with pytest.raises(DeliveryFailed, match="URL 1 is not one apprise knows") as caught:
         unknown.send(document, 1, T0)
     assert caught.value.permanent
+
+
+def test_a_quarantine_and_one_approval_wait_are_announced(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from patchd.notifications.observer import NotificationObserver
+    from patchd.runner import Refusal
+
+    clock = Clock(T0)
+    outbox, store, _ = outbox_with(tmp_path, clock, ops=(model(urls=["json://x"]), Recorder()))
+    observer = NotificationObserver(outbox, clock)
+    settings = load_settings(
+        settings_text(
+            tmp_path,
+            '[groups.prod]\nbackend = "f"\nwindow = "sat"\nafter = "web"\napproval = "manual"\n',
+        )
+    )
+    prod = settings.groups["prod"]
+    failed = replace(outcome("web-2", TargetResult.ROLLED_BACK, "health: 502"), quarantine=True)
+    observer.outcome("r1", settings.groups["web"], failed)
+    waiting = Refusal("awaiting approval of stage 'web'", None)
+    for _ in range(3):  # refused at every window check: announced once
+        observer.run_refused(prod, waiting)
+    kinds = [row.event for row in store.due_notifications()]
+    assert kinds == ["rollback", "quarantined", "approval_needed"]
+    observer.run_started(prod)  # approved and started: a later wait is news again
+    observer.run_refused(prod, waiting)
+    assert [row.event for row in store.due_notifications()][-1] == "approval_needed"
+    assert len(store.due_notifications()) == 4
+    store.close()
