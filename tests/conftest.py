@@ -51,6 +51,12 @@ def write_config(path: Path, values: Mapping[str, Any]) -> Path:
         })
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    daemon = values.get("daemon")
+    if isinstance(daemon, Mapping) and "control_socket" not in daemon:
+        # Each test's daemon gets its own control socket: the default
+        # /run/patchd/control.sock would be shared by every daemon and `patchd run` of the
+        # machine (a test's daemon, or another checkout's, would refuse this test's runs).
+        values = {**values, "daemon": {**daemon, "control_socket": path.parent / "control.sock"}}
     path.write_text(tomli_w.dumps(_toml_value(values)))
     return path
 
