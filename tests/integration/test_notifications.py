@@ -184,7 +184,7 @@ events = ["run_finished"]
     assert mail["Subject"] == "patchd: web completed: 2 patched, 1 rolled back"
     body = mail.get_content()
     assert f"Group web, window today: run {result.run_id} completed in" in body
-    assert "Patched 2, rolled back 1, rollback failed 0, failed 0" in body
+    assert "Patched 2, rolled back 1, rollback failed 0, left out of service 0, failed 0" in body
     assert "  web-2: rolled_back: " in body and "apt-get exited 100: held packages" in body
     assert "  web-1: app v1 -> v2 (success)" in body
     assert "<" not in body  # plain text, not HTML

@@ -243,7 +243,9 @@ def test_prometheus_reads_a_patch_cycle_from_the_daemon(
         assert ops == {
             (("__name__", "patchd_patch_operations_total"), ("backend", "lab"), ("group", "web"),
              ("result", result)): (2.0 if result == "success" else 0.0)
-            for result in ("success", "rolled_back", "rollback_failed", "failed", "skipped")
+            for result in (
+                "success", "rolled_back", "rollback_failed", "out_of_service", "failed", "skipped"
+            )
         }  # fmt: skip
         assert prometheus.value('patchd_patch_duration_seconds_count{backend="lab"}') == 2
         assert prometheus.value('patchd_run_halted_total{group="web"}') == 0
