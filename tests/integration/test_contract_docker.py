@@ -12,12 +12,7 @@ from patchd.backends.docker import DockerBackend
 from patchd.config.schema import PatchModel
 from patchd.testing.contract import BackendContract
 from tests.integration.conftest import Lab
-from tests.integration.docker_fleet import Fleet, build_images, fleet
-
-
-@pytest.fixture(scope="module")
-def images(lab: Lab, docker_client: docker.DockerClient) -> dict[str, str]:
-    return build_images(docker_client, lab.base_image)
+from tests.integration.docker_fleet import Fleet, fleet
 
 
 class DockerHarness:
