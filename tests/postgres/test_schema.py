@@ -61,5 +61,6 @@ def test_a_read_only_handle_reads_a_database_short_only_of_additive_migrations(
 
 
 def test_a_read_only_handle_refuses_an_empty_database(pg_url: str) -> None:
-    with pytest.raises(StoreError, match="has schema version 0; this patchd reads version 2"):
+    expected = f"has schema version 0; this patchd reads version {pgschema.CURRENT}"
+    with pytest.raises(StoreError, match=expected):
         PostgresStore(pg_url, readonly=True, outage_wait=10)
