@@ -24,11 +24,11 @@ from pathlib import Path
 from patchd import faults
 from patchd.state import SqliteStore
 from tests.conftest import write_config
+from tests.integration.conftest import Lab
 from tests.integration.daemon_helpers import run_patchd
-from tests.integration.docker_fleet import Fleet
+from tests.integration.docker_fleet import Fleet, _app, build_variants
 
 FLEET = 20
-VERSIONS = ("app-v1", "app-v2", "app-v3")
 CRASH_POINTS = sorted(
     p for p in faults.POINTS if not p.startswith("vsphere.") and not p.endswith("rollback_failed")
 )
@@ -38,7 +38,15 @@ def patchd(config: Path, fault: str | None) -> subprocess.CompletedProcess[str]:
     return run_patchd("run", "soak", "--now", "-c", str(config), fault=fault, timeout=600)
 
 
-def test_soak(f: Fleet, tmp_path: Path) -> None:
+def fresh_version(f: Fleet, base_image: str, cycle: int) -> str:
+    """A new image (its own digest) for this cycle: an app variant with the cycle's label."""
+    app = _app(cycle % 3 + 1)
+    app["Labels"] = {**app["Labels"], "soak.cycle": str(cycle)}
+    name = f"soak-{f.token}-c{cycle}"
+    return build_variants(f.client, base_image, {name: app})[name]
+
+
+def test_soak(f: Fleet, lab: Lab, tmp_path: Path) -> None:
     wanted = int(os.environ.get("PATCHD_SOAK_PATCHES", "200"))
     rng = random.Random(int(os.environ.get("PATCHD_SOAK_SEED", "20261127")))
     markers = tmp_path / "unhealthy"
@@ -66,7 +74,7 @@ def test_soak(f: Fleet, tmp_path: Path) -> None:
             },
         },
     )
-    digests = {VERSIONS[0]: f.publish(VERSIONS[0], "s")}
+    f.publish(fresh_version(f, lab.base_image, 0), "s")
     names = [f.name(f"s{i:02d}") for i in range(FLEET)]
     for i in range(FLEET):
         f.run(f"s{i:02d}", "s")
@@ -77,10 +85,10 @@ def test_soak(f: Fleet, tmp_path: Path) -> None:
     unexpected_rollbacks = 0
     while started < wanted:
         cycles += 1
+        # A bound, so a fleet that stops patching fails here instead of hanging CI.
+        assert cycles <= max(30, 3 * wanted // FLEET), (cycles, started, wanted)
         before = {n: f.digest_of(n) for n in names}
-        image = VERSIONS[cycles % len(VERSIONS)]
-        new = f.publish(image, "s")
-        digests[image] = new
+        new = f.publish(fresh_version(f, lab.base_image, cycles), "s")
         failing = set(rng.sample(names, k=rng.randint(0, FLEET // 10)))
         for marker in markers.iterdir():
             marker.unlink()
