@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,58 +19,56 @@ from patchd.runtime import Refusal
 from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
 from patchd.windows import next_start, window_now
+from tests.conftest import write_config
 
-CONFIG = """
-[daemon]
-state_dir = "{state}"
-metrics_address = "127.0.0.1:0"
-log_format = "json"
-log_level = "warning"
+def config(state: Path) -> dict[str, Any]:
+    return {
+        "daemon": {
+            "state_dir": state,
+            "metrics_address": "127.0.0.1:0",
+            "log_format": "json",
+            "log_level": "warning",
+        },
+        "windows": {
+            # Saturdays 02:00-06:00 Berlin (01:00-05:00Z in November), no start in the
+            # last hour.
+            "cut": {
+                "days": ["sat"],
+                "start": "02:00",
+                "duration": "4h",
+                "cutoff": "1h",
+                "timezone": "Europe/Berlin",
+            },
+            # Sundays 02:00-06:00Z, clipped by a freeze 03:00-03:30Z; the cutoff counts
+            # back from each unfrozen part's end.
+            "frz": {
+                "days": ["sun"],
+                "start": "02:00",
+                "duration": "4h",
+                "cutoff": "20m",
+                "timezone": "UTC",
+            },
+            # Every day 02:30 Berlin: missing on 2026-03-29 (opens at the jump, 01:00Z),
+            # twice on 2026-10-25 (opens at the first, 00:30Z).
+            "dst": {
+                "cron": "30 2 * * *",
+                "duration": "1h",
+                "cutoff": "10m",
+                "timezone": "Europe/Berlin",
+            },
+        },
+        "freezes": {
+            "f": {
+                "start": datetime(2026, 11, 29, 3, 0, tzinfo=UTC),
+                "end": datetime(2026, 11, 29, 3, 30, tzinfo=UTC),
+            }
+        },
+        "backends": {"d": {"type": "docker"}},
+        "groups": {
+            f"g_{name}": {"backend": "d", "window": name} for name in ("cut", "frz", "dst")
+        },
+    }
 
-# Saturdays 02:00-06:00 Berlin (01:00-05:00Z in November), no start in the last hour.
-[windows.cut]
-days = ["sat"]
-start = "02:00"
-duration = "4h"
-cutoff = "1h"
-timezone = "Europe/Berlin"
-
-# Sundays 02:00-06:00Z, clipped by a freeze 03:00-03:30Z; the cutoff counts back from
-# each unfrozen part's end.
-[windows.frz]
-days = ["sun"]
-start = "02:00"
-duration = "4h"
-cutoff = "20m"
-timezone = "UTC"
-
-[freezes.f]
-start = 2026-11-29T03:00:00Z
-end = 2026-11-29T03:30:00Z
-
-# Every day 02:30 Berlin: missing on 2026-03-29 (opens at the jump, 01:00Z), twice on
-# 2026-10-25 (opens at the first, 00:30Z).
-[windows.dst]
-cron = "30 2 * * *"
-duration = "1h"
-cutoff = "10m"
-timezone = "Europe/Berlin"
-
-[backends.d]
-type = "docker"
-
-[groups.g_cut]
-backend = "d"
-window = "cut"
-
-[groups.g_frz]
-backend = "d"
-window = "frz"
-
-[groups.g_dst]
-backend = "d"
-window = "dst"
-"""
 
 S = timedelta(seconds=1)
 
@@ -155,8 +154,7 @@ def test_every_front_door_agrees_on_when(
     at: datetime,
     expected: tuple[bool, datetime],
 ) -> None:
-    path = tmp_path / "patchd.toml"
-    path.write_text(CONFIG.format(state=tmp_path / "state"))
+    path = write_config(tmp_path / "patchd.toml", config(tmp_path / "state"))
     fake = FakeBackend("d")
     daemon = Recording(
         path, None, clock=lambda: at, connector=lambda spec: fake, notifier=Notifier("")
