@@ -15,11 +15,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import selectors
 import socket
 import stat
 import struct
-import threading
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from typing import Any
 
 from patchd import log
 from patchd.control.protocol import ProtocolError, Verb, encode, parse_body, route
+from patchd.serving import SelectServing
 
 MAX_BODY = 64 * 1024
 
@@ -134,9 +133,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class ControlServer(ThreadingMixIn, UnixStreamServer):
+class ControlServer(SelectServing, ThreadingMixIn, UnixStreamServer):
     daemon_threads = True
-    timeout = 0
 
     def __init__(self, path: Path, group: str, dispatch: Dispatch, audit: Audit) -> None:
         self.log = log.get("patchd.control")
@@ -165,33 +163,14 @@ class ControlServer(ThreadingMixIn, UnixStreamServer):
         else:
             os.chown(path, -1, gid)
 
-    def serve_in_thread(self) -> None:
-        self._wake_read, self._wake_write = socket.socketpair()
-        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self, selectors.EVENT_READ)
-            selector.register(self._wake_read, selectors.EVENT_READ)
-            while True:
-                ready = selector.select()
-                if any(key.fileobj is self._wake_read for key, _ in ready):
-                    return
-                self.handle_request()
-
     def shutdown(self) -> None:
         """Stop serving, close the socket and remove its file."""
-        self._wake_write.send(b"x")
-        self._thread.join()
-        self.server_close()
-        self._wake_read.close()
-        self._wake_write.close()
+        super().shutdown()
         with suppress(OSError):
             self.path.unlink()
 
 
 def serve_control(path: Path, group: str, dispatch: Dispatch, audit: Audit) -> ControlServer:
     server = ControlServer(path, group, dispatch, audit)
-    server.serve_in_thread()
+    server.serve_in_thread("control")
     return server

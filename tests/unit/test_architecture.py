@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchd.commands",
             "patchd.poll",
             "patchd.plugins",
+            "patchd.serving",
         ),
     ),
     ("config", ("patchd.config",)),
