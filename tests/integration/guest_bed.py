@@ -14,7 +14,6 @@ import secrets
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -83,12 +82,13 @@ class Bed:
         return self.root(name, "systemctl", "is-system-running", check=False).stdout.strip()
 
     def wait_running(self, name: str, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while (state := self.state(name)) in ("initializing", "starting", ""):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        return state
+        """systemd's state once the machine has finished booting (running, degraded…)."""
+
+        def settled() -> str | None:
+            state = self.state(name)
+            return None if state in ("initializing", "starting", "") else state
+
+        return wait_until(settled, timeout, f"{name} to finish booting", interval=0.5)
 
     def boot_id(self, name: str) -> str:
         return self.root(name, "cat", "/proc/sys/kernel/random/boot_id").stdout.strip()
