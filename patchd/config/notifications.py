@@ -17,9 +17,8 @@ from typing import Annotated
 from pydantic import BaseModel, Field, HttpUrl, field_validator, model_validator
 
 from patchd.config.secret_files import SecretFile
-from patchd.config.types import STRICT, Duration
+from patchd.config.types import STRICT, CredentialName, Duration
 
-_CREDENTIAL = re.compile(r"[A-Za-z0-9_.@-]+")
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*://", re.I)
 
 
@@ -47,7 +46,7 @@ class NotificationModel(BaseModel):
     webhook: HttpUrl | None = None
     # The webhook's HMAC secret: a file holding only it, or a systemd credential name.
     secret_file: SecretFile | None = None
-    credential: str | None = None
+    credential: CredentialName | None = None
     # The events this channel hears (default: all of them).
     events: list[EventKind] = Field(default_factory=lambda: list(EventKind))
     # Timeout of one delivery attempt.
@@ -69,16 +68,6 @@ class NotificationModel(BaseModel):
             if not _SCHEME.match(url):
                 # Not echoed: the URL may carry a token.
                 raise ValueError(f"URL {index + 1} is not an apprise URL (expected SCHEME://...)")
-        return value
-
-    @field_validator("credential")
-    @classmethod
-    def _credential(cls, value: str | None) -> str | None:
-        if value is not None and not _CREDENTIAL.fullmatch(value):
-            raise ValueError(
-                "expected the name of a systemd credential (letters, digits, _ . @ -),"
-                " not the secret itself"
-            )
         return value
 
     @field_validator("timeout", "backoff", "backoff_max")

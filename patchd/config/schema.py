@@ -15,7 +15,16 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, Field, HttpUrl, field_validator, model_validator
 
 from patchd.config.secret_files import SecretFile
-from patchd.config.types import STRICT, Duration, Limit, LimitValue, Moment, TimeOfDay, Zone
+from patchd.config.types import (
+    STRICT,
+    CredentialName,
+    Duration,
+    Limit,
+    LimitValue,
+    Moment,
+    TimeOfDay,
+    Zone,
+)
 
 DEFAULT_METRICS_PORT = 9863
 
@@ -63,7 +72,7 @@ class StateModel(BaseModel):
     # options (TLS included) pass through. Never a password: password_file or credential.
     url: str | None = None
     password_file: SecretFile | None = None
-    credential: str | None = None  # a systemd credential (LoadCredential=) name
+    credential: CredentialName | None = None  # a systemd credential (LoadCredential=) name
     # How long a write or read waits for a database that does not answer before failing.
     outage_wait: Duration = timedelta(seconds=30)
 

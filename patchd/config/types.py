@@ -133,3 +133,21 @@ def _moment(value: Any) -> datetime | date:
 
 
 Moment = Annotated[datetime | date, PlainValidator(_moment)]
+
+
+# A systemd credential's name (LoadCredential=NAME:...), as patchd reads it from
+# $CREDENTIALS_DIRECTORY/NAME. The value is never echoed in the error: a secret pasted
+# here by mistake would otherwise reach the journal.
+_CREDENTIAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]*")
+
+
+def _credential_name(value: Any) -> str:
+    if not isinstance(value, str) or not _CREDENTIAL.fullmatch(value):
+        raise ValueError(
+            "expected the name of a systemd credential (letters, digits, _ . @ -),"
+            " not the secret itself"
+        )
+    return value
+
+
+CredentialName = Annotated[str, PlainValidator(_credential_name)]

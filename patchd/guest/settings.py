@@ -3,17 +3,14 @@ only, nothing is read or connected here, so `patchd check-config` checks them an
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from patchd.config.secret_files import SecretFile
-from patchd.config.types import STRICT, Duration
-
-_CREDENTIAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]*")
+from patchd.config.types import STRICT, CredentialName, Duration
 
 
 class SshModel(BaseModel):
@@ -26,7 +23,7 @@ class SshModel(BaseModel):
     user: Annotated[str, Field(min_length=1)] = "root"
     port: Annotated[int, Field(ge=1, le=65535)] = 22
     identity_file: SecretFile | None = None
-    identity_credential: str | None = None
+    identity_credential: CredentialName | None = None
     # Run privileged commands through `sudo -n` (the user needs a NOPASSWD rule for
     # apt-get, dpkg, systemctl; a missing right is an error naming the command).
     sudo: bool = False
@@ -39,17 +36,6 @@ class SshModel(BaseModel):
     connect_timeout: Duration = timedelta(seconds=30)
     # The longest one command may run (an install of many packages included).
     command_timeout: Duration = timedelta(minutes=30)
-
-    @field_validator("identity_credential")
-    @classmethod
-    def _credential(cls, value: str | None) -> str | None:
-        if value is not None and not _CREDENTIAL.fullmatch(value):
-            # Not echoed: a key pasted here by mistake would reach the journal.
-            raise ValueError(
-                "expected the name of a systemd credential (letters, digits, _ . @ -),"
-                " not the key itself"
-            )
-        return value
 
     @model_validator(mode="after")
     def _one_identity(self) -> SshModel:

@@ -106,7 +106,7 @@ def test_ssh_settings_want_exactly_one_key(tmp_path: Path) -> None:
         SshModel.model_validate({})
     with pytest.raises(ValidationError, match="exactly one"):
         _ssh(tmp_path, identity_credential="key")
-    with pytest.raises(ValidationError, match="not the key itself") as err:
+    with pytest.raises(ValidationError, match="not the secret itself") as err:
         SshModel.model_validate({"identity_credential": "-----BEGIN OPENSSH PRIVATE KEY-----"})
     assert "BEGIN" not in str(err.value).split("\n", 2)[1]  # the value is not echoed back
     key = tmp_path / "open"

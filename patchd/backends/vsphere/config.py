@@ -13,10 +13,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, FilePath, field_validator, model_validator
 
 from patchd.config.secret_files import SecretFile
-from patchd.config.types import STRICT, Duration
+from patchd.config.types import STRICT, CredentialName, Duration
 
 _HEX = re.compile(r"[0-9a-f]+")
-_CREDENTIAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]*")
 SELECTORS = ("datacenter", "cluster", "folder", "names", "custom_attribute", "tags")
 
 
@@ -46,7 +45,7 @@ class VSphereConfig(BaseModel):
     # A password_file every user can read is refused, one a shared group can read is
     # warned about (patchd.config.secret_files).
     password_file: SecretFile | None = None
-    credential: str | None = None
+    credential: CredentialName | None = None
     # TLS: verified against the system's CAs by default; or against `ca_file` only; or
     # pinned to one certificate by `thumbprint`; or not at all with `insecure = true`.
     ca_file: FilePath | None = None
@@ -73,17 +72,6 @@ class VSphereConfig(BaseModel):
         if "://" in value or "/" in value:
             raise ValueError(
                 f"expected a host name or address without scheme or path, got {value!r}"
-            )
-        return value
-
-    @field_validator("credential")
-    @classmethod
-    def _credential(cls, value: str | None) -> str | None:
-        if value is not None and not _CREDENTIAL.fullmatch(value):
-            # Not echoed: a password written here by mistake would reach the journal.
-            raise ValueError(
-                "expected the name of a systemd credential (letters, digits, _ . @ -),"
-                " not the password itself"
             )
         return value
 
