@@ -21,6 +21,7 @@ from patchd.testing import FakeBackend
 from patchd.windows import next_start, window_now
 from tests.conftest import write_config
 
+
 def config(state: Path) -> dict[str, Any]:
     return {
         "daemon": {
