@@ -3,8 +3,8 @@
 - ``write_config(path, values)`` writes a patchd TOML config from Python values (nested
   dicts; ``Path`` and ``timedelta`` values are written as patchd reads them, ``None``
   leaves a key out) and returns its path. Unit and integration tests alike build their
-  configs with it. Tests that are about the TOML text itself (config errors, drop-in
-  merging, the README's examples) keep their text inline.
+  configs with it, and so do the benchmarks (bench/). Tests that are about the TOML text
+  itself (config errors, drop-in merging, the README's examples) keep their text inline.
 - ``window_at(start)`` is the ``[windows.NAME]`` table of a window that opens at ``start``.
 - ``wait_until(condition, timeout, what)`` polls a condition until it holds. The timeout
   is a limit on a loaded machine, not a pause: make it generous, a passing test never

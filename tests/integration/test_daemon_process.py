@@ -13,6 +13,7 @@ import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from patchd.state import SqliteStore
 from tests.conftest import wait_until
@@ -37,7 +38,11 @@ def test_daemon_patches_when_the_window_opens_and_handles_signals(f: Fleet, tmp_
     port = free_port()
     config = tmp_path / "patchd.toml"
     start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=6)
-    daemon_config(config, f, tmp_path / "state", port, start, web_group(f.token, 2))
+
+    def configure(**web: Any) -> None:
+        daemon_config(config, f, tmp_path / "state", port, start, web_group(f.token, 2, **web))
+
+    configure()
 
     daemon = Daemon(config, tmp_path)
     try:
@@ -72,8 +77,7 @@ def test_daemon_patches_when_the_window_opens_and_handles_signals(f: Fleet, tmp_
         assert check.returncode == 0, check.stdout + check.stderr
 
         # A broken config on SIGHUP is logged; the old one keeps running.
-        good = config.read_text()
-        config.write_text(good.replace('window = "soon"', 'window = "nightly"'))
+        configure(window="nightly")
         daemon.proc.send_signal(signal.SIGHUP)
         wait_until(
             lambda: any(e["event"] == "reload_failed" for e in daemon.events()),
@@ -85,7 +89,7 @@ def test_daemon_patches_when_the_window_opens_and_handles_signals(f: Fleet, tmp_
         assert any("groups.web.window: unknown window 'nightly'" in x for x in failed["errors"])
         assert daemon.proc.poll() is None
         assert "patchd_config_last_reload_successful 0.0" in scrape(port)
-        config.write_text(good)
+        configure()
         daemon.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "patchd_config_last_reload_successful 1.0" in scrape(port), 60, "reload")
 

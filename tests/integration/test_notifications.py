@@ -30,7 +30,7 @@ from patchd.engine import RunResult
 from patchd.notifications import signing
 from patchd.runtime import Runtime
 from patchd.testing import FakeBackend
-from tests.conftest import wait_until
+from tests.conftest import wait_until, write_config
 
 SECRET = "webhook-key-0123456789"
 
@@ -129,28 +129,24 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def runtime_for(tmp_path: Path, channels: str) -> tuple[Runtime, FakeBackend]:
+def runtime_for(tmp_path: Path, channels: dict[str, Any]) -> tuple[Runtime, FakeBackend]:
     today = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][utcnow().weekday()]
-    path = tmp_path / "patchd.toml"
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "{tmp_path / "state"}"
-
-[windows.today]
-days = ["{today}"]
-duration = "1d"
-
-[backends.f]
-type = "fake"
-
-[groups.web]
-backend = "f"
-window = "today"
-max_errors = 2
-select = {{ labels = {{ tier = "web" }} }}
-{channels}
-"""
+    path = write_config(
+        tmp_path / "patchd.toml",
+        {
+            "daemon": {"state_dir": tmp_path / "state"},
+            "windows": {"today": {"days": [today], "duration": "1d"}},
+            "backends": {"f": {"type": "fake"}},
+            "groups": {
+                "web": {
+                    "backend": "f",
+                    "window": "today",
+                    "max_errors": 2,
+                    "select": {"labels": {"tier": "web"}},
+                }
+            },
+            "notifications": channels,
+        },
     )
     fake = FakeBackend("f")
     for name in ("web-1", "web-2", "web-3"):
@@ -166,11 +162,12 @@ def test_a_real_smtp_server_receives_a_readable_run_summary(
     port, box = smtp
     runtime, _ = runtime_for(
         tmp_path,
-        f"""
-[notifications.mail]
-urls = ["mailto://127.0.0.1:{port}?from=patchd@example.com&to=ops@example.com"]
-events = ["run_finished"]
-""",
+        {
+            "mail": {
+                "urls": [f"mailto://127.0.0.1:{port}?from=patchd@example.com&to=ops@example.com"],
+                "events": ["run_finished"],
+            }
+        },
     )
     runtime.outbox.start()
     try:
@@ -198,16 +195,17 @@ def test_the_webhook_is_signed_and_a_receiver_that_is_down_delays_nothing(
     secret.chmod(0o600)
     runtime, _ = runtime_for(
         tmp_path,
-        f"""
-[notifications.hook]
-webhook = "http://127.0.0.1:{receiver.port}/patchd"
-secret_file = "{secret}"
-events = ["run_finished", "rollback"]
-timeout = "3s"
-backoff = "1s"
-backoff_max = "2s"
-attempts = 30
-""",
+        {
+            "hook": {
+                "webhook": f"http://127.0.0.1:{receiver.port}/patchd",
+                "secret_file": secret,
+                "events": ["run_finished", "rollback"],
+                "timeout": "3s",
+                "backoff": "1s",
+                "backoff_max": "2s",
+                "attempts": 30,
+            }
+        },
     )
     runtime.outbox.start()
     try:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from tests.integration.conftest import REPO_ROOT, Lab, VcsimProcess
 from tests.integration.docker_fleet import free_port
@@ -218,44 +219,49 @@ def _readme_install() -> list[str]:
     return [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def _config(sim: Sim, port: int, groups: dict[str, str]) -> str:
-    return f"""
-[daemon]
-metrics_address = "127.0.0.1:{port}"
-log_format = "json"
+def _config(sim: Sim, port: int, groups: dict[str, dict[str, Any]], **more: dict[str, Any]) -> str:
+    """The service's config file (`more`: further tables). Not write_config: the service
+    keeps the default control socket, /run/patchd/control.sock of the machine."""
+    return tomli_w.dumps(
+        {
+            "daemon": {"metrics_address": f"127.0.0.1:{port}", "log_format": "json"},
+            "windows": {
+                "always": {
+                    "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+                    "start": "00:00",
+                    "duration": "1d",
+                }
+            },
+            "backends": {
+                "vc": {
+                    "type": "vsphere",
+                    "host": sim.process.host,
+                    "port": sim.process.port,
+                    "protocol": sim.process.scheme,
+                    "insecure": True,
+                    "username": "user",
+                    "credential": "vsphere-password",
+                    "timeout": "20s",
+                    "retries": 1,
+                    "retry_backoff": "0s",
+                }
+            },
+            "groups": groups,
+            **more,
+        }
+    )
 
-[windows.always]
-days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-start = "00:00"
-duration = "1d"
 
-[backends.vc]
-type = "vsphere"
-host = "{sim.process.host}"
-port = {sim.process.port}
-protocol = "{sim.process.scheme}"
-insecure = true
-username = "user"
-credential = "vsphere-password"
-timeout = "20s"
-retries = 1
-retry_backoff = "0s"
-""" + "".join(groups.values())
-
-
-# health.command: ssh as the patchd user, with the key and known_hosts in its home.
-SSH_HEALTH = '["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "root@{ssh}", "true"]'
-
-
-def _group(name: str, vm: str, command: list[str], version: str = "2") -> str:
-    return f"""
-[groups.{name}]
-backend = "vc"
-window = "always"
-select = {{ names = ["{vm}"] }}
-health = {{ timeout = "60s", stable_for = "1s", command = {SSH_HEALTH} }}
-patch = {{ command = {json.dumps(command)}, version = "{version}" }}
-"""
+def _group(vm: str, command: list[str], ssh: str, version: str = "2") -> dict[str, Any]:
+    # health.command: ssh as the patchd user, with the key and known_hosts in its home.
+    health = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", f"root@{ssh}", "true"]
+    return {
+        "backend": "vc",
+        "window": "always",
+        "select": {"names": [vm]},
+        "health": {"timeout": "60s", "stable_for": "1s", "command": health},
+        "patch": {"command": command, "version": version},
+    }
 
 
 def _outcomes(m: Machine, group: str) -> list[dict[str, Any]]:
@@ -278,10 +284,10 @@ def test_patchd_under_systemd(
     ssh_host = menv["PATCHD_LAB_MACHINE_ADDRESSES"].split()[0]
     port = free_port()
 
-    def group(name: str, vm: str, command: list[str]) -> str:
-        return _group(name, vm, command).replace("{ssh}", ssh_host)
+    def group(vm: str, command: list[str]) -> dict[str, Any]:
+        return _group(vm, command, ssh_host)
 
-    groups = {"probe": group("probe", vms[0], ["/bin/sh", "/etc/patchd/probe.sh", ssh_host])}
+    groups = {"probe": group(vms[0], ["/bin/sh", "/etc/patchd/probe.sh", ssh_host])}
 
     step("1. install as README 'Install as a service' says")
     offline = "/opt/patchd/bin/pip install --no-index --find-links wheelhouse patchd"
@@ -354,7 +360,7 @@ def test_patchd_under_systemd(
     assert "probe" in m.sh("runuser -u patchd -- patchd status")
 
     step("3. systemctl reload with a good config: a new group runs; its patch fails")
-    groups["failing"] = group("failing", vms[1], ["sh", "-c", "echo disk full >&2; exit 1"])
+    groups["failing"] = group(vms[1], ["sh", "-c", "echo disk full >&2; exit 1"])
     m.put("/etc/patchd/patchd.toml", _config(sim, port, groups))
     m.sh("systemctl reload patchd")
     m.wait(lambda: any(e["event"] == "reloaded" for e in m.events()), 60, "the reload")
@@ -363,8 +369,7 @@ def test_patchd_under_systemd(
     assert m.prop("MainPID") == pid1
 
     step("3b. systemctl reload with a broken config: old one kept, the status line says why")
-    good = _config(sim, port, groups)
-    m.put("/etc/patchd/patchd.toml", good + "\n[bogus]\nkey = 1\n")
+    m.put("/etc/patchd/patchd.toml", _config(sim, port, groups, bogus={"key": 1}))
     m.sh("systemctl reload patchd")
     m.wait(lambda: any(e["event"] == "reload_failed" for e in m.events()), 60, "the refused reload")
     status = m.wait(lambda: "reload" in m.prop("StatusText") and m.prop("StatusText"), 30, "status")
@@ -383,7 +388,6 @@ def test_patchd_under_systemd(
     step("5. systemctl stop drains an in-flight target")
     groups.pop("failing")
     groups["slow"] = group(
-        "slow",
         vms[2],
         [
             "sh",
@@ -406,13 +410,11 @@ def test_patchd_under_systemd(
     assert names[-1] == "stopped", names[-5:]
 
     step("6. kill -9 mid-patch: Restart= starts it again, and it reconciles the target")
-    groups["crash"] = group(
-        "crash", vms[3], ["sh", "-c", "touch /var/lib/patchd/crash.started; sleep 300"]
-    )
+    groups["crash"] = group(vms[3], ["sh", "-c", "touch /var/lib/patchd/crash.started; sleep 300"])
     m.put("/etc/patchd/patchd.toml", _config(sim, port, groups))
     m.sh("systemctl start patchd")
     m.wait(lambda: m.exists("/var/lib/patchd/crash.started"), 90, "the crash patch command")
-    groups["crash"] = group("crash", vms[3], ["true"])  # the restarted daemon's next try passes
+    groups["crash"] = group(vms[3], ["true"])  # the restarted daemon's next try passes
     m.put("/etc/patchd/patchd.toml", _config(sim, port, groups))
     pid = m.prop("MainPID")
     restarts = int(m.prop("NRestarts"))

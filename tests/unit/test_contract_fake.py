@@ -14,6 +14,7 @@ from patchd.config import load_settings
 from patchd.config.schema import HealthModel, PatchModel
 from patchd.testing import FakeBackend, FakeSelect
 from patchd.testing.contract import BackendContract
+from tests.conftest import write_config
 
 
 class FakeHarness:
@@ -58,22 +59,19 @@ class TestFakeBackendContract(BackendContract):
 
 def test_type_fake_works_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """FakeBackend is the installed backend type `fake` (an entry point), a testing aid."""
-    config = tmp_path / "patchd.toml"
-    config.write_text(
-        """
-[windows.nightly]
-days = ["mon"]
-start = "01:00"
-duration = "2h"
-
-[backends.lab]
-type = "fake"
-
-[groups.web]
-backend = "lab"
-window = "nightly"
-select = { labels = { app = "web" }, names = ["web-*"] }
-"""
+    config = write_config(
+        tmp_path / "patchd.toml",
+        {
+            "windows": {"nightly": {"days": ["mon"], "start": "01:00", "duration": "2h"}},
+            "backends": {"lab": {"type": "fake"}},
+            "groups": {
+                "web": {
+                    "backend": "lab",
+                    "window": "nightly",
+                    "select": {"labels": {"app": "web"}, "names": ["web-*"]},
+                }
+            },
+        },
     )
     assert "fake" in installed_types()
     settings = load_settings(config)

@@ -32,6 +32,7 @@ from patchd.engine.controls import pause_of, quarantined
 from patchd.observers import BaseObserver
 from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
+from tests.conftest import window_at, write_config
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 15) -> Any:
@@ -130,37 +131,36 @@ def test_a_refused_peer_is_audited_and_nothing_is_dispatched(
 # --- the verbs, against a daemon ------------------------------------------------------------
 
 
-def config_text(state: Path, start: datetime, manual: bool = False) -> str:
-    day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][start.weekday()]
-    return f"""
-[daemon]
-state_dir = "{state}"
-metrics_address = "127.0.0.1:0"
-log_format = "json"
-control_socket = "{state}/control.sock"
-
-[windows.now]
-days = ["{day}"]
-start = "{start:%H:%M:%S}"
-duration = "1h"
-
-[backends.d]
-type = "docker"
-
-[groups.web]
-backend = "d"
-window = "now"
-select = {{ names = ["w*"] }}
-max_concurrency = 1
-max_errors = 5
-
-[groups.prod]
-backend = "d"
-window = "now"
-after = "web"
-select = {{ names = ["p*"] }}
-approval = "{"manual" if manual else "auto"}"
-"""
+def write_patchd_config(path: Path, state: Path, start: datetime, manual: bool = False) -> Path:
+    return write_config(
+        path,
+        {
+            "daemon": {
+                "state_dir": state,
+                "metrics_address": "127.0.0.1:0",
+                "log_format": "json",
+                "control_socket": state / "control.sock",
+            },
+            "windows": {"now": window_at(start)},
+            "backends": {"d": {"type": "docker"}},
+            "groups": {
+                "web": {
+                    "backend": "d",
+                    "window": "now",
+                    "select": {"names": ["w*"]},
+                    "max_concurrency": 1,
+                    "max_errors": 5,
+                },
+                "prod": {
+                    "backend": "d",
+                    "window": "now",
+                    "after": "web",
+                    "select": {"names": ["p*"]},
+                    "approval": "manual" if manual else "auto",
+                },
+            },
+        },
+    )
 
 
 @pytest.fixture
@@ -176,8 +176,7 @@ def fake() -> FakeBackend:
 def started(tmp_path: Path, fake: FakeBackend, *, manual: bool = False,
             paused: bool = False) -> Daemon:  # fmt: skip
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)  # open now
-    path = tmp_path / "patchd.toml"
-    path.write_text(config_text(tmp_path / "state", start, manual))
+    path = write_patchd_config(tmp_path / "patchd.toml", tmp_path / "state", start, manual)
     d = Daemon(path, None, connector=lambda spec: fake, notifier=Notifier(""))
     if paused:  # paused before it starts: the open window starts nothing
         from patchd.engine.controls import PAUSE, Pause
@@ -217,7 +216,7 @@ def stop_daemons() -> Iterator[list[Daemon]]:
 
 def test_without_a_daemon_the_verbs_say_so(tmp_path: Path, cli: Any) -> None:
     start = datetime.now(UTC)
-    (tmp_path / "patchd.toml").write_text(config_text(tmp_path / "state", start))
+    write_patchd_config(tmp_path / "patchd.toml", tmp_path / "state", start)
     code, out = cli("pause", "web")
     assert code == 4 and "no patchd daemon is running" in out
     code, out = cli("quarantine", "list")

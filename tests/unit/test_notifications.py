@@ -30,27 +30,9 @@ from patchd.runtime import Runtime
 from patchd.state import open_store
 from patchd.states import RunStatus, TargetResult
 from patchd.testing import FakeBackend
+from tests.conftest import write_config
 
-T0 = datetime(2026, 11, 28, 2, 30, tzinfo=UTC)  # a Saturday, inside the window below
-
-CONFIG = """
-[daemon]
-state_dir = "{state}"
-
-[windows.sat]
-days = ["sat"]
-start = "02:00"
-duration = "4h"
-
-[backends.f]
-type = "fake"
-
-[groups.web]
-backend = "f"
-window = "sat"
-max_errors = 1
-select = {{ labels = {{ tier = "web" }} }}
-"""
+T0 = datetime(2026, 11, 28, 2, 30, tzinfo=UTC)  # a Saturday, inside settings_file's window
 
 
 class Clock:
@@ -109,10 +91,31 @@ def result(status: RunStatus = RunStatus.COMPLETED) -> RunResult:
 # --- config ---------------------------------------------------------------------------------
 
 
-def settings_text(tmp_path: Path, extra: str) -> Path:
-    path = tmp_path / "patchd.toml"
-    path.write_text(CONFIG.format(state=tmp_path / "state") + extra)
-    return path
+def settings_file(
+    tmp_path: Path,
+    notifications: dict[str, Any] | None = None,
+    groups: dict[str, Any] | None = None,
+) -> Path:
+    """The group `web` (tier=web, in the Saturday window of T0), with `notifications` and
+    more `groups`."""
+    return write_config(
+        tmp_path / "patchd.toml",
+        {
+            "daemon": {"state_dir": tmp_path / "state"},
+            "windows": {"sat": {"days": ["sat"], "start": "02:00", "duration": "4h"}},
+            "backends": {"f": {"type": "fake"}},
+            "groups": {
+                "web": {
+                    "backend": "f",
+                    "window": "sat",
+                    "max_errors": 1,
+                    "select": {"labels": {"tier": "web"}},
+                },
+                **(groups or {}),
+            },
+            "notifications": notifications,
+        },
+    )
 
 
 def test_a_channel_hears_every_event_by_default_and_only_its_list_when_given(
@@ -122,17 +125,16 @@ def test_a_channel_hears_every_event_by_default_and_only_its_list_when_given(
     secret.write_text("s3cret\n")
     secret.chmod(0o600)
     settings = load_settings(
-        settings_text(
+        settings_file(
             tmp_path,
-            f"""
-[notifications.mail]
-urls = ["mailto://ops:pw@127.0.0.1:2525?to=ops@example.com"]
-
-[notifications.hook]
-webhook = "http://127.0.0.1:8080/patchd"
-secret_file = "{secret}"
-events = ["rollback_failed", "halted"]
-""",
+            {
+                "mail": {"urls": ["mailto://ops:pw@127.0.0.1:2525?to=ops@example.com"]},
+                "hook": {
+                    "webhook": "http://127.0.0.1:8080/patchd",
+                    "secret_file": secret,
+                    "events": ["rollback_failed", "halted"],
+                },
+            },
         )
     )
     mail, hook = settings.notifications["mail"], settings.notifications["hook"]
@@ -146,21 +148,21 @@ events = ["rollback_failed", "halted"]
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ('urls = ["x://a"]\nwebhook = "http://h/"', "give exactly one of urls"),
-        ("", "give exactly one of urls"),
-        ('webhook = "http://h/"', "give exactly one of secret_file or credential"),
-        ('urls = ["json://h/"]\ncredential = "c"', "urls take none"),
-        ('urls = ["json://h/"]\nevents = ["rollbak"]', "notifications.n.events.0"),
-        ('urls = ["not a url"]', "URL 1 is not an apprise URL"),
-        ('urls = ["json://h/"]\nbackoff = "1m"\nbackoff_max = "10s"', "backoff_max"),
-        ('urls = ["json://h/"]\ncolour = "red"', "notifications.n.colour: unknown key"),
+        ({"urls": ["x://a"], "webhook": "http://h/"}, "give exactly one of urls"),
+        ({}, "give exactly one of urls"),
+        ({"webhook": "http://h/"}, "give exactly one of secret_file or credential"),
+        ({"urls": ["json://h/"], "credential": "c"}, "urls take none"),
+        ({"urls": ["json://h/"], "events": ["rollbak"]}, "notifications.n.events.0"),
+        ({"urls": ["not a url"]}, "URL 1 is not an apprise URL"),
+        ({"urls": ["json://h/"], "backoff": "1m", "backoff_max": "10s"}, "backoff_max"),
+        ({"urls": ["json://h/"], "colour": "red"}, "notifications.n.colour: unknown key"),
     ],
 )
 def test_a_bad_channel_table_is_refused_with_its_key_path(
-    tmp_path: Path, table: str, message: str
+    tmp_path: Path, table: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings(settings_text(tmp_path, f"\n[notifications.n]\n{table}\n"))
+        load_settings(settings_file(tmp_path, {"n": table}))
     assert message in str(caught.value)
 
 
@@ -365,7 +367,7 @@ def test_a_webhook_token_and_the_secret_never_leave_in_clear(tmp_path: Path) -> 
 
 
 def test_a_run_queues_its_rollback_summary_and_halt_and_control_events(tmp_path: Path) -> None:
-    path = settings_text(tmp_path, '\n[notifications.hook]\nurls = ["json://127.0.0.1:9/"]\n')
+    path = settings_file(tmp_path, {"hook": {"urls": ["json://127.0.0.1:9/"]}})
     fake = FakeBackend("f")
     for name in ("web-1", "web-2", "web-3"):
         fake.add(name, labels={"tier": "web"})
@@ -505,7 +507,7 @@ def test_a_webhook_answer_decides_between_retry_and_drop(
 def test_a_target_a_stopped_patchd_left_is_announced_when_the_restart_rolls_it_back(
     tmp_path: Path,
 ) -> None:
-    path = settings_text(tmp_path, '\n[notifications.hook]\nurls = ["json://127.0.0.1:9/"]\n')
+    path = settings_file(tmp_path, {"hook": {"urls": ["json://127.0.0.1:9/"]}})
     fake = FakeBackend("f")
     fake.add("web-1", labels={"tier": "web"})
     store = open_store(tmp_path / "state" / "patchd.db")
@@ -556,9 +558,11 @@ def test_a_quarantine_and_one_approval_wait_are_announced(tmp_path: Path) -> Non
     outbox, store, _ = outbox_with(tmp_path, clock, ops=(model(urls=["json://x"]), Recorder()))
     observer = NotificationObserver(outbox, clock)
     settings = load_settings(
-        settings_text(
+        settings_file(
             tmp_path,
-            '[groups.prod]\nbackend = "f"\nwindow = "sat"\nafter = "web"\napproval = "manual"\n',
+            groups={
+                "prod": {"backend": "f", "window": "sat", "after": "web", "approval": "manual"}
+            },
         )
     )
     prod = settings.groups["prod"]

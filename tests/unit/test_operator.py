@@ -16,34 +16,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from patchd.cli import main
+from tests.conftest import write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def fake_config(tmp_path: Path, state: Path | None = None) -> Path:
-    path = tmp_path / "patchd.toml"
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "{state or tmp_path / "state"}"
-
-[windows.w]
-days = ["sat"]
-duration = "1h"
-
-[backends.d]
-type = "fake"
-
-[groups.web]
-backend = "d"
-window = "w"
-"""
+def fake_config(tmp_path: Path, state: Path | None = None, **web: Any) -> Path:
+    """The group `web` of the fake backend; `web` adds keys to its table."""
+    return write_config(
+        tmp_path / "patchd.toml",
+        {
+            "daemon": {"state_dir": state or tmp_path / "state"},
+            "windows": {"w": {"days": ["sat"], "duration": "1h"}},
+            "backends": {"d": {"type": "fake"}},
+            "groups": {"web": {"backend": "d", "window": "w", **web}},
+        },
     )
-    return path
 
 
 @pytest.mark.parametrize("command", [["status"], ["history"], ["plan"], ["status", "--json"]])
@@ -101,9 +94,7 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_run_lets_the_target_in_flight_finish_on_a_signal(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
-    config = fake_config(tmp_path)
-    with config.open("a") as f:
-        f.write("max_concurrency = 1\n")
+    config = fake_config(tmp_path, max_concurrency=1)
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_RUN, "run", "web", "--now", "-c", str(config)],
         stdout=subprocess.PIPE,

@@ -24,7 +24,7 @@ from patchd.backends.vsphere import VSphereBackend, VSphereConfig, VSphereSelect
 from patchd.backends.vsphere import command as patch_command
 from patchd.backends.vsphere.collector import TaskFailed, TaskTimeout, retrieve, wait_for_task
 from patchd.cli import main
-from tests.conftest import wait_until
+from tests.conftest import wait_until, write_config
 
 # --- the property collector ---------------------------------------------------------------
 
@@ -217,36 +217,48 @@ def test_check_config_accepts_a_vsphere_backend_and_groups(
 ) -> None:
     (tmp_path / "vc.password").write_text("pw\n")
     (tmp_path / "vc.password").chmod(0o600)
-    path = tmp_path / "patchd.toml"
-    path.write_text(
-        f"""
-[windows.w]
-days = ["sat"]
-duration = "4h"
-
-[backends.vc]
-type = "vsphere"
-host = "vcenter.example.com"
-username = "patchd@vsphere.local"
-password_file = "{tmp_path / "vc.password"}"
-thumbprint = "{"AB:" * 19}AB"
-task_timeout = "45m"
-
-[groups.web]
-backend = "vc"
-window = "w"
-max_concurrency = 3
-select = {{ datacenter = "DC0", custom_attribute = {{ "patch-wave" = "1" }}, tags = ["env:prod"] }}
-snapshot = {{ keep = "24h", quiesce = true }}
-health = {{ timeout = "10m", tcp = {{ port = 22 }} }}
-patch = {{ command = ["ansible-playbook", "-l", "{{name}}", "patch.yml"], version = "2026-11" }}
-
-[groups.esxi]
-backend = "vc"
-window = "w"
-select = {{ kind = "host", cluster = "prod-cluster" }}
-patch = {{ command = ["/usr/local/bin/esxi-patch", "{{hostname}}"], version = "8.0u3c" }}
-"""
+    path = write_config(
+        tmp_path / "patchd.toml",
+        {
+            "windows": {"w": {"days": ["sat"], "duration": "4h"}},
+            "backends": {
+                "vc": {
+                    "type": "vsphere",
+                    "host": "vcenter.example.com",
+                    "username": "patchd@vsphere.local",
+                    "password_file": tmp_path / "vc.password",
+                    "thumbprint": "AB:" * 19 + "AB",
+                    "task_timeout": "45m",
+                }
+            },
+            "groups": {
+                "web": {
+                    "backend": "vc",
+                    "window": "w",
+                    "max_concurrency": 3,
+                    "select": {
+                        "datacenter": "DC0",
+                        "custom_attribute": {"patch-wave": "1"},
+                        "tags": ["env:prod"],
+                    },
+                    "snapshot": {"keep": "24h", "quiesce": True},
+                    "health": {"timeout": "10m", "tcp": {"port": 22}},
+                    "patch": {
+                        "command": ["ansible-playbook", "-l", "{name}", "patch.yml"],
+                        "version": "2026-11",
+                    },
+                },
+                "esxi": {
+                    "backend": "vc",
+                    "window": "w",
+                    "select": {"kind": "host", "cluster": "prod-cluster"},
+                    "patch": {
+                        "command": ["/usr/local/bin/esxi-patch", "{hostname}"],
+                        "version": "8.0u3c",
+                    },
+                },
+            },
+        },
     )
     assert main(["check-config", "-c", str(path)]) == 0
     assert capsys.readouterr().out.startswith(
