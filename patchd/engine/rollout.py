@@ -33,9 +33,9 @@ from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from patchd.backends.base import Backend, PreparesRun, Target
+from patchd.backends.base import Backend, PreparesRun, Target, Update
 from patchd.config.settings import Group
-from patchd.engine.controls import Quarantine, quarantine, quarantined
+from patchd.engine.controls import Quarantine, quarantine, quarantined, supersede
 from patchd.engine.target import (
     Observer,
     Probe,
@@ -276,6 +276,8 @@ def run_group(request: RunRequest) -> RunResult:
                 if outcome.quarantine and outcome.update is not None:
                     bad = _quarantine(req, outcome)
                     ctx.quarantined[(bad.ref, bad.version)] = bad
+                elif outcome.result == TargetResult.SUCCESS and outcome.update is not None:
+                    _supersede(req, outcome.update)
                 record(outcome)
     reason = {
         RunStatus.HALTED: f"error budget spent: {failures} failed (max_errors {max_errors})",
@@ -309,6 +311,13 @@ def _quarantine(req: RunRequest, outcome: TargetOutcome) -> Quarantine:
     with suppress(StoreError):
         quarantine(req.store, held)
     return held
+
+
+def _supersede(req: RunRequest, update: Update) -> None:
+    """A version passed: older quarantined versions of its ref are superseded (the
+    journal can say so later if it cannot now: the next success writes it again)."""
+    with suppress(StoreError):
+        supersede(req.store, req.group.name, update.ref, update.available)
 
 
 def _finish(

@@ -351,6 +351,9 @@ def test_a_broken_image_is_quarantined_until_a_newer_good_one(
             300,
             "the trigger's run to end",
         )
+        # The newer version passed: the quarantine is superseded (kept, no longer open).
+        assert 'patchd_quarantined_versions{group="web"} 0.0' in scrape(port)
+        assert "superseded by" in patchd(config, "quarantine", "list").stdout
         store = SqliteStore(tmp_path / "state" / "patchd.db")
         assert len(quarantined(store, ["web"])) == 1  # kept until cleared
         cleared = patchd(config, "quarantine", "clear", "web")
