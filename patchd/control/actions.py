@@ -30,7 +30,7 @@ from patchd.engine.controls import (
     approve,
     clear_quarantine,
     pauses,
-    quarantined,
+    quarantine_listing,
 )
 from patchd.engine.stages import approvable, stage_gate
 from patchd.notifications import events
@@ -219,16 +219,7 @@ class Actions:
         return {"started": group, "force": force}
 
     def do_quarantine(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        store = self.daemon.store
-        return {
-            "groups": {
-                g: [
-                    q.as_dict() | {"describe": q.describe()}
-                    for q in quarantined(store, [g]).values()
-                ]
-                for g in self.daemon.settings.groups
-            }
-        }
+        return {"groups": quarantine_listing(self.daemon.store, self.daemon.settings.groups)}
 
     def do_quarantine_clear(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
         [group] = self._groups(body)

@@ -202,3 +202,12 @@ def clear_quarantine(store: Store, group: str, version: str | None = None) -> in
         if version in (q.version, q.key) or (len(version) >= 12 and q.version.startswith(version)):
             count += store.drop_control(QUARANTINE, group, q.key)
     return count
+
+
+def quarantine_listing(store: Store, groups: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """group -> its quarantined versions, as `patchd quarantine list` and the control
+    socket show them (each with its `describe` line)."""
+    return {
+        g: [q.as_dict() | {"describe": q.describe()} for q in quarantined(store, [g]).values()]
+        for g in groups
+    }
