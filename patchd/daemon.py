@@ -30,7 +30,7 @@ from patchd import __version__, log
 from patchd.backends.base import Backend
 from patchd.config import BackendSpec, ConfigError, Settings, load_settings
 from patchd.config.settings import Group
-from patchd.control.actions import open_control
+from patchd.control.actions import open_control, reopen_control
 from patchd.control.live import LiveState
 from patchd.control.server import ControlServer
 from patchd.engine import GateResult
@@ -212,6 +212,7 @@ class Daemon:
         # Runs going on keep the backends they use; replaced ones close when they end.
         self.runtime.reload(settings)
         self.runtime.connect_all()
+        self.control = reopen_control(self, self.control, settings)
         log.setup(settings.daemon.log_format, settings.daemon.log_level)
         self._log_config_warnings(settings)
         self.metrics.reload(True, self.clock().timestamp())

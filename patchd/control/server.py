@@ -150,18 +150,23 @@ class ControlServer(SelectServing, ThreadingMixIn, UnixStreamServer):
             path.unlink()  # left by a patchd that did not stop cleanly
         super().__init__(str(path), _Handler)
         os.chmod(path, 0o660)
+        self.regroup(group)
+
+    def regroup(self, group: str) -> None:
+        """Give the socket file to `group` (at start, and when a reload changes it)."""
+        self.group = group
         gid = group_id(group)
         if gid is None:
             self.log.warning(
                 "control_group_missing",
                 group=group,
-                socket=str(path),
+                socket=str(self.path),
                 problem=f"group {group!r} (daemon.control_group) does not exist: only root"
                 " and patchd's own user can use the control socket; create the group"
                 " (groupadd) or set daemon.control_group",
             )
         else:
-            os.chown(path, -1, gid)
+            os.chown(self.path, -1, gid)
 
     def shutdown(self) -> None:
         """Stop serving, close the socket and remove its file."""

@@ -14,6 +14,7 @@ import pwd
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from datetime import UTC, datetime, timedelta
@@ -254,6 +255,42 @@ def test_quarantine_list_and_clear_work_without_a_daemon_and_clear_is_audited(
     )
     assert audit.detail["cleared"] == 1 and "no daemon was running" in audit.detail["because"]
     assert [q.version for q in quarantined(store, ["web"]).values()] == ["v3"]
+
+
+def reconfigure(tmp_path: Path, **daemon: Any) -> None:
+    path = tmp_path / "patchd.toml"
+    values = tomllib.loads(path.read_text())
+    values["daemon"].update(daemon)
+    write_config(path, values)
+
+
+def test_a_reload_that_changes_the_control_socket_moves_it(
+    tmp_path: Path, fake: FakeBackend, stop_daemons: list[Daemon]
+) -> None:
+    d = started(tmp_path, fake, paused=True)
+    stop_daemons.append(d)
+    old = tmp_path / "state" / "control.sock"
+    assert request(old, "status")["ok"]
+    new = tmp_path / "run" / "moved.sock"  # its directory is made too
+    reconfigure(tmp_path, control_socket=str(new), control_group="staff")
+    d.reload()
+    assert request(new, "status")["ok"]
+    assert new.stat().st_gid == grp.getgrnam("staff").gr_gid
+    assert new.stat().st_mode & 0o777 == 0o660
+    assert not old.exists()
+    with pytest.raises(NoDaemon):
+        request(old, "status")
+    # The same path in another group: the socket stays, its owner changes.
+    reconfigure(tmp_path, control_group="root")
+    d.reload()
+    assert new.stat().st_gid == 0 and request(new, "pause", {"groups": ["web"]})["ok"]
+    # A path that cannot be served: the socket stays where it works, and says why.
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    reconfigure(tmp_path, control_socket=str(blocker / "control.sock"))
+    d.reload()
+    assert request(new, "status")["ok"]
+    assert d.control is not None and d.control.path == new
 
 
 def test_pause_holds_resume_goes_on_and_both_are_audited(
