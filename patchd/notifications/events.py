@@ -98,7 +98,8 @@ def run_finished(
     versions = [
         _version(o)
         for o in result.outcomes
-        if o.update is not None and o.result not in (TargetResult.CURRENT, TargetResult.PENDING)
+        if o.update is not None
+        and o.result not in (TargetResult.CURRENT, TargetResult.PENDING, TargetResult.SKIPPED)
     ]
     duration = finished - started
     shown = [
