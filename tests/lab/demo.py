@@ -110,7 +110,7 @@ def follow(daemon: subprocess.Popen[str], log_path: Path) -> threading.Thread:
                 if kind == "target_done":
                     change = ""
                     if event.get("version_to"):
-                        change = f" {event['version_from'][:19]} -> {event['version_to'][:19]}"
+                        change = f" {event['version_from']} -> {event['version_to']}"
                     print(
                         f"  {event['group']}: {event['target']} {event['result']}{change}"
                         f" ({event['seconds']}s)",
