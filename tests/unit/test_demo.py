@@ -24,6 +24,8 @@ def test_the_demo_config_is_the_beds_own(tmp_path: Path, monkeypatch: pytest.Mon
     settings = load_settings(path)
     assert settings.daemon.state_dir == tmp_path / "state"
     assert settings.daemon.metrics_port == 40123
+    # Its own control socket in its bed, never the machine's /run/patchd/control.sock.
+    assert settings.daemon.control_socket == tmp_path / "state" / "control.sock"
     backend = settings.backends["lab-docker"]
     assert backend.config.url == f"unix://{tmp_path}/run/docker.sock"  # type: ignore[attr-defined]
 
