@@ -131,7 +131,7 @@ def render_plan(doc: Mapping[str, Any]) -> str:
         lines.append(f"  ERROR {doc['error']}")
     for t in doc["targets"]:
         if t["action"] == "patch":
-            lines.append(f"  batch {t['batch']}: {t['name']}  {t['change']}")
+            lines.append(f"  batch {t['batch']}: {t['name']}  {t['ref']}  {t['change']}")
         else:
             detail = t.get("reason") or t.get("error") or ""
             lines.append(f"  {t['action']}: {t['name']}" + (f"  ({detail})" if detail else ""))

@@ -53,7 +53,7 @@ def test_plan_history_and_controls_name_versions_the_same_way(tmp_path: Path) ->
                      "current": OLD, "available": NEW,
                      "change": versions.change(REF, OLD, NEW)}],
     }  # fmt: skip
-    assert f"{OLD_NAME} -> {NEW_NAME}" in reports.render_plan(doc)
+    assert f"web1  {REF}  {OLD_NAME} -> {NEW_NAME}" in reports.render_plan(doc)
 
     store = SqliteStore(tmp_path / "patchd.db")
     try:
