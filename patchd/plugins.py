@@ -40,6 +40,13 @@ class BackendSpec:
     config: BaseModel
 
 
+def implicit_health(plugin: type[Any]) -> str | None:
+    """Optional: what a backend checks by itself on a patched target for
+    `health.stable_for` (a class attribute `implicit_health`); None when it says nothing."""
+    note = getattr(plugin, "implicit_health", None)
+    return note if isinstance(note, str) else None
+
+
 def installed_types() -> list[str]:
     """The backend type names that installed packages register."""
     return sorted({ep.name for ep in entry_points(group=GROUP)})

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from patchd import versions
 from patchd.backends.base import Backend, NotNow
 from patchd.config.settings import Group, Settings
 from patchd.durations import format_duration
@@ -91,6 +92,7 @@ def plan(
                 ref=update.ref,
                 current=update.current,
                 available=update.available,
+                change=versions.change(update.ref, update.current, update.available),
                 batch=index // limits[target.partition] + 1,
             )
         if target.depends_on:
@@ -129,10 +131,7 @@ def render_plan(doc: Mapping[str, Any]) -> str:
         lines.append(f"  ERROR {doc['error']}")
     for t in doc["targets"]:
         if t["action"] == "patch":
-            lines.append(
-                f"  batch {t['batch']}: {t['name']}  {t['ref']}  "
-                f"{t['current'][:19]} -> {t['available'][:19]}"
-            )
+            lines.append(f"  batch {t['batch']}: {t['name']}  {t['ref']}  {t['change']}")
         else:
             detail = t.get("reason") or t.get("error") or ""
             lines.append(f"  {t['action']}: {t['name']}" + (f"  ({detail})" if detail else ""))
@@ -262,6 +261,12 @@ def history(store: Store, group: str | None, limit: int) -> list[dict[str, Any]]
                         "state": t.state,
                         "from": t.version_from,
                         "to": t.version_to,
+                        # A Docker target's snapshot names its image reference.
+                        "change": versions.change(
+                            (t.snapshot or {}).get("image"), t.version_from, t.version_to
+                        )
+                        if t.version_to
+                        else None,
                         "error": t.error,
                     }
                     for t in store.targets(run.id)
@@ -283,7 +288,7 @@ def render_history(runs: list[dict[str, Any]]) -> str:
         if run["error"]:
             lines.append(f"  error: {run['error']}")
         for t in run["targets"]:
-            change = f" {(t['from'] or '')[:19]} -> {(t['to'] or '')[:19]}" if t["to"] else ""
+            change = f" {t['change']}" if t.get("change") else ""
             error = f"  ({t['error']})" if t["error"] else ""
             lines.append(f"  {t['target']}: {t['state']}{change}{error}")
     return "\n".join(lines)

@@ -39,7 +39,7 @@ from patchd.config.schema import (
 from patchd.config.secret_files import WARNINGS
 from patchd.config.types import Limit
 from patchd.durations import format_duration
-from patchd.plugins import BackendSpec, installed_types, load_plugin
+from patchd.plugins import BackendSpec, implicit_health, installed_types, load_plugin
 from patchd.windows import (
     WEEKDAYS,
     Cron,
@@ -420,6 +420,18 @@ def _group(
     if spec is not None:
         plugin = load_plugin(spec.type)
         select = b.validate(plugin.select_model, model.select, (*path, "select"))
+        note = implicit_health(plugin)
+        health_raw = raw.get("health")
+        if note and not (isinstance(health_raw, dict) and "stable_for" in health_raw):
+            # The default once applied silently to every VM and host (issue 15).
+            stable = format_duration(model.health.stable_for)
+            b.warnings.append(
+                b.merged.issue(
+                    (*path, "health", "stable_for"),
+                    f"not set, so the default {stable} applies to every target: {note}"
+                    f" for {stable}; set how long a patched target must stay healthy",
+                )
+            )
     if select is None or len(b.issues) > before:
         return None
     return Group(

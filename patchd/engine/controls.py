@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from patchd import versions
 from patchd.state.base import ControlRow, Store
 
 PAUSE = "pause"
@@ -91,8 +92,8 @@ class Approval:
     pins: Mapping[str, str]  # ref -> version, exactly what the earlier stage had verified
 
     def describe(self) -> str:
-        versions = ", ".join(f"{ref}={v[:19]}" for ref, v in sorted(self.pins.items()))
-        return f"approved by {self.by} at {_zulu(self.at)} ({versions or 'no versions'})"
+        pinned = ", ".join(versions.of(ref, v) for ref, v in sorted(self.pins.items()))
+        return f"approved by {self.by} at {_zulu(self.at)} ({pinned or 'no versions'})"
 
     @classmethod
     def from_row(cls, row: ControlRow) -> Approval:
@@ -124,9 +125,13 @@ class Quarantine:
         return quarantine_key(self.ref, self.version)
 
     def describe(self) -> str:
-        newer = f"; superseded by {self.superseded_by[:19]}" if self.superseded_by else ""
+        newer = (
+            f"; superseded by {versions.name(self.ref, self.superseded_by)}"
+            if self.superseded_by
+            else ""
+        )
         return (
-            f"{self.ref} {self.version[:19]} quarantined since {_zulu(self.since)}"
+            f"{versions.of(self.ref, self.version)} quarantined since {_zulu(self.since)}"
             f" (failed on {self.target}: {self.reason}{newer})"
         )
 

@@ -43,6 +43,7 @@ from patchd.engine.target import (
     TargetOutcome,
     no_probe,
     patch_target,
+    peek_update,
 )
 from patchd.state.base import Store, StoreError
 from patchd.states import FAILED_RESULTS, RunStatus, TargetResult
@@ -236,6 +237,7 @@ def run_group(request: RunRequest) -> RunResult:
                             TargetOutcome(
                                 target,
                                 TargetResult.SKIPPED,
+                                update=peek_update(ctx, target),
                                 error=f"depends on {', '.join(broken)}, which failed",
                             )
                         )
@@ -289,7 +291,10 @@ def run_group(request: RunRequest) -> RunResult:
     if shut is not None and status != RunStatus.COMPLETED:
         reason += f"; the alert gate was shut ({shut.describe()})"
     for target in pending:
-        record(TargetOutcome(target, TargetResult.PENDING, error=reason))
+        # Whether a target left for later has an update waiting is read once (no retries)
+        # for patchd_target_update_available; not while patchd is stopping.
+        update = None if status == RunStatus.STOPPED else peek_update(ctx, target)
+        record(TargetOutcome(target, TargetResult.PENDING, update=update, error=reason))
     return _finish(req, status, [results[t.name] for t in targets], error=journal_error)
 
 

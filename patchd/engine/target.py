@@ -211,16 +211,27 @@ def _keep(ctx: TargetContext, retained: Retained | None) -> Keep | None:
 
 
 def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str | None]:
-    """The update to install, or (None, reason) when the target is to be left alone."""
+    """The update available (None: the target is current) and, when it is not to be
+    installed in this run, why (its version is quarantined or not yet verified by the
+    earlier stage). The held update is still returned: the target has it waiting."""
     update = _retrying(ctx, lambda: ctx.backend.check_update(target, ctx.pins, ctx.group.patch))
     if update is None:
         return None, None
     held = ctx.quarantined.get((update.ref, update.available))
     if held is not None:
-        return None, held.describe()
+        return update, held.describe()
     if ctx.require_pin and ctx.pins.get(update.ref) != update.available:
-        return None, f"{update.ref} has no version verified by stage {ctx.group.after!r}"
+        return update, f"{update.ref} has no version verified by stage {ctx.group.after!r}"
     return update, None
+
+
+def peek_update(ctx: TargetContext, target: Target) -> Update | None:
+    """The update waiting for a target the run leaves alone (pending, or skipped for a
+    failed dependency), for the dashboards: one read, no retries; None when unknown."""
+    try:
+        return ctx.backend.check_update(target, ctx.pins, ctx.group.patch)
+    except Exception:
+        return None  # unknown: the metric keeps what it last knew
 
 
 def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
@@ -239,7 +250,9 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     except Exception as err:  # fail closed: a target we cannot read is not patched
         return done(R.FAILED, error=f"checking for an update: {err}")
     if update is None:
-        return done(R.SKIPPED if reason else R.CURRENT, error=reason)
+        return done(R.CURRENT)
+    if reason is not None:
+        return done(R.SKIPPED, update=update, error=reason)
 
     backend = ctx.backend
     try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from patchd import versions
 from patchd.config.notifications import EventKind
 from patchd.durations import format_duration
 from patchd.engine.rollout import RunResult
@@ -78,8 +79,8 @@ def _version(outcome: TargetOutcome) -> dict[str, Any]:
     return {
         "target": outcome.target.name,
         "ref": update.ref if update else None,
-        "from": update.current if update else None,
-        "to": update.available if update else None,
+        "from": versions.name(update.ref, update.current) if update else None,
+        "to": versions.name(update.ref, update.available) if update else None,
         "result": outcome.result.value,
     }
 
@@ -98,7 +99,8 @@ def run_finished(
     versions = [
         _version(o)
         for o in result.outcomes
-        if o.update is not None and o.result not in (TargetResult.CURRENT, TargetResult.PENDING)
+        if o.update is not None
+        and o.result not in (TargetResult.CURRENT, TargetResult.PENDING, TargetResult.SKIPPED)
     ]
     duration = finished - started
     shown = [

@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchd.poll",
             "patchd.plugins",
             "patchd.serving",
+            "patchd.versions",
         ),
     ),
     ("config", ("patchd.config",)),

@@ -177,6 +177,7 @@ def test_status_and_history(settings: Settings, fake: FakeBackend) -> None:
             "state": "rolled_back",
             "from": "v1",
             "to": "v2",
+            "change": "v1 -> v2",  # named as every output names versions (patchd.versions)
             "error": runs[0]["targets"][0]["error"],
         }
     ]

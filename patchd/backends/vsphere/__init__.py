@@ -50,6 +50,12 @@ class VSphereBackend:
 
     config_model: ClassVar[type[BaseModel]] = VSphereConfig
     select_model: ClassVar[type[BaseModel]] = VSphereSelect
+    # Optional plugin surface (patchd.plugins.implicit_health): the check a group gets
+    # without health.command/http/tcp, named in the warning about an unset stable_for.
+    implicit_health: ClassVar[str] = (
+        "a VM counts as healthy once VMware Tools stays running, a host once it stays"
+        " connected and out of maintenance mode"
+    )
 
     def __init__(self, name: str, config: Any) -> None:
         self.name = name
