@@ -29,6 +29,7 @@ from patchd.backends.base import (
     Backend,
     LeftOutOfService,
     NotNow,
+    NotRunning,
     Retained,
     Snapshot,
     StepFailed,
@@ -237,6 +238,8 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         update, reason = find_update(ctx, target)
     except NotNow as err:  # not started, through no fault of its own: a later run
         return done(R.PENDING, error=str(err))
+    except NotRunning as err:  # stopped by a person: not a failure of the patch
+        return done(R.SKIPPED, error=f"skipped (not running): {err}")
     except Exception as err:  # fail closed: a target we cannot read is not patched
         return done(R.FAILED, error=f"checking for an update: {err}")
     if update is None:
