@@ -4,8 +4,9 @@ Lifecycle only: what patchd does is the runtime's (patchd.runtime), when windows
 the window module's. The main thread only waits for signals (and pets the systemd
 watchdog); a signal's handler only sets a flag, and the interpreter's wakeup pipe ends
 the wait. APScheduler fires one-shot date jobs at the instants patchd.windows computed —
-the next time each window allows a start — and at the `retry_at` of a refused run, so
-an idle daemon sleeps until the next edge. Runs go to a bounded thread pool.
+the next time each window allows a start — at the `retry_at` of a refused run, and when
+the runtime says the next retry of a failed rollback is due, so an idle daemon sleeps
+until the next edge. Runs go to a bounded thread pool.
 """
 
 from __future__ import annotations
@@ -242,12 +243,13 @@ class Daemon:
     # --- scheduling -----------------------------------------------------------------------
 
     def _arm(self) -> None:
-        """(Re)create one date job per window at its next start, and the release job."""
+        """(Re)create one date job per window at its next start, the release job and the
+        job that retries failed rollbacks."""
         with self._lock:
             now = self.clock()
             settings = self.settings
             for job in self.scheduler.get_jobs():
-                if job.id.startswith("window:") or job.id == "release":
+                if job.id.startswith("window:") or job.id in ("release", "rollback-retry"):
                     job.remove()
             for name, window in settings.windows.items():
                 start = next_start(window, settings.freezes, now)
@@ -269,6 +271,14 @@ class Daemon:
                     id="release",
                     misfire_grace_time=None,
                 )
+            retry_at = self.runtime.next_rollback_retry()
+            if retry_at is not None:
+                self.scheduler.add_job(
+                    self._retry_rollbacks,
+                    DateTrigger(run_date=max(retry_at, now)),
+                    id="rollback-retry",
+                    misfire_grace_time=None,
+                )
         self.notifier.status(self.status_line())
 
     def _window_fired(self, name: str) -> None:
@@ -282,6 +292,17 @@ class Daemon:
             self.log.info("released_expired", count=count)
         except Exception as err:
             self.log.error("release_failed", error=str(err))
+        self._refresh_snapshots()
+        self._arm()
+
+    def _retry_rollbacks(self) -> None:
+        if self.stop.is_set():
+            return
+        try:
+            self.runtime.retry_rollbacks()
+        except Exception as err:  # a bug: logged, and not re-armed at once (no busy loop)
+            self.log.error("rollback_retries_failed", error=str(err))
+            return
         self._refresh_snapshots()
         self._arm()
 

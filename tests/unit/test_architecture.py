@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchd.runtime",
             "patchd.runner",
             "patchd.reconcile",
+            "patchd.retries",
             "patchd.reports",
             "patchd.metrics",
             "patchd.observers",
