@@ -61,15 +61,22 @@ class Due:
 
 def pending(store: Store, settings: Settings, now: datetime, policy: RetryPolicy) -> list[Due]:
     """The targets whose rollback failed and may be retried, soonest first. Targets of
-    groups no longer configured are left for a person (as reconciliation leaves them)."""
+    groups no longer configured are left for a person (as reconciliation leaves them), and
+    so is a target a later run of its group worked on: its old snapshot is not its state
+    to go back to any more."""
     found: list[Due] = []
     oldest = now - policy.max_age
     for group, newest in store.rollback_failures().items():
         if newest < oldest or group not in settings.groups:
             continue
+        later: set[str] = set()  # targets of newer runs (runs() lists the newest first)
         for run in store.runs(group, limit=policy.recent_runs):
             for row in store.targets(run.id):
-                if row.state != TargetState.ROLLBACK_FAILED or row.updated < oldest:
+                touched_since = row.target in later
+                later.add(row.target)
+                if touched_since or row.state != TargetState.ROLLBACK_FAILED:
+                    continue
+                if row.updated < oldest:
                     continue
                 done = retries_done(store, row)
                 if done < policy.attempts:

@@ -181,6 +181,22 @@ def test_old_failures_and_groups_no_longer_configured_are_left_to_a_person(
     assert retries.pending(store, elsewhere, row.updated, policy) == []
 
 
+def test_a_target_a_later_run_worked_on_is_not_retried(
+    runtime: Runtime, fake: FakeBackend
+) -> None:
+    row = failed_row(runtime, fake)
+    del fake.failures[("c00", "rollback")]
+    fake.publish("app", "v3")  # the next window's run patches c00 to v3
+    later = run(fake, runtime.store, group(), clock=Clock(row.updated + MINUTE))
+    assert [o.result for o in later.outcomes] == ["success"]
+    assert runtime.next_rollback_retry() is None
+    clock = runtime.clock
+    assert isinstance(clock, Now)
+    clock.now = row.updated + timedelta(hours=1)
+    assert runtime.retry_rollbacks() == []
+    assert fake.targets["c00"].version == "v3"  # the later run's work stands
+
+
 def test_the_daemon_retries_a_failed_rollback_when_it_is_due(
     tmp_path: Path, fake: FakeBackend
 ) -> None:
