@@ -21,7 +21,7 @@ from patchd.runtime import Runtime
 from patchd.state.base import TargetRow
 from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
-from tests.conftest import wait_until, write_config
+from tests.conftest import wait_until, window_at, write_config
 from tests.unit.test_engine import Clock, fleet, group, run
 
 T0 = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
@@ -51,7 +51,8 @@ class Told(BaseObserver):
 def settings_at(tmp_path: Path, groups: tuple[str, ...] = ("web",)) -> dict[str, object]:
     return {
         "daemon": {"state_dir": tmp_path / "state", "metrics_address": "127.0.0.1:0"},
-        "windows": {"w": {"days": ["sat"], "duration": "1h"}},
+        # Opens in 12 hours, and not before: the daemon test's daemon starts no run.
+        "windows": {"w": window_at(datetime.now(UTC) + timedelta(hours=12))},
         "backends": {"fake": {"type": "docker"}},
         "groups": {name: {"backend": "fake", "window": "w"} for name in groups},
     }
