@@ -77,7 +77,6 @@ class Runtime:
         self.log = log.get("patchd.runtime")
         self.connector = connector if connector is not None else connect
         self.store = open_store(settings, readonly=readonly)  # readonly: `patchd plan`
-        self.readonly = readonly
         # Notifications are queued in the journal on the run's thread and delivered by
         # the outbox's own thread (the daemon starts it; `patchd run` flushes at close).
         self.outbox = Outbox(
@@ -156,16 +155,14 @@ class Runtime:
     def close(self) -> None:
         """Close every backend and the store (at the end of the process). Without the
         delivery thread (`patchd run`), what is queued gets one delivery attempt first;
-        what fails stays queued for the daemon. A read-only runtime (`patchd plan`, maybe
-        beside a running daemon) delivers nothing: it could not mark a message sent, so
-        the daemon would send it again."""
+        what fails stays queued for the daemon."""
         with self._lock:
             backends = [*self._backends.values(), *self._retired]
             self._backends, self._retired = {}, []
         self._close(backends)
         if self.outbox.running:
             self.outbox.stop()
-        elif self.settings.notifications and not self.readonly:
+        elif self.settings.notifications:
             self.outbox.flush()
         self.store.close()
 
