@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from patchd import versions
-from patchd.backends.base import Backend, NotNow
+from patchd.backends.base import Backend, NotNow, NotRunning
 from patchd.config.settings import Group, Settings
 from patchd.durations import format_duration
 from patchd.engine import dependency_order, stage_gate
@@ -72,6 +72,10 @@ def plan(
             update = backend.check_update(target, gate.pins, group.patch)
         except NotNow as err:  # a run would leave it pending
             entry.update(action="wait", reason=str(err))
+            doc["targets"].append(entry)
+            continue
+        except NotRunning as err:  # a run would skip it
+            entry.update(action="skip", reason=f"not running: {err}")
             doc["targets"].append(entry)
             continue
         except Exception as err:

@@ -29,6 +29,7 @@ from patchd.backends.base import (
     Backend,
     LeftOutOfService,
     NotNow,
+    NotRunning,
     Retained,
     Snapshot,
     StepFailed,
@@ -39,7 +40,7 @@ from patchd.backends.base import (
 from patchd.config.settings import Group
 from patchd.engine.controls import Quarantine
 from patchd.state.base import Keep, Store, StoreError
-from patchd.states import FAILED_RESULTS, TargetResult, TargetState
+from patchd.states import FAILED_RESULTS, PROVEN, TargetResult, TargetState
 
 T = TypeVar("T")
 
@@ -143,6 +144,7 @@ class _Journal:
         self.ctx = ctx
         self.target = target
         self.state = TargetState.PENDING
+        self.recorded = TargetState.PENDING  # the last state the store took
         self.failed = False  # a write to the store failed
 
     def move(self, state: TargetState, step: str, phase: str, **fields: Any) -> None:
@@ -164,7 +166,7 @@ class _Journal:
         except StoreError:
             self.failed = True
             raise
-        self.state = state
+        self.state = self.recorded = state
         faults.hit(f"journal.after.{state}")
         ctx.observer.step(ctx.run_id, ctx.group, self.target, state, step=step, phase=phase)
 
@@ -247,6 +249,8 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         update, reason = find_update(ctx, target)
     except NotNow as err:  # not started, through no fault of its own: a later run
         return done(R.PENDING, error=str(err))
+    except NotRunning as err:  # stopped by a person: not a failure of the patch
+        return done(R.SKIPPED, error=f"skipped (not running): {err}")
     except Exception as err:  # fail closed: a target we cannot read is not patched
         return done(R.FAILED, error=f"checking for an update: {err}")
     if update is None:
@@ -306,7 +310,20 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         # unreachable while verifying (transient errors to the last retry), may be the
         # target's or the infrastructure's, and quarantines nothing.
         bad_version = journal.state == S.VERIFYING and not isinstance(err.__cause__, TransientError)
-    journal.move_anyway(S.ROLLING_BACK, "rollback", "intent", error=failure)
+    if journal.recorded in PROVEN:
+        # The record says the new version passed: a restart commits it. Rolling back
+        # without "rolling_back" on record would have it commit the old version.
+        try:
+            journal.move(S.ROLLING_BACK, "rollback", "intent", error=failure)
+        except StoreError as err:
+            failure = (
+                f"{failure}; not rolled back: the journal cannot record it ({err}) and"
+                f" says {journal.recorded}, so the target keeps its verified new version"
+                " and its snapshot for the next start to check and commit"
+            )
+            return done(R.FAILED, update=update, error=failure)
+    else:
+        journal.move_anyway(S.ROLLING_BACK, "rollback", "intent", error=failure)
     try:
         _retrying(ctx, lambda: backend.rollback(target, snapshot))
         faults.hit("engine.after_rollback")

@@ -56,6 +56,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchd.runtime",
             "patchd.runner",
             "patchd.reconcile",
+            "patchd.retries",
             "patchd.reports",
             "patchd.metrics",
             "patchd.observers",

@@ -158,6 +158,16 @@ def test_plan_changes_nothing_and_shows_batches(settings: Settings, fake: FakeBa
     json.dumps(doc)
 
 
+def test_plan_shows_a_stopped_target_as_skipped(settings: Settings, fake: FakeBackend) -> None:
+    store = SqliteStore(Path(":memory:"))
+    [shown] = reports.plan(settings, store, {"d": fake}, "staging", OPEN)["targets"]
+    assert shown["action"] == "patch"
+    fake.targets["s1"].running = False  # a run would skip it, spending no error budget
+    [shown] = reports.plan(settings, store, {"d": fake}, "staging", OPEN)["targets"]
+    assert shown["action"] == "skip"
+    assert shown["reason"] == "not running: s1 is stopped: patchd patches running targets only"
+
+
 def test_status_and_history(settings: Settings, fake: FakeBackend) -> None:
     clock = Clock(OPEN)
     runner = make_runner(settings, fake, clock)

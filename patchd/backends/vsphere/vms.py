@@ -37,6 +37,7 @@ from typing import Any, ClassVar, NoReturn
 
 from patchd import faults, poll
 from patchd.backends.base import (
+    NotRunning,
     Retained,
     RollbackFailed,
     Snapshot,
@@ -189,10 +190,12 @@ class VmFlow(Flow[VmState]):
 
     def precheck(self, state: VmState, own: str | None = None) -> None:
         """Refuse a VM patchd must not patch now (StepFailed; nothing was changed)."""
+        if state.power is None:
+            raise StepFailed(f"{state.name} is in an unknown power state")
         if state.power != POWERED_ON:
-            raise StepFailed(
-                f"{state.name} is {state.power or 'in an unknown power state'}: patchd patches"
-                " powered-on VMs only and does not power them on"
+            raise NotRunning(
+                f"{state.name} is {state.power}: patchd patches powered-on VMs only and does"
+                " not power them on"
             )
         if state.tools is None:
             raise StepFailed(f"{state.name}: its VMware Tools state is unknown")
