@@ -14,11 +14,12 @@ import pytest
 from pydantic import ValidationError
 
 from patchd.backends.base import StepFailed
-from patchd.backends.ssh import SSHBackend, SSHConfig, SSHSelect, _Ledger
+from patchd.backends.ssh import SSHBackend, SSHConfig, SSHSelect
 from patchd.guest import system
 from patchd.guest.apt import AptDriver, is_security, parse_simulation
 from patchd.guest.errors import CommandFailed, PackageManagerError, Unreachable
 from patchd.guest.packages import Pending, identity
+from patchd.guest.patcher import Ledger
 from patchd.guest.settings import SshModel
 from patchd.guest.ssh import Result, Session
 from tests.unit.test_poll import FakeClock
@@ -145,10 +146,10 @@ def test_ssh_backend_config_and_discovery(tmp_path: Path) -> None:
 
 def test_the_ledger_file_resolves_sets_in_another_process(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    _Ledger(path).add("pkgs-x", {"a": "1.1"})
-    _Ledger._sets.clear()  # as after a restart
-    assert _Ledger(path).get("pkgs-x") == {"a": "1.1"}
-    assert _Ledger(path).get("pkgs-unknown") is None
+    Ledger(path).add("pkgs-x", {"a": "1.1"})
+    Ledger._sets.clear()  # as after a restart
+    assert Ledger(path).get("pkgs-x") == {"a": "1.1"}
+    assert Ledger(path).get("pkgs-unknown") is None
 
 
 def _driver_failure(stderr: str, stdout: str = "") -> Exception:
