@@ -131,6 +131,22 @@ class SSHBackend:
         self.ref = self.packages.ref
         self.ledger = self.packages.ledger
 
+    @classmethod
+    def check_group(
+        cls, backend: str, config: SSHConfig, select: SSHSelect, patch: PatchModel
+    ) -> list[tuple[tuple[str, ...], str]]:
+        """The ssh backend patches with its package manager only (see patchd.plugins)."""
+        if "method" in patch.model_fields_set and patch.method != config.package_manager:
+            return [
+                (
+                    ("patch", "method"),
+                    f"backend {backend!r} (type ssh) patches with its package_manager"
+                    f" {config.package_manager!r}; set method = {config.package_manager!r}"
+                    " or leave it out",
+                )
+            ]
+        return []
+
     # --- machines and sessions -----------------------------------------------------------
     def hosts(self) -> list[Host]:
         hosts = list(self.config.hosts)

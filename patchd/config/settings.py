@@ -39,7 +39,7 @@ from patchd.config.schema import (
 from patchd.config.secret_files import WARNINGS
 from patchd.config.types import Limit
 from patchd.durations import format_duration
-from patchd.plugins import BackendSpec, installed_types, load_plugin
+from patchd.plugins import BackendSpec, check_group, installed_types, load_plugin
 from patchd.windows import (
     WEEKDAYS,
     Cron,
@@ -420,6 +420,9 @@ def _group(
     if spec is not None:
         plugin = load_plugin(spec.type)
         select = b.validate(plugin.select_model, model.select, (*path, "select"))
+        if select is not None:
+            for where, problem in check_group(spec, select, model.patch):
+                b.add((*path, *where), problem)
     if select is None or len(b.issues) > before:
         return None
     return Group(

@@ -165,6 +165,11 @@ class PackagePatcher:
             )
         return plan
 
+    def pending_for(self, target: Target) -> bool:
+        """Whether a check of this process found a set for the target."""
+        with self._lock:
+            return any(tid == target.id for tid, _ in self._plans)
+
     def forget_all(self) -> None:
         with self._lock:
             self._plans.clear()

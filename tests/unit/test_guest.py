@@ -15,13 +15,15 @@ from pydantic import ValidationError
 
 from patchd.backends.base import StepFailed
 from patchd.backends.ssh import SSHBackend, SSHConfig, SSHSelect
+from patchd.config import load_settings
 from patchd.guest import system
 from patchd.guest.apt import AptDriver, is_security, parse_simulation
 from patchd.guest.errors import CommandFailed, PackageManagerError, Unreachable
 from patchd.guest.packages import Pending, identity
 from patchd.guest.patcher import Ledger
-from patchd.guest.settings import SshModel
+from patchd.guest.settings import GuestModel, SshModel
 from patchd.guest.ssh import Result, Session
+from tests.conftest import write_config
 from tests.unit.test_poll import FakeClock
 
 SIMULATION = """\
@@ -300,3 +302,55 @@ def test_wait_running_fails_once_a_bad_state_settles_or_at_the_timeout() -> None
     start = fake.now
     system.wait_running(lambda: machine, 60, 3, fake.clock)  # type: ignore[arg-type, return-value]
     assert fake.now - start == 1  # degraded for less than `settle`: still waited for
+
+
+def test_a_vm_is_reached_at_its_tools_ip_or_by_the_address_template(tmp_path: Path) -> None:
+    ssh = {"identity_file": str(_ssh(tmp_path).identity_file)}
+    by_ip = GuestModel.model_validate({"ssh": ssh})
+    assert by_ip.resolve("web-1", "web1.lan", "10.0.0.7") == "10.0.0.7"
+    assert by_ip.resolve("web-1", "web1.lan", "") == ""  # Tools have not said yet
+    by_name = GuestModel.model_validate({"ssh": ssh, "address": "{name}.servers.example"})
+    assert by_name.resolve("web-1", "", "10.0.0.7") == "web-1.servers.example"
+    by_host = GuestModel.model_validate({"ssh": ssh, "address": "{hostname}"})
+    assert by_host.resolve("web-1", "", "10.0.0.7") == ""
+    with pytest.raises(ValidationError, match=r"unknown placeholder \{ip\}"):
+        GuestModel.model_validate({"ssh": ssh, "address": "{ip}"})
+
+
+def test_a_vsphere_group_patched_with_apt_loads(tmp_path: Path) -> None:
+    key = _ssh(tmp_path).identity_file
+    password = tmp_path / "pw"
+    password.write_text("pass\n")
+    password.chmod(0o600)
+    path = write_config(
+        tmp_path / "patchd.toml",
+        {
+            "windows": {"w": {"days": ["sat"], "duration": "4h"}},
+            "backends": {
+                "vc": {
+                    "type": "vsphere",
+                    "host": "vc.example",
+                    "username": "u",
+                    "password_file": password,
+                    "guest": {"ssh": {"identity_file": key}, "address": "{name}.lan"},
+                }
+            },
+            "groups": {
+                "vms": {
+                    "backend": "vc",
+                    "window": "w",
+                    "select": {"folder": "/DC0/vm"},
+                    "patch": {"method": "apt"},
+                },
+                "scripted": {
+                    "backend": "vc",
+                    "window": "w",
+                    "select": {"folder": "/DC0/vm"},
+                    "patch": {"command": ["true"]},
+                },
+            },
+        },
+    )
+    groups = load_settings(path).groups
+    assert groups["vms"].patch.method == "apt"
+    assert groups["scripted"].patch.method == "command"  # the default: today's behaviour
