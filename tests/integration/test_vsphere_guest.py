@@ -193,3 +193,27 @@ def test_production_vms_install_what_staging_verified(
         vc.close()
     assert outcome.result == "success", outcome.error
     assert bed.installed(m_prod, pkg) == "1.1"
+
+
+def test_an_update_that_needs_a_reboot_reboots_the_guest_over_ssh(
+    sim: Sim, bed: Bed, store: Store, tmp_path: Path
+) -> None:
+    vm, machine = next(iter(sim.vms())), bed.names[-1]
+    point(sim, bed, {vm: machine})
+    pkg = f"lab-vmkernel-{bed.token()}"
+    bed.repo.good(pkg, "1.0")
+    bed.install([machine], {pkg: "1.0"})
+    bed.repo.needing_reboot(pkg, "1.1")
+    before = bed.boot_id(machine)
+    vc = backend(sim, bed, tmp_path)
+    try:
+        [outcome] = run(vc, store, group("g", [vm])).outcomes
+    finally:
+        vc.close()
+    assert outcome.result == "success", outcome.error
+    bed.wait_root(machine)
+    assert bed.boot_id(machine) != before  # rebooted by `systemctl reboot` over SSH
+    assert bed.installed(machine, pkg) == "1.1"
+    assert bed.wait_running(machine) == "running"
+    # Not through vSphere: a guest reboot is the guest's own (vcsim has no RebootGuest).
+    assert sim.calls("ResetVM_Task", sim.vm(vm)._moId) == 0
