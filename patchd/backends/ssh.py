@@ -178,7 +178,7 @@ class SSHBackend:
         from patchd.guest.ssh import Session
 
         try:
-            Session(self.name, "", self.config.ssh)._private_key()
+            Session(self.name, "", self.config.ssh).check_key()
         except StepFailed as err:
             raise TransientError(str(err)) from None
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from patchd.backends.base import StepFailed
+from patchd.backends.base import StepFailed, TransientError
 from patchd.backends.ssh import SSHBackend, SSHConfig, SSHSelect
 from patchd.config import load_settings
 from patchd.guest import system
@@ -354,3 +354,21 @@ def test_a_vsphere_group_patched_with_apt_loads(tmp_path: Path) -> None:
     groups = load_settings(path).groups
     assert groups["vms"].patch.method == "apt"
     assert groups["scripted"].patch.method == "command"  # the default: today's behaviour
+
+
+def test_ping_checks_the_key_without_loading_paramiko(tmp_path: Path) -> None:
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    script = f"""
+import sys
+from patchd.backends.ssh import SSHBackend
+ssh = {{"identity_file": {str(key)!r}}}
+SSHBackend("m", {{"ssh": ssh, "hosts": [{{"name": "a", "address": "192.0.2.1"}}]}}).ping()
+print("paramiko" in sys.modules, "patchd.guest.apt" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+    (tmp_path / "bad").write_text("ssh-ed25519 AAAA... a public key\n")
+    (tmp_path / "bad").chmod(0o600)
+    with pytest.raises(TransientError, match="is not a private key"):
+        SSHBackend("m", {"ssh": {"identity_file": str(tmp_path / "bad")}}).ping()
