@@ -365,9 +365,14 @@ from patchd.backends.ssh import SSHBackend
 ssh = {{"identity_file": {str(key)!r}}}
 SSHBackend("m", {{"ssh": ssh, "hosts": [{{"name": "a", "address": "192.0.2.1"}}]}}).ping()
 print("paramiko" in sys.modules, "patchd.guest.apt" in sys.modules)
+# docker-py would import paramiko (30 MB) for its ssh:// transport: kept out until used.
+from patchd.backends.docker_engine import sdk
+sdk("unix:///var/run/docker.sock")
+print("paramiko" in sys.modules)
+print(sdk("ssh://engine.example").api.client.SSHHTTPAdapter.__name__)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert out.stdout.split() == ["False", "False"], out.stderr
+    assert out.stdout.split() == ["False", "False", "False", "SSHHTTPAdapter"], out.stderr
     (tmp_path / "bad").write_text("ssh-ed25519 AAAA... a public key\n")
     (tmp_path / "bad").chmod(0o600)
     with pytest.raises(TransientError, match="is not a private key"):
