@@ -372,7 +372,8 @@ def main() -> int:
 
     say = benchlib.say
     say(
-        f"idle: patchd daemon with a docker, a vsphere (vcsim) and an ssh backend (12 machines), no window open; "
+        "idle: patchd daemon with a docker, a vsphere (vcsim) and an ssh backend"
+        " (12 machines), no window open; "
         f"{window:.1f} s measured from READY=1; {len(after)} threads"
     )
     say(
