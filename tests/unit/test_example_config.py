@@ -81,12 +81,13 @@ def example_keys() -> set[str]:
         select = table.get("select", {})
         keys |= _walk({k: v for k, v in table.items() if k != "select"}, "groups.*")
         keys |= _walk(select, f"groups.*.select.{types[table['backend']]}")
-    # Keys shown commented out, inside the [backends.NAME] table they belong to.
+    # Keys shown commented out, inside the [backends.NAME] table (or a table nested in
+    # it, [backends.NAME.guest.ssh]) they belong to.
     kind = None
     for line in text.splitlines():
-        header = re.match(r"\[backends\.([\w-]+)\]", line)
+        header = re.match(r"\[backends\.([\w-]+)((?:\.[\w-]+)*)\]", line)
         if header:
-            kind = types[header.group(1)]
+            kind = types[header.group(1)] + header.group(2)
         elif line.startswith("["):
             kind = None
         commented = re.match(r"# (\w+) = ", line)
