@@ -6,11 +6,12 @@ Every answer to "when" comes from patchd.windows, as the daemon's own.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
 from patchd import versions
-from patchd.backends.base import Backend, NotNow, NotRunning
+from patchd.backends.base import Backend, NotNow, NotRunning, Update
 from patchd.config.settings import Group, Settings
 from patchd.durations import format_duration
 from patchd.engine import dependency_order, stage_gate
@@ -66,20 +67,30 @@ def plan(
     limits = partition_limits(group, targets)
     doc["max_errors_resolved"] = group.max_errors.resolve(len(targets))
     slots: dict[str | None, int] = {}
-    for target in targets:
-        entry: dict[str, Any] = {"name": target.name, "id": target.id, "kind": target.kind}
+
+    def check(target: Any) -> Update | BaseException | None:
         try:
-            update = backend.check_update(target, gate.pins, group.patch)
-        except NotNow as err:  # a run would leave it pending
-            entry.update(action="wait", reason=str(err))
-            doc["targets"].append(entry)
-            continue
-        except NotRunning as err:  # a run would skip it
-            entry.update(action="skip", reason=f"not running: {err}")
-            doc["targets"].append(entry)
-            continue
+            return backend.check_update(target, gate.pins, group.patch)
         except Exception as err:
-            entry.update(action="error", error=str(err))
+            return err
+
+    # Checked as a run would (up to max_concurrency at once): a check may be slow (an SSH
+    # login, apt-get update), and the plan of a fleet should not take N times that.
+    workers = max(1, min(len(targets), sum(limits.values())))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="plan") as pool:
+        checks = list(pool.map(check, targets))
+    for target, update in zip(targets, checks, strict=True):
+        entry: dict[str, Any] = {"name": target.name, "id": target.id, "kind": target.kind}
+        if isinstance(update, NotNow):  # a run would leave it pending
+            entry.update(action="wait", reason=str(update))
+            doc["targets"].append(entry)
+            continue
+        if isinstance(update, NotRunning):  # a run would skip it
+            entry.update(action="skip", reason=f"not running: {update}")
+            doc["targets"].append(entry)
+            continue
+        if isinstance(update, BaseException):
+            entry.update(action="error", error=str(update))
             doc["targets"].append(entry)
             continue
         if update is None:

@@ -39,7 +39,13 @@ from patchd.config.schema import (
 from patchd.config.secret_files import WARNINGS
 from patchd.config.types import Limit
 from patchd.durations import format_duration
-from patchd.plugins import BackendSpec, implicit_health, installed_types, load_plugin
+from patchd.plugins import (
+    BackendSpec,
+    check_group,
+    implicit_health,
+    installed_types,
+    load_plugin,
+)
 from patchd.windows import (
     WEEKDAYS,
     Cron,
@@ -432,6 +438,9 @@ def _group(
                     f" for {stable}; set how long a patched target must stay healthy",
                 )
             )
+        if select is not None:
+            for where, problem in check_group(spec, select, model.patch):
+                b.add((*path, *where), problem)
     if select is None or len(b.issues) > before:
         return None
     return Group(

@@ -5,8 +5,11 @@
 - `packages`: the package-manager driver interface and the identity of a package set.
 - `apt`: the Debian/Ubuntu driver.
 - `system`: boot id, reboot and wait, `systemctl is-system-running`.
+- `patcher`: the package-set steps (check with stage pins, record, install and reboot,
+  verify) and the ledger of package sets.
 
-Used by the plain `ssh` backend (patchd.backends.ssh) and, next, by the vSphere VM flow.
+Used by the plain `ssh` backend (patchd.backends.ssh) and by the vSphere VM flow with
+`patch.method = "apt"` (patchd.backends.vsphere.guestos).
 Nothing here imports paramiko at import time: it is loaded on the first connection, so an
 idle daemon that patches only containers never pays for it.
 """

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from patchd.backends.base import Retained, Snapshot, Target, Update
 from patchd.backends.vsphere import inventory
-from patchd.backends.vsphere.config import VSphereConfig, VSphereSelect
+from patchd.backends.vsphere.config import VSphereConfig, VSphereSelect, check_group
 from patchd.backends.vsphere.connection import LoginFailed, Session, vmomi
 from patchd.backends.vsphere.hosts import HostFlow
 from patchd.backends.vsphere.snapshots import PatchdSnapshot
@@ -69,6 +69,12 @@ class VSphereBackend:
 
     def _flow(self, target: Target) -> VmFlow | HostFlow:
         return self.hosts if target.kind == "host" else self.vms
+
+    @classmethod
+    def check_group(
+        cls, backend: str, config: VSphereConfig, select: VSphereSelect, patch: PatchModel
+    ) -> list[tuple[tuple[str, ...], str]]:
+        return check_group(backend, config, select, patch)
 
     def ping(self) -> None:
         def work(content: Any) -> None:
