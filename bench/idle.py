@@ -216,7 +216,7 @@ def threads(pid: int) -> dict[int, dict[str, Any]]:
 
 def strace_threads(pid: int, seconds: float, workdir: Path) -> dict[int, collections.Counter[str]]:
     """Which calls each thread makes, from strace attached for `seconds`."""
-    if shutil.which("strace") is None:
+    if seconds <= 0 or shutil.which("strace") is None:
         return {}
     out = workdir / "strace.txt"
     proc = subprocess.Popen(
@@ -227,6 +227,8 @@ def strace_threads(pid: int, seconds: float, workdir: Path) -> dict[int, collect
     time.sleep(seconds)
     proc.send_signal(signal.SIGINT)
     proc.wait(10)
+    if not out.exists():  # strace could not attach (ptrace refused): no calls to show
+        return {}
     calls: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     pattern = re.compile(r"^(\d+)\s+(?:<\.\.\. )?(\w+)(\(| resumed>)(.*)$")
     for line in out.read_text().splitlines():
