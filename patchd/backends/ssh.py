@@ -32,9 +32,9 @@ import threading
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, FilePath, ValidationError, model_validator
 
@@ -48,11 +48,18 @@ from patchd.backends.base import (
     TransientError,
     Update,
 )
+from patchd.config.baselines import BaselineModel
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 from patchd.config.types import STRICT, Duration
 from patchd.guest.settings import SshModel
 
+if TYPE_CHECKING:
+    from patchd.guest.assessment import Assessment
+    from patchd.guest.baseline import FirstSeen
+
 KIND = "machine"
+# The instant check_update decides at: with no baseline nothing depends on it.
+_NO_INSTANT = datetime(2000, 1, 1, tzinfo=UTC)
 _SETTLE = 5.0  # seconds a degraded state must last before verify calls it final
 
 
@@ -120,6 +127,7 @@ class Plan:
     versions: Mapping[str, str]
     installed: Mapping[str, str | None]
     security: frozenset[str]
+    baseline: BaselineModel | None = None  # the group's, for its reboot policy
 
     @property
     def available(self) -> str:
@@ -248,30 +256,57 @@ class SSHBackend:
     def check_update(
         self, target: Target, pins: Mapping[str, str], patch: PatchModel
     ) -> Update | None:
-        from patchd.guest.packages import identity
+        from patchd.guest.baseline import NoJournal
+
+        # No baseline: every pending update is eligible, so the instant is never read.
+        return self.assess(target, pins, patch, None, NoJournal(), _NO_INSTANT).update
+
+    def assess(
+        self,
+        target: Target,
+        pins: Mapping[str, str],
+        patch: PatchModel,
+        baseline: BaselineModel | None,
+        journal: FirstSeen,
+        now: datetime,
+    ) -> Assessment:
+        """Refresh, list what is pending and what the baseline lets in (patchd.guest.
+        assessment). The baseline applies to staging's pinned set too: an excluded
+        package is never installed, even when an earlier stage verified it."""
+        from patchd.guest.assessment import Assessment
+        from patchd.guest.baseline import decide
+        from patchd.guest.packages import Pending, identity
 
         with self._connect(target) as session:
             driver = self._driver(session)
             driver.refresh()
             pending = driver.pending()
-        if not pending:
-            return None
+            reboot = driver.reboot_required()
+        decision = decide(baseline, pending, journal, now)
         installed = {p.package: p.installed for p in pending}
-        security = frozenset(p.package for p in pending if p.security)
-        versions = {p.package: p.candidate for p in pending}
         pin = pins.get(self.ref)
-        if pin is not None:
-            if pin == identity(installed):
-                return None
-            verified = self.ledger.get(pin)
-            if verified is not None:
-                versions = {
-                    p: v for p, v in verified.items() if p in installed and installed[p] != v
-                }
-                if not versions:
-                    return None
-                installed = {p: installed[p] for p in versions}
-        plan = Plan(versions, installed, security & set(versions))
+        verified = self.ledger.get(pin) if pin is not None else None
+        if verified is not None:
+            # Staging's versions of what is still pending here, judged by this baseline.
+            now_pending = {p.package: p for p in pending}
+            offered = [
+                Pending(name, p.installed, version, p.security, p.source)
+                for name, version in sorted(verified.items())
+                if (p := now_pending.get(name)) is not None and p.installed != version
+            ]
+            chosen = decide(baseline, offered, journal, now).eligible
+        else:
+            chosen = decision.eligible
+        versions = {p.package: p.candidate for p in chosen}
+
+        def result(update: Update | None) -> Assessment:
+            return Assessment(tuple(pending), decision, reboot, update, versions)
+
+        if not versions or (pin is not None and pin == identity(installed)):
+            return result(None)
+        before = {name: installed[name] for name in versions}
+        security = frozenset(p.package for p in chosen if p.security)
+        plan = Plan(versions, before, security, baseline)
         if pin is not None and verified is not None:
             available = pin  # a subset of the verified set, named by it
         else:
@@ -279,7 +314,7 @@ class SSHBackend:
             self.ledger.add(available, versions)
         with self._lock:
             self._plans[(target.id, available)] = plan
-        return Update(ref=self.ref, current=identity(installed), available=available)
+        return result(Update(ref=self.ref, current=identity(before), available=available))
 
     def _plan(self, target: Target, available: str) -> Plan:
         with self._lock:
@@ -314,6 +349,7 @@ class SSHBackend:
 
     def apply(self, target: Target, update: Update, snapshot: Snapshot, patch: PatchModel) -> None:
         from patchd.guest import system
+        from patchd.guest.baseline import reboot_wanted
 
         plan = self._plan(target, update.available)
         recorded = snapshot.data.get("recorded") or {}
@@ -326,7 +362,7 @@ class SSHBackend:
         with self._connect(target) as session:
             driver = self._driver(session)
             driver.install(plan.versions)
-            reason = driver.reboot_required() or ("patch.reboot = true" if patch.reboot else None)
+            reason = reboot_wanted(plan.baseline, driver.reboot_required(), patch.reboot)
             if reason is None:
                 return
             from patchd import log

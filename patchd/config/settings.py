@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from pydantic import BaseModel, ValidationError
 
+from patchd.config.baselines import PACKAGE_BACKENDS, BaselineModel
 from patchd.config.errors import ConfigError, ConfigIssue, KeyPath
 from patchd.config.files import Merged, config_files, load_merged
 from patchd.config.messages import reason as error_reason
@@ -89,6 +90,8 @@ class Group:
     health: HealthModel
     patch: PatchModel = field(default_factory=PatchModel)
     approval: str = "auto"  # "manual": the stage gate waits for `patchd approve`
+    baseline: BaselineModel | None = None  # the [baselines.NAME] the group names
+    baseline_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class Settings:
     notifications: Mapping[str, NotificationModel] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    baselines: Mapping[str, BaselineModel] = field(default_factory=lambda: MappingProxyType({}))
 
     def stages(self) -> list[list[str]]:
         """Chains of groups linked by `after`, each listed from first to last stage."""
@@ -221,11 +225,16 @@ def build_settings(merged: Merged) -> Settings:
         if spec is not None:
             backends[name] = spec
 
+    # name -> its model, None when the table is invalid (reported once, here).
+    checked = {
+        name: b.validate(BaselineModel, raw, ("baselines", name))
+        for name, raw in b.tables("baselines").items()
+    }
     group_raw = b.tables("groups")
     window_names = list(window_raw)
     groups: dict[str, Group] = {}
     for name, raw in group_raw.items():
-        group = _group(b, name, raw, window_names, backend_raw, backends, list(group_raw))
+        group = _group(b, name, raw, window_names, backend_raw, backends, list(group_raw), checked)
         if group is not None:
             groups[name] = group
     _check_cycles(b, groups)
@@ -249,6 +258,7 @@ def build_settings(merged: Merged) -> Settings:
         state=state,
         ha=ha,
         notifications=MappingProxyType(notifications),
+        baselines=MappingProxyType({k: v for k, v in checked.items() if v is not None}),
     )
 
 
@@ -395,6 +405,7 @@ def _group(
     backend_raw: Mapping[str, object],
     backends: Mapping[str, BackendSpec],
     group_names: list[str],
+    baselines: Mapping[str, BaselineModel | None],
 ) -> Group | None:
     path = ("groups", name)
     model = b.validate(GroupModel, raw, path)
@@ -420,6 +431,17 @@ def _group(
     if spec is not None:
         plugin = load_plugin(spec.type)
         select = b.validate(plugin.select_model, model.select, (*path, "select"))
+    baseline = None
+    if model.baseline is not None:
+        if model.baseline not in baselines:
+            b.add((*path, "baseline"), unknown("baseline", model.baseline, list(baselines)))
+        elif spec is not None and spec.type not in PACKAGE_BACKENDS:
+            b.add(
+                (*path, "baseline"),
+                f"only used with a backend that installs packages (type"
+                f" {' or '.join(PACKAGE_BACKENDS)}); backend {spec.name!r} is {spec.type!r}",
+            )
+        baseline = baselines.get(model.baseline)
     if select is None or len(b.issues) > before:
         return None
     return Group(
@@ -435,6 +457,8 @@ def _group(
         health=model.health,
         patch=model.patch,
         approval=model.approval,
+        baseline=baseline,
+        baseline_name=model.baseline,
     )
 
 

@@ -38,6 +38,8 @@ from patchd.backends.base import (
 )
 from patchd.config.settings import Group
 from patchd.engine.controls import Quarantine
+from patchd.engine.packages import StoreFirstSeen, assess, held_summary
+from patchd.guest.assessment import AssessesPackages
 from patchd.state.base import Keep, Store, StoreError
 from patchd.states import FAILED_RESULTS, TargetResult, TargetState
 
@@ -212,7 +214,17 @@ def _keep(ctx: TargetContext, retained: Retained | None) -> Keep | None:
 
 def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str | None]:
     """The update to install, or (None, reason) when the target is to be left alone."""
-    update = _retrying(ctx, lambda: ctx.backend.check_update(target, ctx.pins, ctx.group.patch))
+    if isinstance(ctx.backend, AssessesPackages):  # packages: the group's baseline decides
+        journal = StoreFirstSeen(ctx.store)
+        found = _retrying(
+            ctx, lambda: assess(ctx.backend, target, ctx.pins, ctx.group, journal, ctx.clock())
+        )
+        assert found is not None
+        if found.update is None:
+            return None, held_summary(found, ctx.group) if found.decision.held else None
+        update: Update | None = found.update
+    else:
+        update = _retrying(ctx, lambda: ctx.backend.check_update(target, ctx.pins, ctx.group.patch))
     if update is None:
         return None, None
     held = ctx.quarantined.get((update.ref, update.available))

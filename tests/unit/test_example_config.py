@@ -12,12 +12,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from patchd.config.baselines import BaselineModel
 from patchd.config.schema import DaemonModel, FreezeModel, GroupModel, WindowModel
 from patchd.plugins import load_plugin
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "patchd.example.toml"
 # Backends a site configures; `fake` is for tests and has no keys.
-BACKEND_TYPES = ("docker", "vsphere")
+BACKEND_TYPES = ("docker", "vsphere", "ssh")
 # Keys the schema still parses only to refuse them with a hint.
 REFUSED = {"backends.docker.rollback_retention"}  # -> groups.*.snapshot.keep
 
@@ -47,6 +48,7 @@ def schema_keys() -> set[str]:
     keys = model_keys(DaemonModel, "daemon")
     keys |= model_keys(WindowModel, "windows.*")
     keys |= model_keys(FreezeModel, "freezes.*")
+    keys |= model_keys(BaselineModel, "baselines.*")
     keys |= {k for k in model_keys(GroupModel, "groups.*") if k != "groups.*.select"}
     for kind in BACKEND_TYPES:
         plugin = load_plugin(kind)
@@ -63,6 +65,10 @@ def _walk(table: dict[str, Any], prefix: str) -> set[str]:
         # Tables of settings nest; a select's labels/custom_attribute hold free names.
         if isinstance(value, dict) and key not in ("labels", "custom_attribute"):
             keys |= _walk(value, path)
+        elif isinstance(value, list):  # an array of tables: ssh's [[hosts]]
+            for item in value:
+                if isinstance(item, dict):
+                    keys |= _walk(item, path)
     return keys
 
 
@@ -70,7 +76,7 @@ def example_keys() -> set[str]:
     text = EXAMPLE.read_text()
     doc = tomllib.loads(text)
     keys = _walk(doc.get("daemon", {}), "daemon")
-    for section in ("windows", "freezes"):
+    for section in ("windows", "freezes", "baselines"):
         for table in doc.get(section, {}).values():
             keys |= _walk(table, f"{section}.*")
     types = {name: table["type"] for name, table in doc.get("backends", {}).items()}
@@ -82,11 +88,12 @@ def example_keys() -> set[str]:
         keys |= _walk({k: v for k, v in table.items() if k != "select"}, "groups.*")
         keys |= _walk(select, f"groups.*.select.{types[table['backend']]}")
     # Keys shown commented out, inside the [backends.NAME] table they belong to.
+    # (A sub-table such as [backends.NAME.ssh] counts too.)
     kind = None
     for line in text.splitlines():
-        header = re.match(r"\[backends\.([\w-]+)\]", line)
+        header = re.match(r"\[backends\.([\w-]+)((?:\.[\w-]+)*)\]", line)
         if header:
-            kind = types[header.group(1)]
+            kind = types[header.group(1)] + header.group(2)
         elif line.startswith("["):
             kind = None
         commented = re.match(r"# (\w+) = ", line)
