@@ -56,6 +56,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchd.runner",
             "patchd.reconcile",
             "patchd.reports",
+            "patchd.compliance",
             "patchd.metrics",
             "patchd.observers",
             "patchd.notifications",
