@@ -134,7 +134,7 @@ def test_oldest_security_update_counts_held_ones_too() -> None:
     ],
 )
 def test_reboot_policy(policy: str, required: str | None, forced: bool, wanted: str | None) -> None:
-    assert reboot_wanted(BaselineModel(reboot=policy), required, forced) == wanted  # type: ignore[arg-type]
+    assert reboot_wanted(BaselineModel(reboot=policy), required, forced) == wanted
 
 
 def _config(tmp_path: Path, group: dict[str, object], baselines: dict[str, object]) -> Path:
