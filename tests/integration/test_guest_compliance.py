@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from patchd.engine.packages import StoreFirstSeen
+from patchd.state import SqliteStore
 from tests.conftest import write_config
 from tests.integration.daemon_helpers import run_patchd
 from tests.integration.guest_bed import Bed, bed, machines
+from tests.unit.test_readme import os_example
 
 __all__ = ["bed", "machines"]  # fixtures
 
@@ -148,3 +152,48 @@ def test_security_only_leaves_a_non_security_update_alone_and_compliance_ends_at
     rows = patchd(path, "compliance", "--csv").stdout.splitlines()
     assert rows[0].startswith("group,target,pending_security,pending_other,held,")
     assert rows[1].startswith(f"os,{name},0,1,1,not security,")
+
+
+def test_the_readme_example_runs_on_the_bed(bed: Bed, tmp_path: Path) -> None:
+    """README's "Patching operating systems" example, on three of the lab's machines:
+    its baseline, groups and stages as written; the hosts, the SSH login, the state
+    directory and the soak are the lab's (a test cannot wait two days), and the first
+    sighting of the new version is journaled four days back (past approve_after 3d)."""
+    doc = tomllib.loads(os_example())
+    staging, *production = bed.names[:3]
+    tiers = {staging: "staging", **dict.fromkeys(production, "production")}
+    linux = doc["backends"]["linux"]
+    linux["hosts"] = [
+        {"name": n, "address": bed.addresses[n], "labels": {"tier": tier}}
+        for n, tier in tiers.items()
+    ]
+    linux["ssh"] = {"user": "root", "identity_file": bed.key, "known_hosts": bed.known_hosts}
+    linux["ledger"] = tmp_path / "package-sets.json"
+    doc["groups"]["linux-production"]["soak"] = "0s"
+    for group in doc["groups"].values():
+        group["health"] = {"timeout": "40s", "stable_for": "1s"}
+    path = write_config(tmp_path / "patchd.toml", {"daemon": {"state_dir": tmp_path}, **doc})
+    pkg = f"lab-ssl-{bed.token()}"
+    bed.repo.security(pkg, "1.0")
+    bed.install(list(tiers), {pkg: "1.0"})
+    bed.repo.security(pkg, "1.1")
+
+    fresh = json.loads(patchd(path, "plan", "linux-staging", "--json").stdout)
+    [target] = fresh["groups"][0]["targets"]
+    assert target["action"] == "hold" and "approve_after 3d" in target["reason"]
+    store = SqliteStore(tmp_path / "patchd.db")
+    StoreFirstSeen(store).first_seen([f"{pkg}=1.1"], datetime.now(UTC) - timedelta(days=4))
+    run = patchd(path, "run", "linux-staging", "--now")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert bed.installed(staging, pkg) == "1.1"
+
+    bed.repo.security(pkg, "1.2")  # the repository moves on after staging verified 1.1
+    StoreFirstSeen(store).first_seen([f"{pkg}=1.2"], datetime.now(UTC) - timedelta(days=4))
+    store.close()
+    run = patchd(path, "run", "linux-production", "--now")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert [bed.installed(n, pkg) for n in production] == ["1.1", "1.1"]
+    report = json.loads(patchd(path, "compliance", "linux-production", "--json").stdout)
+    pending = {d["target"]: d["pending"] for d in report["targets"]}
+    # 1.2 is pending: staging never verified it.
+    assert pending == {n: {"security": 1, "other": 0} for n in production}
