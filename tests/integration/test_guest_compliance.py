@@ -197,3 +197,19 @@ def test_the_readme_example_runs_on_the_bed(bed: Bed, tmp_path: Path) -> None:
     pending = {d["target"]: d["pending"] for d in report["targets"]}
     # 1.2 is pending: staging never verified it.
     assert pending == {n: {"security": 1, "other": 0} for n in production}
+
+
+def test_an_excluded_dependency_is_not_pulled_in(bed: Bed, tmp_path: Path) -> None:
+    name = bed.names[1]
+    t = bed.token()
+    app, lib = f"lab-app-{t}", f"lab-lib-{t}"
+    bed.repo.good(lib, "1.0")
+    bed.repo.publish(app, "1.0", depends=lib)
+    bed.install([name], {lib: "1.0", app: "1.0"})
+    bed.repo.good(lib, "1.1")
+    bed.repo.publish(app, "1.1", depends=f"{lib} (>= 1.1)")
+    path = config(tmp_path, bed, [name], {"b": {"exclude": [lib]}}, baseline="b")
+    run = patchd(path, "run", "os", "--now")
+    assert run.returncode == 1
+    assert f"would also install {lib}=1.1, which the set leaves out" in run.stdout + run.stderr
+    assert (bed.installed(name, app), bed.installed(name, lib)) == ("1.0", "1.0")
