@@ -4,18 +4,22 @@ their own package manager, over SSH, with no agent and no snapshot.
 A target is a machine of the backend's inventory (`hosts`, or an `inventory` TOML file of
 `[[hosts]]`), identified by its name. One patch:
 
-- check_update: refresh the package lists, simulate the full upgrade and take the pending
-  set of exact versions. `Update.ref` is "packages:<driver>"; `available` is the identity
-  of that set (patchd.guest.packages.identity), `current` the identity of the installed
-  versions of the same packages. A pin on the ref (what staging verified) limits the
-  install to that set's versions: packages staging never verified are left alone, and a
-  repository that has moved on since does not matter. Every set seen is kept in a ledger
+- check_update / assess: refresh the package lists, simulate the full upgrade and take the
+  pending set of exact versions that the group's baseline lets in (patchd.guest.baseline;
+  `assess` also returns what it holds back and why, for plan and compliance).
+  `Update.ref` is "packages:<driver>"; `available` is the identity of that set
+  (patchd.guest.packages.identity), `current` the identity of the installed versions of
+  the same packages. A pin on the ref (what staging verified) limits the install to that
+  set's versions, less what this group's baseline holds back: packages staging never
+  verified are left alone, and a repository that has moved on since does not matter.
+  Every set seen is kept in a ledger
   (in memory, and in the `ledger` file when set, so pins resolve after a restart).
 - snapshot: record the installed version of every package the set changes (and run the
   site's `snapshot_command`, e.g. an LVM snapshot, when set). Nothing is copied.
-- apply: install exactly the set; reboot when the machine asks for it
-  (/var/run/reboot-required) or `patch.reboot` is set, and wait until SSH answers with a
-  new boot id.
+- apply: install exactly the set (refused, nothing changed, when apt would pull in a
+  package outside it); reboot as the baseline's `reboot` says (by default when the
+  machine asks, /var/run/reboot-required, or `patch.reboot` is set), and wait until SSH
+  answers with a new boot id.
 - verify: the installed versions are the set's, and `systemctl is-system-running` says
   running (degraded fails with the failed units named).
 - rollback: DOWNGRADE exactly the packages whose installed version differs from the
