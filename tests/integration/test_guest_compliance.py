@@ -210,6 +210,6 @@ def test_an_excluded_dependency_is_not_pulled_in(bed: Bed, tmp_path: Path) -> No
     bed.repo.publish(app, "1.1", depends=f"{lib} (>= 1.1)")
     path = config(tmp_path, bed, [name], {"b": {"exclude": [lib]}}, baseline="b")
     run = patchd(path, "run", "os", "--now")
-    assert run.returncode == 1
+    assert run.returncode == 1, run.stdout + run.stderr
     assert f"would also install {lib}=1.1, which the set leaves out" in run.stdout + run.stderr
     assert (bed.installed(name, app), bed.installed(name, lib)) == ("1.0", "1.0")
