@@ -28,7 +28,7 @@ from patchd.config.settings import Group, Settings
 from patchd.engine import stage_gate
 from patchd.engine.packages import StoreFirstSeen, assess, compliance, record_compliance
 from patchd.guest.assessment import AssessesPackages, Assessment
-from patchd.state import Store
+from patchd.state import Store, StoreError
 from patchd.states import TargetState
 
 COMPLIANT, NONCOMPLIANT, UNCHECKED = 0, 1, 3
@@ -149,7 +149,10 @@ def _check_group(
         assert found is not None
         doc = target_doc(group, target, found, patched.get(target.name), now)
         if record:
-            record_compliance(store, group.name, target.name, doc, now)
+            try:
+                record_compliance(store, group.name, target.name, doc, now)
+            except StoreError as err:  # the answer stands; only the metrics miss it
+                doc["not_recorded"] = str(err)
         return doc
 
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(targets)))) as pool:
@@ -231,6 +234,8 @@ def render_text(docs: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             f"    last patched {d['last_patched'] or 'never'}; checked {d['last_checked']}"
         )
+        if d.get("not_recorded"):
+            lines.append(f"    (not recorded for the metrics: {d['not_recorded']})")
         for u in d["updates"]:
             kind = " (security)" if u["security"] else ""
             line = f"    {u['package']} {u['installed'] or '(new)'} -> {u['candidate']}{kind}"

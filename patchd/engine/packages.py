@@ -17,7 +17,7 @@ from typing import Any
 from patchd.backends.base import Backend, Target
 from patchd.config.settings import Group
 from patchd.guest.assessment import AssessesPackages, Assessment
-from patchd.state.base import Store
+from patchd.state.base import Store, StoreError
 
 FIRST_SEEN = "first_seen"
 COMPLIANCE = "compliance"
@@ -31,6 +31,7 @@ class StoreFirstSeen:
     def __init__(self, store: Store, record: bool = True) -> None:
         self.store = store
         self.record = record
+        self.unrecorded: str | None = None  # why a sighting could not be written
 
     def first_seen(self, keys: Iterable[str], now: datetime) -> Mapping[str, datetime]:
         known = {row.key: row.at for row in self.store.controls(FIRST_SEEN, _EVERY_GROUP)}
@@ -39,7 +40,12 @@ class StoreFirstSeen:
             if key not in known and self.record:
                 # Two processes seeing one version at once both write: the later instant
                 # wins, seconds apart, which approve_after's days do not notice.
-                self.store.put_control(FIRST_SEEN, _EVERY_GROUP, key, {}, now)
+                try:
+                    self.store.put_control(FIRST_SEEN, _EVERY_GROUP, key, {}, now)
+                except StoreError as err:
+                    # Safe to go on: an unrecorded version is first seen again later,
+                    # so approve_after holds it longer, never shorter.
+                    self.unrecorded = str(err)
             found[key] = known.get(key, now)
         return found
 

@@ -112,3 +112,15 @@ def test_a_machine_that_cannot_be_checked_keeps_its_last_check_time(tmp_path: Pa
     assert "web1: NOT CHECKED: web1: connection refused (last checked 2026-03-01T12:00:00Z)" in (
         compliance.render_text([doc])
     )
+
+
+def test_a_store_that_cannot_be_written_leaves_the_answer_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "id").write_text("key")
+    (tmp_path / "id").chmod(0o600)
+    settings, backend = _setup(tmp_path, {"approve_after": "1d"})
+    open_store(tmp_path / "state.db").close()
+    readonly = open_store(tmp_path / "state.db", readonly=True)
+    [doc] = compliance.check(settings, readonly, lambda name: backend, ["db"], T0)
+    assert doc["error"] is None and doc["held"] == 4  # first seen now: held back a day
+    assert "readonly database" in doc["not_recorded"]
+    assert "(not recorded for the metrics: " in compliance.render_text([doc])
