@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from patchd.backends.base import Snapshot
 from patchd.backends.ssh import SSHBackend, SSHSelect
 from patchd.config import ConfigError, load_settings
 from patchd.config.baselines import BaselineModel
@@ -17,6 +18,7 @@ from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 from patchd.config.settings import Group
 from patchd.config.types import Limit
 from patchd.engine.packages import FIRST_SEEN, StoreFirstSeen, held_summary
+from patchd.guest import system
 from patchd.guest.baseline import (
     EXCLUDED,
     NOT_INCLUDED,
@@ -272,3 +274,23 @@ def test_first_sightings_are_journaled_in_the_store(tmp_path: Path) -> None:
     look = StoreFirstSeen(reopened, record=False)
     assert look.first_seen(["a=1", "c=3"], later) == {"a=1": T0, "c=3": later}
     assert "c=3" not in {row.key for row in reopened.controls(FIRST_SEEN, "")}
+
+
+@pytest.mark.parametrize(("policy", "reboots"), [("never", 0), ("if-required", 1)])
+def test_apply_reboots_as_the_baseline_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, reboots: int
+) -> None:
+    machine = _Machine([PENDING[0]], reboot="/var/run/reboot-required")
+    installed: list[Mapping[str, str]] = []
+    machine.install = installed.append  # type: ignore[attr-defined]
+    backend = _backend(tmp_path, machine)
+    rebooted: list[object] = []
+    monkeypatch.setattr(system, "reboot", lambda *args: rebooted.append(args))
+    [target] = backend.discover(SSHSelect())
+    baseline = BaselineModel(reboot=policy)  # type: ignore[arg-type]
+    found = backend.assess(target, {}, PatchModel(), baseline, NoJournal(), T0)
+    assert found.update is not None
+    snapshot = Snapshot(target.id, {"recorded": {"libssl3": "3.0.11"}})
+    backend.apply(target, found.update, snapshot, PatchModel())
+    assert installed == [{"libssl3": "3.0.15"}]
+    assert len(rebooted) == reboots
