@@ -287,7 +287,7 @@ def test_apply_reboots_as_the_baseline_says(
     rebooted: list[object] = []
     monkeypatch.setattr(system, "reboot", lambda *args: rebooted.append(args))
     [target] = backend.discover(SSHSelect())
-    baseline = BaselineModel(reboot=policy)  # type: ignore[arg-type]
+    baseline = BaselineModel(reboot=policy)
     found = backend.assess(target, {}, PatchModel(), baseline, NoJournal(), T0)
     assert found.update is not None
     snapshot = Snapshot(target.id, {"recorded": {"libssl3": "3.0.11"}})
