@@ -3,14 +3,14 @@
 asks for a reboot, when patchd last patched it and when it was last checked.
 
 A check asks every target's package manager (it changes nothing on a target), journals
-first sightings of candidate versions (approve_after counts from them) and records each
-target's result in the store (patchd.engine.packages), where the daemon's metrics read
-it. The daemon checks a group right after each of its runs, so the metrics follow the
-patches without any polling; `patchd compliance` checks whenever it is asked.
+when patchd first saw each candidate version (approve_after counts from then) and records
+each target's result in the state store, where the daemon's metrics read it. The daemon
+checks a group right after each of its runs, so the metrics follow the patches without
+any polling; `patchd compliance` checks whenever it is asked.
 
-Exit status of the command (`exit_code`): 0 every target was checked and none has a
-security update pending that its baseline lets in; 1 some target has one; 3 some target
-could not be checked (this wins over 1). 2 is a config error, as for every command.
+Exit codes: 0 every target was checked and none has a security update pending that its
+baseline lets in; 1 some target has one; 2 config error; 3 some target could not be
+checked (this wins over 1).
 """
 
 from __future__ import annotations
