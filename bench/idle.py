@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Figure 4: the idle daemon's cost, its start to READY=1, and a reload.
 
-Starts `.venv/bin/patchd daemon -c CONFIG` with both backends configured: the test bed's
-Docker engine and the test bed's vcsim (plain HTTP: protocol = "http", insecure = true,
-password_file), one group on each, and one window that next opens 6 hours from now, so no
-window is open during the run. The script binds its own NOTIFY_SOCKET (as systemd would,
+Starts `.venv/bin/patchd daemon -c CONFIG` with three backends configured: the test bed's
+Docker engine, the test bed's vcsim (plain HTTP: protocol = "http", insecure = true,
+password_file) and an ssh backend of 12 machines (documentation addresses, a throwaway
+key: the idle daemon never logs in; SSH and the apt driver are imported only when a
+check or patch runs), one group on each, and one window that next opens 6 hours from
+now, so no window is open during the run. The script binds its own NOTIFY_SOCKET (as systemd would,
 without WATCHDOG_USEC), then:
 
 - start -> READY=1: from just before the process is spawned to the READY=1 datagram,
@@ -82,8 +84,18 @@ SYSCALLS = {  # x86_64 numbers of the calls an idle thread may sit in
 }
 
 
+def ssh_key(workdir: Path) -> Path:
+    """A throwaway ed25519 key for the ssh backend (the idle daemon never logs in)."""
+    key = workdir / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "patchd-bench", "-f", str(key)],
+        check=True,
+    )
+    return key
+
+
 def idle_config(workdir: Path, env: dict[str, str]) -> Path:
-    """Both backends, no window open for hours."""
+    """Docker, vSphere and ssh backends, no window open for hours."""
     password = workdir / "vcenter.password"
     password.write_text(env.get("PATCHD_LAB_VCSIM_PASSWORD", "pass") + "\n")
     password.chmod(0o600)  # patchd refuses a secret every user can read
@@ -109,6 +121,18 @@ def idle_config(workdir: Path, env: dict[str, str]) -> Path:
                     "username": env.get("PATCHD_LAB_VCSIM_USER", "user"),
                     "password_file": password,
                 },
+                # Machines at documentation addresses: an idle daemon never connects;
+                # its start loads the key (the backend's check), nothing more.
+                "lab-ssh": {
+                    "type": "ssh",
+                    "hosts": [
+                        {"name": f"m{i}", "address": f"192.0.2.{i}"} for i in range(1, 13)
+                    ],
+                    "ssh": {
+                        "identity_file": ssh_key(workdir),
+                        "known_hosts": workdir / "known_hosts",
+                    },
+                },
             },
             "groups": {
                 "containers": {
@@ -117,6 +141,7 @@ def idle_config(workdir: Path, env: dict[str, str]) -> Path:
                     "select": {"labels": {"patchd.bench": "idle"}},
                 },
                 "vms": {"backend": "lab-vcenter", "window": "later", "select": {"names": ["*"]}},
+                "machines": {"backend": "lab-ssh", "window": "later", "max_concurrency": 6},
             },
         },
     )
@@ -347,7 +372,8 @@ def main() -> int:
 
     say = benchlib.say
     say(
-        f"idle: patchd daemon with a docker and a vsphere backend (vcsim), no window open; "
+        "idle: patchd daemon with a docker, a vsphere (vcsim) and an ssh backend"
+        " (12 machines), no window open; "
         f"{window:.1f} s measured from READY=1; {len(after)} threads"
     )
     say(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from patchd import __version__, compliance, faults, log, reports
+from patchd import __version__, compliance, faults, log, reports, versions
 from patchd.config import DEFAULT_CONFIG, DEFAULT_DROPIN_DIR, ConfigError, Settings, load_settings
 from patchd.config.settings import Group
 from patchd.control.client import ControlError, NoDaemon, daemon_running, request
@@ -315,7 +315,8 @@ class _RunPrinter(BaseObserver):
 def _print_progress(outcome: TargetOutcome, done: int, total: int) -> None:
     change = ""
     if outcome.update is not None:
-        change = f" {outcome.update.current[:19]} -> {outcome.update.available[:19]}"
+        update = outcome.update
+        change = " " + versions.change(update.ref, update.current, update.available)
     error = f": {outcome.error}" if outcome.error else ""
     print(
         f"[{done}/{total}] {outcome.target.name}: {outcome.result}{change}"

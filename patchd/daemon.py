@@ -4,8 +4,9 @@ Lifecycle only: what patchd does is the runtime's (patchd.runtime), when windows
 the window module's. The main thread only waits for signals (and pets the systemd
 watchdog); a signal's handler only sets a flag, and the interpreter's wakeup pipe ends
 the wait. APScheduler fires one-shot date jobs at the instants patchd.windows computed —
-the next time each window allows a start — and at the `retry_at` of a refused run, so
-an idle daemon sleeps until the next edge. Runs go to a bounded thread pool.
+the next time each window allows a start — at the `retry_at` of a refused run, and when
+the runtime says the next retry of a failed rollback is due, so an idle daemon sleeps
+until the next edge. Runs go to a bounded thread pool.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from apscheduler.triggers.date import DateTrigger
 from patchd import __version__, log
 from patchd.backends.base import Backend
 from patchd.config import BackendSpec, ConfigError, Settings, load_settings
+from patchd.config.reload import review
 from patchd.config.settings import Group
-from patchd.control.actions import open_control
+from patchd.control.actions import open_control, reopen_control
 from patchd.control.live import LiveState
 from patchd.control.server import ControlServer
 from patchd.engine import GateResult
@@ -71,9 +73,10 @@ class Daemon:
         self._runs: dict[str, Future[None]] = {}
         self.control: ControlServer | None = None
         self._progress: dict[str, tuple[int, int]] = {}
-        # Why the last reload was refused, shown in the status line (`systemctl status`)
-        # until a reload succeeds: the old config keeps running meanwhile.
-        self._reload_error: str | None = None
+        # Why the last reload was refused (the old config keeps running meanwhile), or
+        # what it could not apply without a restart: shown in the status line
+        # (`systemctl status`) until a reload changes it.
+        self._reload_note: str | None = None
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.pool = ThreadPoolExecutor(max_workers=RUN_WORKERS, thread_name_prefix="run")
 
@@ -200,28 +203,43 @@ class Daemon:
         """Swap in a new valid config atomically; keep the old one if the new one is bad."""
         self.notifier.reloading()
         try:
-            settings = load_settings(self.config, self.config_dir)
+            loaded = load_settings(self.config, self.config_dir)
         except ConfigError as err:
-            self.metrics.reload(False, self.clock().timestamp())
             self.log.error("reload_failed", errors=[str(issue) for issue in err.issues])
             more = f" (+{len(err.issues) - 1} more)" if len(err.issues) > 1 else ""
             first = str(err.issues[0]) if err.issues else str(err)
-            self._reload_error = f"reload failed, old config kept: {first}{more}"
-            self.notifier.ready(self.status_line())
-            return
+            return self._keep_old_config(f"reload failed, old config kept: {first}{more}")
+        change = review(self.settings, loaded)
+        if change.refused is not None:
+            self.log.error("reload_refused", reason=change.refused)
+            return self._keep_old_config(f"reload refused, old config kept: {change.refused}")
+        settings = change.settings
         # Runs going on keep the backends they use; replaced ones close when they end.
         self.runtime.reload(settings)
         self.runtime.connect_all()
+        self.control = reopen_control(self, self.control, settings)
         log.setup(settings.daemon.log_format, settings.daemon.log_level)
         self._log_config_warnings(settings)
         self.metrics.reload(True, self.clock().timestamp())
         self.metrics.prepare(settings)
         self._refresh_snapshots()
         self._arm()
-        self._reload_error = None
-        self.log.info("reloaded", files=[str(p) for p in settings.files])
+        self._reload_note = change.note
+        self.log.info(
+            "reloaded",
+            files=[str(p) for p in settings.files],
+            groups_added=list(change.added),
+            groups_removed=list(change.removed),
+        )
+        if change.needs_restart:
+            self.log.warning("reload_needs_restart", keys=list(change.needs_restart))
         self.notifier.ready(self.status_line())
         self._run_open_windows()
+
+    def _keep_old_config(self, why: str) -> None:
+        self.metrics.reload(False, self.clock().timestamp())
+        self._reload_note = why
+        self.notifier.ready(self.status_line())
 
     def _log_config_warnings(self, settings: Settings) -> None:
         for issue in settings.warnings:
@@ -242,12 +260,13 @@ class Daemon:
     # --- scheduling -----------------------------------------------------------------------
 
     def _arm(self) -> None:
-        """(Re)create one date job per window at its next start, and the release job."""
+        """(Re)create one date job per window at its next start, the release job and the
+        job that retries failed rollbacks."""
         with self._lock:
             now = self.clock()
             settings = self.settings
             for job in self.scheduler.get_jobs():
-                if job.id.startswith("window:") or job.id == "release":
+                if job.id.startswith("window:") or job.id in ("release", "rollback-retry"):
                     job.remove()
             for name, window in settings.windows.items():
                 start = next_start(window, settings.freezes, now)
@@ -269,6 +288,14 @@ class Daemon:
                     id="release",
                     misfire_grace_time=None,
                 )
+            retry_at = self.runtime.next_rollback_retry()
+            if retry_at is not None:
+                self.scheduler.add_job(
+                    self._retry_rollbacks,
+                    DateTrigger(run_date=max(retry_at, now)),
+                    id="rollback-retry",
+                    misfire_grace_time=None,
+                )
         self.notifier.status(self.status_line())
 
     def _window_fired(self, name: str) -> None:
@@ -282,6 +309,17 @@ class Daemon:
             self.log.info("released_expired", count=count)
         except Exception as err:
             self.log.error("release_failed", error=str(err))
+        self._refresh_snapshots()
+        self._arm()
+
+    def _retry_rollbacks(self) -> None:
+        if self.stop.is_set():
+            return
+        try:
+            self.runtime.retry_rollbacks()
+        except Exception as err:  # a bug: logged, and not re-armed at once (no busy loop)
+            self.log.error("rollback_retries_failed", error=str(err))
+            return
         self._refresh_snapshots()
         self._arm()
 
@@ -364,7 +402,7 @@ class Daemon:
 
     def status_line(self) -> str:
         line = self._status_line()
-        return f"{self._reload_error}; {line}" if self._reload_error else line
+        return f"{self._reload_note}; {line}" if self._reload_note else line
 
     def _status_line(self) -> str:
         with self._lock:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from patchd import log
+from patchd import log, versions
 from patchd.backends.base import Target
 from patchd.config.settings import Group
 from patchd.engine.rollout import GateResult, RunResult
@@ -180,8 +180,8 @@ class LogObserver(BaseObserver):
         if outcome.update is not None:
             fields.update(
                 ref=outcome.update.ref,
-                version_from=outcome.update.current,
-                version_to=outcome.update.available,
+                version_from=versions.name(outcome.update.ref, outcome.update.current),
+                version_to=versions.name(outcome.update.ref, outcome.update.available),
             )
         if outcome.error:
             fields["error"] = outcome.error

@@ -31,6 +31,24 @@ class BackendPlugin(Protocol):
     def __init__(self, name: str, config: Any) -> None: ...
 
 
+# A problem a plugin finds in a group: the key path below `groups.NAME`, and why.
+GroupProblem = tuple[tuple[str, ...], str]
+
+
+class ChecksGroups(Protocol):
+    """Optional class-level hook: which of a group's settings fit a backend table.
+
+    `check_group(backend, config, select, patch)` gets the backend's name and validated
+    config, the group's validated select and its patch table, and returns the problems
+    (empty when it fits). A plugin without it accepts only `patch.method = "command"`.
+    """
+
+    @classmethod
+    def check_group(
+        cls, backend: str, config: Any, select: Any, patch: Any
+    ) -> list[GroupProblem]: ...
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """One validated `[backends.NAME]` table: its type and its config model instance."""
@@ -38,6 +56,13 @@ class BackendSpec:
     name: str
     type: str
     config: BaseModel
+
+
+def implicit_health(plugin: type[Any]) -> str | None:
+    """Optional: what a backend checks by itself on a patched target for
+    `health.stable_for` (a class attribute `implicit_health`); None when it says nothing."""
+    note = getattr(plugin, "implicit_health", None)
+    return note if isinstance(note, str) else None
 
 
 def installed_types() -> list[str]:
@@ -52,3 +77,20 @@ def load_plugin(type_name: str) -> type[BackendPlugin]:
         plugin: type[BackendPlugin] = ep.load()
         return plugin
     raise KeyError(type_name)
+
+
+def check_group(spec: BackendSpec, select: Any, patch: Any) -> list[GroupProblem]:
+    """The plugin's own check_group, or the default: method "command" only."""
+    hook = getattr(load_plugin(spec.type), "check_group", None)
+    if hook is not None:
+        problems: list[GroupProblem] = hook(spec.name, spec.config, select, patch)
+        return problems
+    if patch.method != "command":
+        return [
+            (
+                ("patch", "method"),
+                f"backend {spec.name!r} (type {spec.type}) cannot patch with {patch.method!r}"
+                ' (only "command", the default)',
+            )
+        ]
+    return []

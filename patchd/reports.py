@@ -6,10 +6,12 @@ Every answer to "when" comes from patchd.windows, as the daemon's own.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
-from patchd.backends.base import Backend, NotNow
+from patchd import versions
+from patchd.backends.base import Backend, NotNow, NotRunning, Update
 from patchd.config.settings import Group, Settings
 from patchd.durations import format_duration
 from patchd.engine import dependency_order, stage_gate
@@ -68,23 +70,36 @@ def plan(
     doc["max_errors_resolved"] = group.max_errors.resolve(len(targets))
     slots: dict[str | None, int] = {}
     seen = StoreFirstSeen(store, record=False)  # plan writes nothing
-    for target in targets:
-        entry: dict[str, Any] = {"name": target.name, "id": target.id, "kind": target.kind}
+
+    def check(target: Any) -> tuple[Assessment | None, Update | None] | BaseException:
         try:
             found = assess(backend, target, gate.pins, group, seen, now)
-            if found is not None:
-                entry.update(_packages(found))
-            update = (
-                backend.check_update(target, gate.pins, group.patch)
-                if found is None
-                else found.update
-            )
-        except NotNow as err:  # a run would leave it pending
-            entry.update(action="wait", reason=str(err))
+            if found is not None:  # a package backend: its group's baseline decides
+                return found, found.update
+            return None, backend.check_update(target, gate.pins, group.patch)
+        except Exception as err:
+            return err
+
+    # Checked as a run would (up to max_concurrency at once): a check may be slow (an SSH
+    # login, apt-get update), and the plan of a fleet should not take N times that.
+    workers = max(1, min(len(targets), sum(limits.values())))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="plan") as pool:
+        checks = list(pool.map(check, targets))
+    for target, checked in zip(targets, checks, strict=True):
+        entry: dict[str, Any] = {"name": target.name, "id": target.id, "kind": target.kind}
+        found, update = (None, checked) if isinstance(checked, BaseException) else checked
+        if found is not None:
+            entry.update(_packages(found))
+        if isinstance(update, NotNow):  # a run would leave it pending
+            entry.update(action="wait", reason=str(update))
             doc["targets"].append(entry)
             continue
-        except Exception as err:
-            entry.update(action="error", error=str(err))
+        if isinstance(update, NotRunning):  # a run would skip it
+            entry.update(action="skip", reason=f"not running: {update}")
+            doc["targets"].append(entry)
+            continue
+        if isinstance(update, BaseException):
+            entry.update(action="error", error=str(update))
             doc["targets"].append(entry)
             continue
         if update is None and found is not None and found.decision.held:
@@ -103,6 +118,7 @@ def plan(
                 ref=update.ref,
                 current=update.current,
                 available=update.available,
+                change=versions.change(update.ref, update.current, update.available),
                 batch=index // limits[target.partition] + 1,
             )
         if target.depends_on:
@@ -156,10 +172,7 @@ def render_plan(doc: Mapping[str, Any]) -> str:
         lines.append(f"  ERROR {doc['error']}")
     for t in doc["targets"]:
         if t["action"] == "patch":
-            lines.append(
-                f"  batch {t['batch']}: {t['name']}  {t['ref']}  "
-                f"{t['current'][:19]} -> {t['available'][:19]}"
-            )
+            lines.append(f"  batch {t['batch']}: {t['name']}  {t['ref']}  {t['change']}")
         else:
             detail = t.get("reason") or t.get("error") or ""
             lines.append(f"  {t['action']}: {t['name']}" + (f"  ({detail})" if detail else ""))
@@ -305,6 +318,12 @@ def history(store: Store, group: str | None, limit: int) -> list[dict[str, Any]]
                         "state": t.state,
                         "from": t.version_from,
                         "to": t.version_to,
+                        # A Docker target's snapshot names its image reference.
+                        "change": versions.change(
+                            (t.snapshot or {}).get("image"), t.version_from, t.version_to
+                        )
+                        if t.version_to
+                        else None,
                         "error": t.error,
                     }
                     for t in store.targets(run.id)
@@ -326,7 +345,7 @@ def render_history(runs: list[dict[str, Any]]) -> str:
         if run["error"]:
             lines.append(f"  error: {run['error']}")
         for t in run["targets"]:
-            change = f" {(t['from'] or '')[:19]} -> {(t['to'] or '')[:19]}" if t["to"] else ""
+            change = f" {t['change']}" if t.get("change") else ""
             error = f"  ({t['error']})" if t["error"] else ""
             lines.append(f"  {t['target']}: {t['state']}{change}{error}")
     return "\n".join(lines)

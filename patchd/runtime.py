@@ -2,7 +2,8 @@
 
 The runtime owns the settings in force, the state store, the pool of backends, the
 observers and what a run needs around the engine: reconciling what a stopped patchd left
-half-done, and running a group. A refused run is a value (`Refusal`) carrying its reason
+half-done, running a group, and retrying rollbacks that failed (patchd.retries says
+when). A refused run is a value (`Refusal`) carrying its reason
 and the instant it may be retried; the daemon schedules on that instant, never re-decides.
 
 Backends are connected when first needed (the daemon connects all of them at start),
@@ -17,21 +18,24 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from patchd import compliance, log
+from patchd import compliance, log, retries
 from patchd.backends import connect
 from patchd.backends.base import Backend
 from patchd.config import BackendSpec, Settings
 from patchd.config.settings import Group
 from patchd.engine import GateResult, RunResult
 from patchd.engine.target import TargetOutcome
+from patchd.notifications import events
 from patchd.notifications.events import Event
 from patchd.notifications.observer import NotificationObserver
 from patchd.notifications.outbox import Outbox
 from patchd.observers import BaseObserver, LogObserver, Observers
 from patchd.reconcile import Reconciled, reconcile
+from patchd.retries import RetryPolicy
 from patchd.runner import Refusal, Runner, RunRefused, hand_over
 from patchd.state import StoreError, StoreProtocol
 from patchd.state import open_store as open_journal
+from patchd.states import TargetState
 
 __all__ = ["Refusal", "Runtime", "open_store"]
 
@@ -73,6 +77,7 @@ class Runtime:
         self.log = log.get("patchd.runtime")
         self.connector = connector if connector is not None else connect
         self.store = open_store(settings, readonly=readonly)  # readonly: `patchd plan`
+        self.readonly = readonly
         # Notifications are queued in the journal on the run's thread and delivered by
         # the outbox's own thread (the daemon starts it; `patchd run` flushes at close).
         self.outbox = Outbox(
@@ -90,6 +95,10 @@ class Runtime:
         self._retired: list[Backend] = []  # replaced by a reload, not closed yet
         self._active = 0  # runs going on (they may use retired backends)
         self.gate_shut: dict[str, str] = {}  # group -> reason its alert gate holds starts
+        self.retry_policy = RetryPolicy()
+        # group -> until when its rollback retries wait (its lock was held, or its
+        # backend did not answer); a wait spends no retry.
+        self._retry_held: dict[str, datetime] = {}
 
     # --- backends -------------------------------------------------------------------------
 
@@ -147,14 +156,16 @@ class Runtime:
     def close(self) -> None:
         """Close every backend and the store (at the end of the process). Without the
         delivery thread (`patchd run`), what is queued gets one delivery attempt first;
-        what fails stays queued for the daemon."""
+        what fails stays queued for the daemon. A read-only runtime (`patchd plan`, maybe
+        beside a running daemon) delivers nothing: it could not mark a message sent, so
+        the daemon would send it again."""
         with self._lock:
             backends = [*self._backends.values(), *self._retired]
             self._backends, self._retired = {}, []
         self._close(backends)
         if self.outbox.running:
             self.outbox.stop()
-        elif self.settings.notifications:
+        elif self.settings.notifications and not self.readonly:
             self.outbox.flush()
         self.store.close()
 
@@ -290,3 +301,55 @@ class Runtime:
             with self._lock:
                 self._active -= 1
             self._close_retired()
+
+    # --- failed rollbacks, retried --------------------------------------------------------
+
+    def next_rollback_retry(self) -> datetime | None:
+        """When the next retry of a failed rollback is due (None: none left)."""
+        due = retries.pending(self.store, self.settings, self.clock(), self.retry_policy)
+        with self._lock:
+            held = dict(self._retry_held)
+        return min((max(d.at, held.get(d.group, d.at)) for d in due), default=None)
+
+    def retry_rollbacks(self) -> list[Reconciled]:
+        """Retry every failed rollback that is due; what became of each is logged, and
+        people are told when one succeeds or the last one fails."""
+        settings, policy, now = self.settings, self.retry_policy, self.clock()
+        done = []
+        for due in retries.pending(self.store, settings, now, policy):
+            with self._lock:
+                held = self._retry_held.get(due.group)
+            if due.at > now or (held is not None and held > now):
+                continue
+            row, name = due.row, settings.groups[due.group].backend
+            fields = {"group": due.group, "run_id": row.run_id, "target": row.name}
+            self.log.info(retries.STEP, attempt=due.attempt, of=policy.attempts, **fields)
+            with self._lock:
+                self._active += 1  # a reload retires its backend, never closes it
+            try:
+                backend = self.backend(name)
+                if not self.check(name, backend):
+                    raise RunRefused(f"backend {name} does not answer")
+                item = retries.retry(settings, self.store, {name: backend}, due, self.clock)
+            except (RunRefused, StoreError) as err:
+                with self._lock:
+                    self._retry_held[due.group] = now + policy.first
+                self.log.warning("rollback_retry_deferred", reason=str(err), **fields)
+                continue
+            finally:
+                with self._lock:
+                    self._active -= 1
+                self._close_retired()
+            done.append(item)
+            failed = item.detail if item.now == TargetState.ROLLBACK_FAILED else None
+            level = self.log.info if failed is None else self.log.error
+            level(
+                "rollback_retried", attempt=due.attempt, now=item.now, detail=item.detail, **fields
+            )
+            if item.now == TargetState.ROLLED_BACK or due.attempt == policy.attempts:
+                self.notify(
+                    events.rollback_retried(
+                        row.run_id, due.group, row.name, due.attempt, failed, self.clock()
+                    )
+                )
+        return done

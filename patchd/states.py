@@ -65,7 +65,9 @@ class TargetResult(StrEnum):
     ROLLED_BACK = "rolled_back"
     ROLLBACK_FAILED = "rollback_failed"  # needs a person
     OUT_OF_SERVICE = "out_of_service"  # failed, taken out of service (not rolled back)
-    FAILED = "failed"  # nothing was changed (its update could not be read or started)
+    # Nothing was changed (its update could not be read or started), or a failed commit
+    # whose rollback the journal could not record: left verified for a restart to commit.
+    FAILED = "failed"
     CURRENT = "current"  # no update
     SKIPPED = "skipped"  # not to be patched in this run
     PENDING = "pending"  # left for the next window

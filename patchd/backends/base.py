@@ -43,6 +43,7 @@ __all__ = [
     "LeftOutOfService",
     "ListsSnapshots",
     "NotNow",
+    "NotRunning",
     "PreparesRun",
     "Retained",
     "RollbackFailed",
@@ -71,6 +72,13 @@ class NotNow(StepFailed):
     another host left in maintenance mode). From check_update nothing was changed: the
     engine reports the target pending with this reason, not failed. From a later step it
     is a StepFailed like any other."""
+
+
+class NotRunning(StepFailed):
+    """Raised by check_update's pre-check: the target is stopped or powered off, and
+    patchd does not start what a person stopped. Nothing was changed: the engine reports
+    it skipped with this reason, not failed, and it spends none of the error budget. From
+    a later step it is a StepFailed like any other."""
 
 
 class LeftOutOfService(BackendError):

@@ -54,6 +54,7 @@ from pydantic import BaseModel
 
 from patchd import faults, poll
 from patchd.backends.base import (
+    NotRunning,
     Retained,
     RollbackFailed,
     Snapshot,
@@ -198,7 +199,7 @@ class DockerBackend:
             if status not in _SELECTABLE:
                 # Stopped since it was selected (say, by an engine restart): patching
                 # would start its replacement, and starting it is not patchd's to decide.
-                raise StepFailed(
+                raise NotRunning(
                     f"{target.name} is {status}: patchd patches running containers only"
                 )
             ref = configured_ref(attrs["Config"])

@@ -7,6 +7,7 @@ The docker SDK has no type hints: its objects stay `Any` inside this module and
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,37 @@ from patchd import poll
 from patchd.backends.base import BackendError, StepFailed, TransientError
 
 _POLL = 0.1  # as often as the bench's floor polls (bench/downtime.py)
+_SSHCONN = "docker.transport.sshconn"
+_import_lock = threading.Lock()
+
+
+def sdk(url: str | None = None) -> Any:
+    """The docker SDK, imported without paramiko unless an ssh:// engine needs it.
+
+    docker-py imports its ssh:// transport, and with it paramiko (about 30 MB resident),
+    whenever paramiko is installed, which patchd's own SSH needs: the idle daemon's
+    budget (60 MB) would go to an engine transport it does not use. The transport module
+    is kept out of the first import and loaded for real when an ssh:// engine connects.
+    """
+    with _import_lock:
+        if "docker" not in sys.modules:
+            sys.modules.setdefault(_SSHCONN, None)  # type: ignore[arg-type]
+            try:
+                import docker
+            finally:
+                if sys.modules.get(_SSHCONN, False) is None:
+                    del sys.modules[_SSHCONN]
+        import docker
+        import docker.api.client
+        import docker.transport
+
+        ssh = url is not None and url.startswith("ssh://")
+        if ssh and not hasattr(docker.api.client, "SSHHTTPAdapter"):
+            from docker.transport.sshconn import SSHHTTPAdapter
+
+            docker.api.client.SSHHTTPAdapter = SSHHTTPAdapter
+            docker.transport.SSHHTTPAdapter = SSHHTTPAdapter
+    return docker
 
 
 def status_code(err: BaseException) -> int | None:
@@ -25,22 +57,18 @@ def status_code(err: BaseException) -> int | None:
 
 
 def is_api_error(err: BaseException) -> bool:
-    import docker.errors
-
-    return isinstance(err, docker.errors.APIError)
+    return isinstance(err, sdk().errors.APIError)
 
 
 def transient(err: BaseException) -> bool:
     """The engine could not be reached, or failed on its side (5xx)."""
-    import docker.errors
-
     if isinstance(err, TransientError):
         return True
     if is_api_error(err):
         return (status_code(err) or 0) >= 500
     # requests' errors (connection refused, timeouts) are OSErrors; a bare DockerException
     # is what the client raises when it cannot learn the engine's API version.
-    return isinstance(err, OSError) or type(err) is docker.errors.DockerException
+    return isinstance(err, OSError) or type(err) is sdk().errors.DockerException
 
 
 def not_found(err: BaseException) -> bool:
@@ -108,8 +136,8 @@ class Engine:
         self._lock = threading.Lock()
 
     def _connect(self) -> Any:
-        import docker
-        import docker.tls
+        docker = sdk(self.url)
+        tls = docker.tls
 
         kwargs: dict[str, Any] = {
             "base_url": self.url,
@@ -118,7 +146,7 @@ class Engine:
         }
         ca, cert, key = self.tls
         if ca is not None or cert is not None:
-            kwargs["tls"] = docker.tls.TLSConfig(
+            kwargs["tls"] = tls.TLSConfig(
                 client_cert=(str(cert), str(key)) if cert is not None else None,
                 ca_cert=str(ca) if ca is not None else None,
                 verify=True,

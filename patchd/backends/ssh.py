@@ -31,12 +31,9 @@ A target is a machine of the backend's inventory (`hosts`, or an `inventory` TOM
 from __future__ import annotations
 
 import fnmatch
-import json
-import threading
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -55,6 +52,7 @@ from patchd.backends.base import (
 from patchd.config.baselines import BaselineModel
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 from patchd.config.types import STRICT, Duration
+from patchd.guest.patcher import SETTLE, PackagePatcher
 from patchd.guest.settings import SshModel
 
 if TYPE_CHECKING:
@@ -62,9 +60,6 @@ if TYPE_CHECKING:
     from patchd.guest.baseline import FirstSeen
 
 KIND = "machine"
-# The instant check_update decides at: with no baseline nothing depends on it.
-_NO_INSTANT = datetime(2000, 1, 1, tzinfo=UTC)
-_SETTLE = 5.0  # seconds a degraded state must last before verify calls it final
 
 
 class Host(BaseModel):
@@ -124,60 +119,6 @@ class SSHSelect(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What check_update found for one target: the exact versions to install."""
-
-    versions: Mapping[str, str]
-    installed: Mapping[str, str | None]
-    security: frozenset[str]
-    baseline: BaselineModel | None = None  # the group's, for its reboot policy
-
-    @property
-    def available(self) -> str:
-        from patchd.guest.packages import identity
-
-        return identity(self.versions)
-
-
-class _Ledger:
-    """Package sets by identity, shared by every ssh backend of the process (a staging
-    and a production backend may be two tables), optionally kept in a file."""
-
-    _lock = threading.Lock()
-    _sets: ClassVar[dict[str, dict[str, str]]] = {}
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-
-    def _load(self) -> None:
-        if self.path is not None and self.path.exists():
-            try:
-                stored = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise StepFailed(f"cannot read the package-set ledger {self.path}: {err}") from None
-            for key, versions in stored.items():
-                self._sets.setdefault(key, dict(versions))
-
-    def add(self, key: str, versions: Mapping[str, str]) -> None:
-        with self._lock:
-            if self._sets.get(key) == dict(versions):
-                return
-            self._sets[key] = dict(versions)
-            if self.path is not None:
-                self._load()
-                tmp = self.path.with_name(f".{self.path.name}.tmp")
-                tmp.write_text(json.dumps(self._sets, sort_keys=True), encoding="utf-8")
-                tmp.replace(self.path)
-
-    def get(self, key: str) -> dict[str, str] | None:
-        with self._lock:
-            if key not in self._sets:
-                self._load()
-            found = self._sets.get(key)
-            return dict(found) if found is not None else None
-
-
 class SSHBackend:
     """The ssh backend plugin: one `[backends.NAME]` table, an inventory of machines."""
 
@@ -189,10 +130,31 @@ class SSHBackend:
         self.config: SSHConfig = (
             config if isinstance(config, SSHConfig) else SSHConfig.model_validate(config)
         )
-        self.ref = f"packages:{self.config.package_manager}"
-        self.ledger = _Ledger(self.config.ledger)
-        self._plans: dict[tuple[str, str], Plan] = {}
-        self._lock = threading.Lock()
+        self.packages = PackagePatcher(
+            self._connect,
+            ledger=self.config.ledger,
+            lock_timeout=self.config.lock_timeout.total_seconds(),
+            reboot_timeout=self.config.reboot_timeout.total_seconds(),
+            package_manager=self.config.package_manager,
+        )
+        self.ref = self.packages.ref
+        self.ledger = self.packages.ledger
+
+    @classmethod
+    def check_group(
+        cls, backend: str, config: SSHConfig, select: SSHSelect, patch: PatchModel
+    ) -> list[tuple[tuple[str, ...], str]]:
+        """The ssh backend patches with its package manager only (see patchd.plugins)."""
+        if "method" in patch.model_fields_set and patch.method != config.package_manager:
+            return [
+                (
+                    ("patch", "method"),
+                    f"backend {backend!r} (type ssh) patches with its package_manager"
+                    f" {config.package_manager!r}; set method = {config.package_manager!r}"
+                    " or leave it out",
+                )
+            ]
+        return []
 
     # --- machines and sessions -----------------------------------------------------------
     def hosts(self) -> list[Host]:
@@ -218,22 +180,19 @@ class SSHBackend:
         return Session(target.name, self._host(target).address, self.config.ssh)
 
     def _driver(self, session: Any) -> Any:
-        from patchd.guest.apt import AptDriver
-
-        return AptDriver(session, self.config.lock_timeout.total_seconds())
+        return self.packages.driver(session)
 
     def ping(self) -> None:
         # Machines are many and any may be down; what must work for all is the key.
         from patchd.guest.ssh import Session
 
         try:
-            Session(self.name, "", self.config.ssh)._private_key()
+            Session(self.name, "", self.config.ssh).check_key()
         except StepFailed as err:
             raise TransientError(str(err)) from None
 
     def close(self) -> None:
-        with self._lock:
-            self._plans.clear()
+        self.packages.forget_all()
 
     def discover(self, select: BaseModel) -> Sequence[Target]:
         assert isinstance(select, SSHSelect)
@@ -260,10 +219,7 @@ class SSHBackend:
     def check_update(
         self, target: Target, pins: Mapping[str, str], patch: PatchModel
     ) -> Update | None:
-        from patchd.guest.baseline import NoJournal
-
-        # No baseline: every pending update is eligible, so the instant is never read.
-        return self.assess(target, pins, patch, None, NoJournal(), _NO_INSTANT).update
+        return self.packages.check(target, pins)
 
     def assess(
         self,
@@ -274,61 +230,8 @@ class SSHBackend:
         journal: FirstSeen,
         now: datetime,
     ) -> Assessment:
-        """Refresh, list what is pending and what the baseline lets in (patchd.guest.
-        assessment). The baseline applies to staging's pinned set too: an excluded
-        package is never installed, even when an earlier stage verified it."""
-        from patchd.guest.assessment import Assessment
-        from patchd.guest.baseline import decide
-        from patchd.guest.packages import Pending, identity
-
-        with self._connect(target) as session:
-            driver = self._driver(session)
-            driver.refresh()
-            pending = driver.pending()
-            reboot = driver.reboot_required()
-        decision = decide(baseline, pending, journal, now)
-        installed = {p.package: p.installed for p in pending}
-        pin = pins.get(self.ref)
-        verified = self.ledger.get(pin) if pin is not None else None
-        if verified is not None:
-            # Staging's versions of what is still pending here, judged by this baseline.
-            now_pending = {p.package: p for p in pending}
-            offered = [
-                Pending(name, p.installed, version, p.security, p.source)
-                for name, version in sorted(verified.items())
-                if (p := now_pending.get(name)) is not None and p.installed != version
-            ]
-            chosen = decide(baseline, offered, journal, now).eligible
-        else:
-            chosen = decision.eligible
-        versions = {p.package: p.candidate for p in chosen}
-
-        def result(update: Update | None) -> Assessment:
-            return Assessment(tuple(pending), decision, reboot, update, versions)
-
-        if not versions or (pin is not None and pin == identity(installed)):
-            return result(None)
-        before = {name: installed[name] for name in versions}
-        security = frozenset(p.package for p in chosen if p.security)
-        plan = Plan(versions, before, security, baseline)
-        if pin is not None and verified is not None:
-            available = pin  # a subset of the verified set, named by it
-        else:
-            available = plan.available
-            self.ledger.add(available, versions)
-        with self._lock:
-            self._plans[(target.id, available)] = plan
-        return result(Update(ref=self.ref, current=identity(before), available=available))
-
-    def _plan(self, target: Target, available: str) -> Plan:
-        with self._lock:
-            plan = self._plans.get((target.id, available))
-        if plan is None:
-            raise StepFailed(
-                f"{target.name}: no pending package set {available} was checked for it"
-                " in this process (check_update first)"
-            )
-        return plan
+        """What is pending and what the group's baseline lets in (PackagePatcher.assess)."""
+        return self.packages.assess(target, pins, baseline, journal, now)
 
     # --- the patch ---------------------------------------------------------------------
     def plan_snapshot(self, target: Target, run_id: str) -> Snapshot:
@@ -336,13 +239,8 @@ class SSHBackend:
 
     def snapshot(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> Snapshot:
         """Record the installed versions of what the latest check found pending."""
-        with self._lock:
-            plans = [p for (tid, _), p in self._plans.items() if tid == target.id]
-        packages = sorted({name for plan in plans for name in plan.versions})
         with self._connect(target) as session:
-            if not packages:  # no check in this process: record what is pending now
-                packages = [p.package for p in self._driver(session).pending()]
-            recorded = self._driver(session).installed(packages)
+            recorded = self.packages.record(target, session)
             if self.config.snapshot_command:
                 argv = [
                     a.replace("{snapshot}", snapshot.data["name"])
@@ -352,53 +250,14 @@ class SSHBackend:
         return Snapshot(target.id, {**snapshot.data, "recorded": recorded})
 
     def apply(self, target: Target, update: Update, snapshot: Snapshot, patch: PatchModel) -> None:
-        from patchd.guest import system
-        from patchd.guest.baseline import reboot_wanted
-
-        plan = self._plan(target, update.available)
         recorded = snapshot.data.get("recorded") or {}
-        unrecorded = sorted(set(plan.versions) - set(recorded))
-        if unrecorded:
-            raise StepFailed(
-                f"{target.name}: the snapshot did not record {', '.join(unrecorded)};"
-                " not installing what could not be rolled back"
-            )
-        with self._connect(target) as session:
-            driver = self._driver(session)
-            driver.install(plan.versions)
-            reason = reboot_wanted(plan.baseline, driver.reboot_required(), patch.reboot)
-            if reason is None:
-                return
-            from patchd import log
-
-            log.get().info("rebooting after the install", target=target.name, reason=reason)
-            system.reboot(
-                lambda: self._connect(target),
-                session,
-                self.config.reboot_timeout.total_seconds(),
-            )
+        self.packages.install(target, update, recorded, patch.reboot)
 
     def verify(self, target: Target, update: Update, health: HealthModel) -> None:
-        from patchd.guest import system
-        from patchd.guest.packages import describe
-
-        timeout = health.timeout.total_seconds()
-        system.wait_running(lambda: self._connect(target), timeout, min(_SETTLE, timeout))
-        with self._lock:
-            plan = self._plans.get((target.id, update.available))
-        if plan is not None:
-            with self._connect(target) as session:
-                now = self._driver(session).installed(plan.versions)
-            wrong = {p: v for p, v in now.items() if v != plan.versions[p]}
-            if wrong:
-                raise StepFailed(
-                    f"{target.name}: installed versions differ from the update: {describe(wrong)}"
-                )
+        self.packages.verify(target, update, health.timeout.total_seconds())
 
     def commit(self, target: Target, snapshot: Snapshot, options: SnapshotModel) -> Retained | None:
-        with self._lock:
-            for key in [k for k in self._plans if k[0] == target.id]:
-                del self._plans[key]
+        self.packages.forget(target)
         return None  # nothing is kept: there is no snapshot to remove later
 
     def release(self, retained: Mapping[str, Any]) -> None:
@@ -439,7 +298,7 @@ class SSHBackend:
             system.wait_running(
                 lambda: self._connect(target),
                 self.config.rollback_timeout.total_seconds(),
-                _SETTLE,
+                SETTLE,
             )
         except (Unreachable, RollbackFailed):
             raise

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
+from patchd.config.messages import unknown
 from patchd.config.types import STRICT, Duration
 
 # A glob of package names (fnmatch: * ? [..]); no spaces, no version.
@@ -46,3 +47,18 @@ class BaselineModel(BaseModel):
 
 # Backend types whose targets are patched package by package, so a baseline applies.
 PACKAGE_BACKENDS = ("ssh",)
+
+
+def baseline_problem(
+    name: str, known: list[str], backend: str, backend_type: str | None
+) -> str | None:
+    """Why a group of `backend` (of `backend_type`, None when unknown) cannot name the
+    baseline `name`, or None."""
+    if name not in known:
+        return unknown("baseline", name, known)
+    if backend_type is not None and backend_type not in PACKAGE_BACKENDS:
+        return (
+            f"only used with a backend that installs packages (type"
+            f" {' or '.join(PACKAGE_BACKENDS)}); backend {backend!r} is {backend_type!r}"
+        )
+    return None

@@ -205,11 +205,19 @@ class HealthModel(BaseModel):
     prometheus: PrometheusCheckModel | None = None
 
 
+PATCH_METHODS = ("apt", "command")
+
+
 class PatchModel(BaseModel):
-    """How a backend without images (vSphere) patches a target."""
+    """How a backend without images (vSphere, ssh) patches a target."""
 
     model_config = STRICT
 
+    # "command": run patch.command (the site's script); "apt": patchd installs the
+    # pending package set itself over SSH (vSphere VMs with a [backends.NAME.guest]
+    # table; the ssh backend always does). Which backend allows which method is checked
+    # with the group (patchd.config.settings).
+    method: Literal["apt", "command"] = "command"
     # argv run on the patchd host, no shell; placeholders {name} {moid} {uuid} {ip}
     # {hostname} are filled per target.
     command: Annotated[list[str], Field(min_length=1)] | None = None
@@ -218,6 +226,18 @@ class PatchModel(BaseModel):
     # The patch level this group installs; a target that has recorded another level
     # (or none) has an update available.
     version: str | None = None
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, value: object) -> object:
+        if value in ("dnf", "yum"):
+            raise ValueError(
+                f"{value!r} is not supported: no dnf driver ships, since it could not be"
+                ' tested for real (see README); use "command" with your own script'
+            )
+        if isinstance(value, str) and value not in PATCH_METHODS:
+            raise ValueError(f"unknown method {value!r} (use {' or '.join(PATCH_METHODS)})")
+        return value
 
 
 class GroupModel(BaseModel):

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from pydantic import BaseModel, ValidationError
 
-from patchd.config.baselines import PACKAGE_BACKENDS, BaselineModel
+from patchd.config.baselines import BaselineModel, baseline_problem
 from patchd.config.errors import ConfigError, ConfigIssue, KeyPath
 from patchd.config.files import Merged, config_files, load_merged
 from patchd.config.messages import reason as error_reason
@@ -40,7 +40,13 @@ from patchd.config.schema import (
 from patchd.config.secret_files import WARNINGS
 from patchd.config.types import Limit
 from patchd.durations import format_duration
-from patchd.plugins import BackendSpec, installed_types, load_plugin
+from patchd.plugins import (
+    BackendSpec,
+    check_group,
+    implicit_health,
+    installed_types,
+    load_plugin,
+)
 from patchd.windows import (
     WEEKDAYS,
     Cron,
@@ -431,17 +437,27 @@ def _group(
     if spec is not None:
         plugin = load_plugin(spec.type)
         select = b.validate(plugin.select_model, model.select, (*path, "select"))
-    baseline = None
-    if model.baseline is not None:
-        if model.baseline not in baselines:
-            b.add((*path, "baseline"), unknown("baseline", model.baseline, list(baselines)))
-        elif spec is not None and spec.type not in PACKAGE_BACKENDS:
-            b.add(
-                (*path, "baseline"),
-                f"only used with a backend that installs packages (type"
-                f" {' or '.join(PACKAGE_BACKENDS)}); backend {spec.name!r} is {spec.type!r}",
+        note = implicit_health(plugin)
+        health_raw = raw.get("health")
+        if note and not (isinstance(health_raw, dict) and "stable_for" in health_raw):
+            # The default once applied silently to every VM and host (issue 15).
+            stable = format_duration(model.health.stable_for)
+            b.warnings.append(
+                b.merged.issue(
+                    (*path, "health", "stable_for"),
+                    f"not set, so the default {stable} applies to every target: {note}"
+                    f" for {stable}; set how long a patched target must stay healthy",
+                )
             )
-        baseline = baselines.get(model.baseline)
+        if select is not None:
+            for where, problem in check_group(spec, select, model.patch):
+                b.add((*path, *where), problem)
+    baseline = None if model.baseline is None else baselines.get(model.baseline)
+    if model.baseline is not None:
+        kind = None if spec is None else spec.type  # an unknown backend is said above
+        wrong = baseline_problem(model.baseline, list(baselines), model.backend, kind)
+        if wrong is not None:
+            b.add((*path, "baseline"), wrong)
     if select is None or len(b.issues) > before:
         return None
     return Group(

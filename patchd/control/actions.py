@@ -30,7 +30,7 @@ from patchd.engine.controls import (
     approve,
     clear_quarantine,
     pauses,
-    quarantined,
+    quarantine_listing,
 )
 from patchd.engine.stages import approvable, stage_gate
 from patchd.notifications import events
@@ -83,6 +83,36 @@ def open_control(daemon: Steered, settings: Settings) -> ControlServer | None:
         return None
     logger.info("control_socket", socket=str(path), group=settings.daemon.control_group)
     return server
+
+
+def reopen_control(
+    daemon: Steered, current: ControlServer | None, settings: Settings
+) -> ControlServer | None:
+    """After a reload: the control socket these settings ask for. A new path is served
+    first and the old socket closed after (clients never find none); a new group only
+    changes the socket's owner; if the new one cannot be made, the old one keeps serving."""
+    path, group = settings.daemon.control_socket, settings.daemon.control_group
+    if current is not None and current.path == path:
+        if current.group != group:
+            try:
+                current.regroup(group)
+            except OSError as err:  # the socket serves on; its owner is what it was
+                log.get("patchd.control").error("control_group_failed", socket=str(path),
+                                                group=group, error=str(err))  # fmt: skip
+        return current
+    moved = open_control(daemon, settings)
+    if moved is None and current is not None:
+        log.get("patchd.control").error(
+            "control_socket_not_moved", socket=str(path), kept=str(current.path),
+            problem=f"daemon.control_socket {path} cannot be served: the control socket"
+            f" stays at {current.path} until a reload or restart that can",
+        )  # fmt: skip
+        return current
+    if current is not None:
+        current.shutdown()
+        log.get("patchd.control").info("control_socket_moved", socket=str(path),
+                                       was=str(current.path))  # fmt: skip
+    return moved
 
 
 class Actions:
@@ -219,16 +249,7 @@ class Actions:
         return {"started": group, "force": force}
 
     def do_quarantine(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        store = self.daemon.store
-        return {
-            "groups": {
-                g: [
-                    q.as_dict() | {"describe": q.describe()}
-                    for q in quarantined(store, [g]).values()
-                ]
-                for g in self.daemon.settings.groups
-            }
-        }
+        return {"groups": quarantine_listing(self.daemon.store, self.daemon.settings.groups)}
 
     def do_quarantine_clear(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
         [group] = self._groups(body)

@@ -4,19 +4,29 @@ quarantine (and `status`'s live part, which patchd.cli asks for here).
 Exit codes: 0 done; 1 the daemon answered with an error; 2 a usage or config error (an
 unknown group); 3 refused (the caller may not steer patchd, or the daemon cannot do it
 now); 4 no daemon is running.
+
+`quarantine list|clear` also works with no daemon running: it reads and writes the
+journal directly (who may is then the journal file's permission), and a clear is
+written to the audit trail with the caller's uid as the daemon would.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from patchd.config import Settings, load_settings
 from patchd.control.client import ControlError, NoDaemon, request
+from patchd.control.server import Peer
 from patchd.durations import parse_duration
+from patchd.engine.controls import clear_quarantine, quarantine_listing
+from patchd.runtime import open_store
+from patchd.state import StoreError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -91,6 +101,7 @@ def add_commands(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         "later stages). `list` shows them; `clear GROUP [VERSION]` lets them be tried "
         "again (VERSION: the digest or version, or a prefix of 12+ characters)." + note,
     )
+    quarantine.epilog = "With no daemon running, it reads and writes the journal directly."
     quarantine.add_argument("action", choices=["list", "clear"])
     quarantine.add_argument("group", nargs="?", metavar="GROUP")
     quarantine.add_argument("version", nargs="?", metavar="VERSION")
@@ -110,10 +121,7 @@ def call(socket: Path, verb: str, body: dict[str, Any] | None = None) -> dict[st
         print(f"patchd: {err}; start it (systemctl start patchd)", file=sys.stderr)
         return EXIT_NO_DAEMON
     except ControlError as err:
-        print(f"patchd: {verb}: {err}", file=sys.stderr)
-        return {400: EXIT_USAGE, 404: EXIT_USAGE, 403: EXIT_REFUSED, 409: EXIT_REFUSED}.get(
-            err.status, EXIT_ERROR
-        )
+        return _refused(verb, err)
 
 
 def _groups(args: argparse.Namespace) -> dict[str, Any] | int:
@@ -173,23 +181,75 @@ def cmd_trigger(args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
-    socket = _settings(args).daemon.control_socket
+    settings = _settings(args)
+    if args.group is not None and args.group not in settings.groups:
+        known = ", ".join(settings.groups) or "none"
+        print(f"patchd: quarantine: unknown group {args.group} (known: {known})", file=sys.stderr)
+        return EXIT_USAGE
     if args.action == "clear":
         if args.group is None:
             print("patchd: quarantine clear needs a GROUP", file=sys.stderr)
             return EXIT_USAGE
-        reply = call(socket, "quarantine-clear", {"group": args.group, "version": args.version})
+        body = {"group": args.group, "version": args.version}
+        reply: dict[str, Any] | int
+        try:
+            reply = request(settings.daemon.control_socket, "quarantine-clear", body)
+        except NoDaemon:
+            reply = _clear_in_journal(settings, args.group, args.version)
+        except ControlError as err:
+            return _refused("quarantine clear", err)
         if isinstance(reply, int):
             return reply
         print(f"{args.group}: {reply['cleared']} version(s) cleared from quarantine")
         return 0
-    reply = call(socket, "quarantine")
-    if isinstance(reply, int):
-        return reply
-    groups = {g: q for g, q in reply["groups"].items() if args.group in (None, g)}
+    try:
+        groups = request(settings.daemon.control_socket, "quarantine")["groups"]
+    except NoDaemon:
+        try:
+            groups = quarantine_listing(open_store(settings, readonly=True), settings.groups)
+        except StoreError as err:
+            print(f"patchd: quarantine list: {err}", file=sys.stderr)
+            return EXIT_ERROR
+    except ControlError as err:
+        return _refused("quarantine list", err)
+    groups = {g: q for g, q in groups.items() if args.group in (None, g)}
     if args.json:
         print(json.dumps(groups, indent=2))
         return 0
     lines = [f"{g}: {q['describe']}" for g, held in groups.items() for q in held]
     print("\n".join(lines) if lines else "no version is quarantined")
     return 0
+
+
+def _refused(what: str, err: ControlError) -> int:
+    print(f"patchd: {what}: {err}", file=sys.stderr)
+    return {400: EXIT_USAGE, 404: EXIT_USAGE, 403: EXIT_REFUSED, 409: EXIT_REFUSED}.get(
+        err.status, EXIT_ERROR
+    )
+
+
+def _clear_in_journal(
+    settings: Settings, group: str, version: str | None
+) -> dict[str, Any] | int:
+    """No daemon runs: clear in the journal itself, audited with the caller's uid."""
+    me = Peer(os.getuid(), os.getpid(), os.getgid())
+    journal = settings.daemon.state_dir / "patchd.db"
+    try:
+        store = open_store(settings)
+        try:
+            count = clear_quarantine(store, group, version)
+            if version is not None and not count:
+                print(f"patchd: quarantine clear: {group} has no quarantined version"
+                      f" {version!r} (see `patchd quarantine list`)", file=sys.stderr)  # fmt: skip
+                return EXIT_USAGE
+            why = "no daemon was running: cleared in the journal directly"
+            detail = {"group": group, "version": version, "cleared": count, "because": why}
+            store.audit(datetime.now(UTC), me.uid, me.pid, me.user, "quarantine-clear",
+                        group, detail)  # fmt: skip
+        finally:
+            store.close()
+    except StoreError as err:
+        print(f"patchd: quarantine clear: journal {journal}: {err} (run it as the user"
+              " patchd runs as, or start the daemon)", file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    return {"cleared": count}

@@ -108,16 +108,19 @@ class _Handler(BaseHTTPRequestHandler):
         body: dict[str, Any] = {}
         try:
             verb = route(method, self.path)
-            allowed, why = may_steer(peer, srv.group, srv.own_uid)
-            if not allowed:  # the body is not even read
-                srv.audit(peer, verb.name, {}, False, why)
-                self.close_connection = True
-                raise ProtocolError(403, f"refused: {why}")
             size = int(self.headers.get("Content-Length") or 0)
             if size > MAX_BODY:
                 self.close_connection = True
                 raise ProtocolError(400, f"the body is over {MAX_BODY} bytes")
-            body = parse_body(verb, self.rfile.read(size) if size else b"")
+            # Read before any answer, even a refusal: closing a socket with unread bytes
+            # resets the connection, and the client then sees a broken pipe, not the 403.
+            raw = self.rfile.read(size) if size else b""
+            allowed, why = may_steer(peer, srv.group, srv.own_uid)
+            if not allowed:  # the body is read but never parsed nor acted on
+                srv.audit(peer, verb.name, {}, False, why)
+                self.close_connection = True
+                raise ProtocolError(403, f"refused: {why}")
+            body = parse_body(verb, raw)
             srv.audit(peer, verb.name, body, True, why)
             status, reply = srv.dispatch(verb, body, peer)
         except ProtocolError as err:
@@ -150,18 +153,23 @@ class ControlServer(SelectServing, ThreadingMixIn, UnixStreamServer):
             path.unlink()  # left by a patchd that did not stop cleanly
         super().__init__(str(path), _Handler)
         os.chmod(path, 0o660)
+        self.regroup(group)
+
+    def regroup(self, group: str) -> None:
+        """Give the socket file to `group` (at start, and when a reload changes it)."""
+        self.group = group
         gid = group_id(group)
         if gid is None:
             self.log.warning(
                 "control_group_missing",
                 group=group,
-                socket=str(path),
+                socket=str(self.path),
                 problem=f"group {group!r} (daemon.control_group) does not exist: only root"
                 " and patchd's own user can use the control socket; create the group"
                 " (groupadd) or set daemon.control_group",
             )
         else:
-            os.chown(path, -1, gid)
+            os.chown(self.path, -1, gid)
 
     def shutdown(self) -> None:
         """Stop serving, close the socket and remove its file."""

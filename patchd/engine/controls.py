@@ -11,6 +11,9 @@ reports and metrics read them the same way:
 - a Quarantine is a version (Update.available of a ref) that failed its verification
   on a target of a group: it is installed nowhere in the group, nor in a later stage,
   until an operator clears it (a newer version is another key, so it goes through).
+  Once a newer version of the same ref passes on a target of the group, the quarantine
+  is superseded: still kept (and still never installed), but no longer an open matter
+  (the gauge `patchd_quarantined_versions` counts only the open ones).
 
 Pure logic: the clock's instant is a parameter.
 """
@@ -18,10 +21,11 @@ Pure logic: the clock's instant is a parameter.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from patchd import versions
 from patchd.state.base import ControlRow, Store
 
 PAUSE = "pause"
@@ -88,8 +92,8 @@ class Approval:
     pins: Mapping[str, str]  # ref -> version, exactly what the earlier stage had verified
 
     def describe(self) -> str:
-        versions = ", ".join(f"{ref}={v[:19]}" for ref, v in sorted(self.pins.items()))
-        return f"approved by {self.by} at {_zulu(self.at)} ({versions or 'no versions'})"
+        pinned = ", ".join(versions.of(ref, v) for ref, v in sorted(self.pins.items()))
+        return f"approved by {self.by} at {_zulu(self.at)} ({pinned or 'no versions'})"
 
     @classmethod
     def from_row(cls, row: ControlRow) -> Approval:
@@ -114,15 +118,21 @@ class Quarantine:
     since: datetime
     target: str
     reason: str
+    superseded_by: str | None = None  # the newer version that passed since
 
     @property
     def key(self) -> str:
         return quarantine_key(self.ref, self.version)
 
     def describe(self) -> str:
+        newer = (
+            f"; superseded by {versions.name(self.ref, self.superseded_by)}"
+            if self.superseded_by
+            else ""
+        )
         return (
-            f"{self.ref} {self.version[:19]} quarantined since {_zulu(self.since)}"
-            f" (failed on {self.target}: {self.reason})"
+            f"{versions.of(self.ref, self.version)} quarantined since {_zulu(self.since)}"
+            f" (failed on {self.target}: {self.reason}{newer})"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -133,13 +143,15 @@ class Quarantine:
             "since": self.since.isoformat(),
             "target": self.target,
             "reason": self.reason,
+            "superseded_by": self.superseded_by,
         }
 
     @classmethod
     def from_row(cls, row: ControlRow) -> Quarantine:
         d = row.data
+        newer = d.get("superseded_by")
         return cls(row.group, str(d["ref"]), str(d["version"]), row.at, str(d["target"]),
-                   str(d.get("reason", "")))  # fmt: skip
+                   str(d.get("reason", "")), None if newer is None else str(newer))  # fmt: skip
 
 
 def quarantine_key(ref: str, version: str) -> str:
@@ -159,14 +171,29 @@ def quarantined(store: Store, groups: Iterable[str | None]) -> dict[tuple[str, s
     return found
 
 
+def open_quarantines(store: Store, group: str) -> list[Quarantine]:
+    """The group's quarantined versions that no newer version has superseded yet."""
+    found = (Quarantine.from_row(row) for row in store.controls(QUARANTINE, group))
+    return [q for q in found if q.superseded_by is None]
+
+
 def quarantine(store: Store, q: Quarantine) -> None:
-    store.put_control(
-        QUARANTINE,
-        q.group,
-        q.key,
-        {"ref": q.ref, "version": q.version, "target": q.target, "reason": q.reason},
-        q.since,
-    )
+    data = {"ref": q.ref, "version": q.version, "target": q.target, "reason": q.reason}
+    if q.superseded_by is not None:
+        data["superseded_by"] = q.superseded_by
+    store.put_control(QUARANTINE, q.group, q.key, data, q.since)
+
+
+def supersede(store: Store, group: str, ref: str, version: str) -> int:
+    """`version` of `ref` passed on a target of `group`: the group's open quarantines
+    of other versions of that ref are superseded (kept, still not installed, no longer
+    counted as open). Returns how many."""
+    count = 0
+    for q in open_quarantines(store, group):
+        if q.ref == ref and q.version != version:
+            quarantine(store, replace(q, superseded_by=version))
+            count += 1
+    return count
 
 
 def clear_quarantine(store: Store, group: str, version: str | None = None) -> int:
@@ -180,3 +207,12 @@ def clear_quarantine(store: Store, group: str, version: str | None = None) -> in
         if version in (q.version, q.key) or (len(version) >= 12 and q.version.startswith(version)):
             count += store.drop_control(QUARANTINE, group, q.key)
     return count
+
+
+def quarantine_listing(store: Store, groups: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """group -> its quarantined versions, as `patchd quarantine list` and the control
+    socket show them (each with its `describe` line)."""
+    return {
+        g: [q.as_dict() | {"describe": q.describe()} for q in quarantined(store, [g]).values()]
+        for g in groups
+    }

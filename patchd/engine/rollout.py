@@ -33,9 +33,9 @@ from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from patchd.backends.base import Backend, PreparesRun, Target
+from patchd.backends.base import Backend, PreparesRun, Target, Update
 from patchd.config.settings import Group
-from patchd.engine.controls import Quarantine, quarantine, quarantined
+from patchd.engine.controls import Quarantine, quarantine, quarantined, supersede
 from patchd.engine.target import (
     Observer,
     Probe,
@@ -43,6 +43,7 @@ from patchd.engine.target import (
     TargetOutcome,
     no_probe,
     patch_target,
+    peek_update,
 )
 from patchd.state.base import Store, StoreError
 from patchd.states import FAILED_RESULTS, RunStatus, TargetResult
@@ -236,6 +237,7 @@ def run_group(request: RunRequest) -> RunResult:
                             TargetOutcome(
                                 target,
                                 TargetResult.SKIPPED,
+                                update=peek_update(ctx, target),
                                 error=f"depends on {', '.join(broken)}, which failed",
                             )
                         )
@@ -276,6 +278,8 @@ def run_group(request: RunRequest) -> RunResult:
                 if outcome.quarantine and outcome.update is not None:
                     bad = _quarantine(req, outcome)
                     ctx.quarantined[(bad.ref, bad.version)] = bad
+                elif outcome.result == TargetResult.SUCCESS and outcome.update is not None:
+                    _supersede(req, outcome.update)
                 record(outcome)
     reason = {
         RunStatus.HALTED: f"error budget spent: {failures} failed (max_errors {max_errors})",
@@ -287,7 +291,10 @@ def run_group(request: RunRequest) -> RunResult:
     if shut is not None and status != RunStatus.COMPLETED:
         reason += f"; the alert gate was shut ({shut.describe()})"
     for target in pending:
-        record(TargetOutcome(target, TargetResult.PENDING, error=reason))
+        # Whether a target left for later has an update waiting is read once (no retries)
+        # for patchd_target_update_available; not while patchd is stopping.
+        update = None if status == RunStatus.STOPPED else peek_update(ctx, target)
+        record(TargetOutcome(target, TargetResult.PENDING, update=update, error=reason))
     return _finish(req, status, [results[t.name] for t in targets], error=journal_error)
 
 
@@ -309,6 +316,13 @@ def _quarantine(req: RunRequest, outcome: TargetOutcome) -> Quarantine:
     with suppress(StoreError):
         quarantine(req.store, held)
     return held
+
+
+def _supersede(req: RunRequest, update: Update) -> None:
+    """A version passed: older quarantined versions of its ref are superseded (the
+    journal can say so later if it cannot now: the next success writes it again)."""
+    with suppress(StoreError):
+        supersede(req.store, req.group.name, update.ref, update.available)
 
 
 def _finish(

@@ -29,6 +29,7 @@ from patchd.backends.base import (
     Backend,
     LeftOutOfService,
     NotNow,
+    NotRunning,
     Retained,
     Snapshot,
     StepFailed,
@@ -41,7 +42,7 @@ from patchd.engine.controls import Quarantine
 from patchd.engine.packages import StoreFirstSeen, assess, held_summary
 from patchd.guest.assessment import AssessesPackages
 from patchd.state.base import Keep, Store, StoreError
-from patchd.states import FAILED_RESULTS, TargetResult, TargetState
+from patchd.states import FAILED_RESULTS, PROVEN, TargetResult, TargetState
 
 T = TypeVar("T")
 
@@ -145,6 +146,7 @@ class _Journal:
         self.ctx = ctx
         self.target = target
         self.state = TargetState.PENDING
+        self.recorded = TargetState.PENDING  # the last state the store took
         self.failed = False  # a write to the store failed
 
     def move(self, state: TargetState, step: str, phase: str, **fields: Any) -> None:
@@ -166,7 +168,7 @@ class _Journal:
         except StoreError:
             self.failed = True
             raise
-        self.state = state
+        self.state = self.recorded = state
         faults.hit(f"journal.after.{state}")
         ctx.observer.step(ctx.run_id, ctx.group, self.target, state, step=step, phase=phase)
 
@@ -213,7 +215,10 @@ def _keep(ctx: TargetContext, retained: Retained | None) -> Keep | None:
 
 
 def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str | None]:
-    """The update to install, or (None, reason) when the target is to be left alone."""
+    """The update available (None: the target is current, or its baseline holds back
+    everything pending) and, when it is not to be installed in this run, why (its
+    baseline holds it back, its version is quarantined or not yet verified by the earlier
+    stage). A held update is still returned: the target has it waiting."""
     if isinstance(ctx.backend, AssessesPackages):  # packages: the group's baseline decides
         journal = StoreFirstSeen(ctx.store)
         found = _retrying(
@@ -229,10 +234,19 @@ def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str 
         return None, None
     held = ctx.quarantined.get((update.ref, update.available))
     if held is not None:
-        return None, held.describe()
+        return update, held.describe()
     if ctx.require_pin and ctx.pins.get(update.ref) != update.available:
-        return None, f"{update.ref} has no version verified by stage {ctx.group.after!r}"
+        return update, f"{update.ref} has no version verified by stage {ctx.group.after!r}"
     return update, None
+
+
+def peek_update(ctx: TargetContext, target: Target) -> Update | None:
+    """The update waiting for a target the run leaves alone (pending, or skipped for a
+    failed dependency), for the dashboards: one read, no retries; None when unknown."""
+    try:
+        return ctx.backend.check_update(target, ctx.pins, ctx.group.patch)
+    except Exception:
+        return None  # unknown: the metric keeps what it last knew
 
 
 def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
@@ -248,10 +262,14 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         update, reason = find_update(ctx, target)
     except NotNow as err:  # not started, through no fault of its own: a later run
         return done(R.PENDING, error=str(err))
+    except NotRunning as err:  # stopped by a person: not a failure of the patch
+        return done(R.SKIPPED, error=f"skipped (not running): {err}")
     except Exception as err:  # fail closed: a target we cannot read is not patched
         return done(R.FAILED, error=f"checking for an update: {err}")
-    if update is None:
+    if update is None:  # current, or all its baseline holds back (the reason says)
         return done(R.SKIPPED if reason else R.CURRENT, error=reason)
+    if reason is not None:
+        return done(R.SKIPPED, update=update, error=reason)
 
     backend = ctx.backend
     try:
@@ -305,7 +323,20 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         # unreachable while verifying (transient errors to the last retry), may be the
         # target's or the infrastructure's, and quarantines nothing.
         bad_version = journal.state == S.VERIFYING and not isinstance(err.__cause__, TransientError)
-    journal.move_anyway(S.ROLLING_BACK, "rollback", "intent", error=failure)
+    if journal.recorded in PROVEN:
+        # The record says the new version passed: a restart commits it. Rolling back
+        # without "rolling_back" on record would have it commit the old version.
+        try:
+            journal.move(S.ROLLING_BACK, "rollback", "intent", error=failure)
+        except StoreError as err:
+            failure = (
+                f"{failure}; not rolled back: the journal cannot record it ({err}) and"
+                f" says {journal.recorded}, so the target keeps its verified new version"
+                " and its snapshot for the next start to check and commit"
+            )
+            return done(R.FAILED, update=update, error=failure)
+    else:
+        journal.move_anyway(S.ROLLING_BACK, "rollback", "intent", error=failure)
     try:
         _retrying(ctx, lambda: backend.rollback(target, snapshot))
         faults.hit("engine.after_rollback")

@@ -81,21 +81,39 @@ class Session:
         self._client: Any = None
 
     # --- connecting ------------------------------------------------------------------
+    def key_path(self) -> Path:
+        settings = self.settings
+        if settings.identity_file is not None:
+            return Path(settings.identity_file)
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise AuthFailed(
+                f"{self.name}: credential {settings.identity_credential!r}:"
+                " $CREDENTIALS_DIRECTORY is not set (run patchd under systemd with"
+                " LoadCredential=)"
+            )
+        return Path(directory) / str(settings.identity_credential)
+
+    def check_key(self) -> None:
+        """The key file is readable and holds a private key. Read without paramiko, which
+        costs about 30 MB: a daemon loads it at its first connection, not at start."""
+        path = self.key_path()
+        try:
+            with path.open("rb") as key:
+                first = key.readline(200)
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise AuthFailed(f"{self.name}: cannot read the SSH key {path}: {reason}") from None
+        if not (first.startswith(b"-----BEGIN ") and b"PRIVATE KEY-----" in first):
+            raise AuthFailed(
+                f"{self.name}: the SSH key {path} is not a private key (its first line is"
+                " not -----BEGIN ... PRIVATE KEY-----)"
+            )
+
     def _private_key(self) -> Any:
         import paramiko
 
-        settings = self.settings
-        if settings.identity_file is not None:
-            path = Path(settings.identity_file)
-        else:
-            directory = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not directory:
-                raise AuthFailed(
-                    f"{self.name}: credential {settings.identity_credential!r}:"
-                    " $CREDENTIALS_DIRECTORY is not set (run patchd under systemd with"
-                    " LoadCredential=)"
-                )
-            path = Path(directory) / str(settings.identity_credential)
+        path = self.key_path()
         try:
             return paramiko.PKey.from_path(path)
         except (OSError, paramiko.SSHException, ValueError) as err:

@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from patchd.config.settings import Group, Settings
-from patchd.engine.controls import pauses, quarantined
+from patchd.engine.controls import open_quarantines, pauses
 from patchd.engine.packages import Compliance, compliance
 from patchd.state import Store
 from patchd.states import RunStatus
@@ -80,7 +80,7 @@ def journal_view(settings: Settings, store: Store, now: datetime | None = None) 
         },
         last_rollback_failed={g: at for g, at in failures.items() if g in settings.groups},
         paused={g: int(g in held) for g in settings.groups},
-        quarantined={g: len(quarantined(store, [g])) for g in settings.groups},
+        quarantined={g: len(open_quarantines(store, g)) for g in settings.groups},
         compliance=tuple(c for c in compliance(store) if c.group in settings.groups),
     )
 

@@ -31,12 +31,19 @@ class MetricsObserver(BaseObserver):
     def outcome(self, run_id: str, group: Group, outcome: TargetOutcome) -> None:
         m = self.metrics
         name = outcome.target.name
-        if outcome.result in (TargetResult.CURRENT, TargetResult.PENDING):
-            if outcome.result == TargetResult.CURRENT:
-                m.update_available.labels(group.backend, group.name, name).set(0)
+        if outcome.result == TargetResult.CURRENT:
+            m.update_available.labels(group.backend, group.name, name).set(0)
+            return
+        if outcome.result in (TargetResult.PENDING, TargetResult.SKIPPED):
+            # Not started (left for later, held back, or its dependency failed): it still
+            # has the update waiting. Unknown (None) keeps what the gauge last said.
+            if outcome.update is not None:
+                m.update_available.labels(group.backend, group.name, name).set(1)
+            if outcome.result == TargetResult.SKIPPED:  # an operation, of no duration
+                m.operations.labels(group.backend, group.name, outcome.result).inc()
             return
         m.operations.labels(group.backend, group.name, outcome.result).inc()
-        if outcome.update is not None:
+        if outcome.update is not None:  # it had a patch to time (not a failed check)
             m.duration.labels(group.backend).observe(outcome.seconds)
         if outcome.result == TargetResult.SUCCESS:
             m.update_available.labels(group.backend, group.name, name).set(0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from patchd import versions
 from patchd.config.notifications import EventKind
 from patchd.durations import format_duration
 from patchd.engine.rollout import RunResult
@@ -30,6 +31,7 @@ __all__ = [
     "quarantined",
     "resumed",
     "rollback",
+    "rollback_retried",
     "rolled_back_at_restart",
     "run_finished",
 ]
@@ -78,8 +80,8 @@ def _version(outcome: TargetOutcome) -> dict[str, Any]:
     return {
         "target": outcome.target.name,
         "ref": update.ref if update else None,
-        "from": update.current if update else None,
-        "to": update.available if update else None,
+        "from": versions.name(update.ref, update.current) if update else None,
+        "to": versions.name(update.ref, update.available) if update else None,
         "result": outcome.result.value,
     }
 
@@ -98,7 +100,8 @@ def run_finished(
     versions = [
         _version(o)
         for o in result.outcomes
-        if o.update is not None and o.result not in (TargetResult.CURRENT, TargetResult.PENDING)
+        if o.update is not None
+        and o.result not in (TargetResult.CURRENT, TargetResult.PENDING, TargetResult.SKIPPED)
     ]
     duration = finished - started
     shown = [
@@ -213,6 +216,34 @@ def rolled_back_at_restart(
         text,
         group,
         {"run_id": run_id, "target": target, "was": was, "error": failed, "at_restart": True},
+    )
+
+
+def rollback_retried(
+    run_id: str, group: str, target: str, attempt: int, failed: str | None, at: datetime
+) -> Event:
+    """A target whose rollback had failed was rolled back by a later retry (`attempt`),
+    or the last retry failed too (`failed` holds why): patchd tries no more."""
+    if failed is not None:
+        subject = f"patchd: ROLLBACK FAILED on {target} ({group}) after {attempt} retries"
+        text = (
+            f"Target {target} of group {group} (run {run_id}) could not be rolled back, and"
+            f" {attempt} retries failed too; patchd tries no more.\nCause: {failed}\nIt is"
+            " left as it is: a person must look at it (patchd status shows it).\n"
+        )
+    else:
+        subject = f"patchd: {target} ({group}) rolled back on retry {attempt}"
+        text = (
+            f"Target {target} of group {group} (run {run_id}), whose rollback had failed,"
+            f" was rolled back by retry {attempt}: nobody needs to put it back by hand.\n"
+        )
+    return Event(
+        EventKind.ROLLBACK_FAILED if failed is not None else EventKind.ROLLBACK,
+        at,
+        subject,
+        text,
+        group,
+        {"run_id": run_id, "target": target, "retry": attempt, "error": failed},
     )
 
 

@@ -5,7 +5,8 @@ may name it (`type = "fake"`, no keys; its select takes `labels` and `names`) to
 patchd's commands without touching anything: it starts with no targets. It keeps
 the contract of `patchd.backends.base.Backend` (the contract suite runs against it too),
 and can be told to fail at any step, to report some versions as unhealthy, and to take a
-fixed time per step through an injected sleep.
+fixed time per step through an injected sleep. A target that is not `running` is refused
+by check_update's pre-check (NotRunning), as a stopped container or powered-off VM is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from patchd.backends.base import (
+    NotRunning,
     Retained,
     RollbackFailed,
     Snapshot,
@@ -152,6 +154,8 @@ class FakeBackend:
     ) -> Update | None:
         self._enter("check_update", target)
         item = self.targets[target.id]
+        if not item.running:  # as a stopped container or a powered-off VM
+            raise NotRunning(f"{item.name} is stopped: patchd patches running targets only")
         wanted = pins.get(item.ref, self.latest.get(item.ref, item.version))
         if wanted == item.version:
             return None

@@ -51,6 +51,8 @@ def test_plan_then_run_now_then_status_and_history(f: Fleet, tmp_path: Path) -> 
         (n, "patch", v2) for n in names
     ]
     assert all(f.digest_of(n) == v1 for n in names)  # plan changed nothing
+    text = patchd("plan", "-c", c).stdout
+    assert f"{f.repo('w')}@{v2}" in text  # the whole digest, named
 
     refused = patchd("run", "web", "-c", c)  # the window is two days away
     assert refused.returncode == 3
@@ -60,7 +62,10 @@ def test_plan_then_run_now_then_status_and_history(f: Fleet, tmp_path: Path) -> 
     assert run.returncode == 1, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert lines[0].startswith(f"[1/3] {names[0]}: rolled_back")
-    assert lines[1] == f"[2/3] {names[1]}: pending (0.0s): " + lines[1].split(": ", 2)[2]
+    # A target left pending names the version waiting for it, as every output does.
+    repository = f.repo("w")
+    waiting = f"{repository}@{v1} -> {repository}@{v2}"
+    assert lines[1].startswith(f"[2/3] {names[1]}: pending {waiting} (0.0s): "), lines[1]
     assert "halted" in lines[-1]
     assert all(f.digest_of(n) == v1 and f.is_healthy(n) for n in names)
 

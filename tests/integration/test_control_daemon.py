@@ -1,8 +1,9 @@
 """Steering `patchd daemon` (a real process, real Docker and registry) over its control
 socket with the real `patchd` command: pause and resume during a rollout, a pause that
-survives a restart and ends on time, a user outside the socket's group refused (run as
-`nobody` with runuser), manual approval pinning staging's versions, and a broken image
-quarantined across a restart, a reload and a trigger until a newer good one comes.
+survives a restart and ends on time, a user outside the socket's group refused (the client
+run as `nobody`), manual approval announced by mail (a real SMTP server) and a signed
+webhook then pinning staging's versions, and a broken image quarantined across a restart,
+a reload, a trigger and the next window until a newer good one comes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 from patchd.control.client import ControlError, request
 from patchd.engine.controls import pause_of, quarantined
 from patchd.state import SqliteStore
-from tests.conftest import wait_until, write_config
+from tests.conftest import wait_until, window_at, write_config
 from tests.integration.daemon_helpers import (
     Daemon,
     daemon_config,
@@ -36,6 +37,9 @@ from tests.integration.daemon_helpers import (
     web_group,
 )
 from tests.integration.docker_fleet import Fleet, free_port
+from tests.integration.test_notifications import SECRET, Mailbox, Receiver, receiver, smtp
+
+__all__ = ["receiver", "smtp"]  # the fixtures, shared with test_notifications
 
 
 @pytest.fixture
@@ -55,6 +59,7 @@ def configure(
     prod: bool = False,
     timeout: str = "120s",
     stable: str = "1s",
+    notifications: dict[str, Any] | None = None,
 ) -> tuple[Path, int]:
     """A config whose window opened a minute ago (the daemon starts at once)."""
     config = public / "patchd.toml"
@@ -80,6 +85,8 @@ def configure(
     values["daemon"]["control_socket"] = str(public / "control.sock")
     # A group that exists here, and nobody is not in.
     values["daemon"]["control_group"] = "staff"
+    if notifications is not None:
+        values["notifications"] = notifications
     write_config(config, values)
     config.chmod(0o644)
     return config, port
@@ -268,12 +275,28 @@ def test_a_user_outside_the_sockets_group_is_refused_and_nothing_changes(
 
 
 def test_manual_approval_waits_then_releases_exactly_stagings_versions(
-    f: Fleet, tmp_path: Path, public: Path
+    f: Fleet, tmp_path: Path, public: Path, smtp: tuple[int, Mailbox], receiver: Receiver
 ) -> None:
+    smtp_port, box = smtp
+    receiver.start()
+    secret = tmp_path / "hook.secret"
+    secret.write_text(SECRET)
+    secret.chmod(0o600)
     web = fleet_of(f, 1, "web")
     prod = fleet_of(f, 1, "prod", repo="web")  # production runs the image staging runs
     v2 = f.publish("app-v2", "web")
-    config, _ = configure(f, tmp_path, public, prod=True)
+    channels = {
+        "mail": {
+            "urls": [f"mailto://127.0.0.1:{smtp_port}?from=patchd@example.com&to=ops@example.com"],
+            "events": ["approval_needed", "run_finished"],
+        },
+        "hook": {
+            "webhook": f"http://127.0.0.1:{receiver.port}/patchd",
+            "secret_file": str(secret),
+            "events": ["approval_needed"],
+        },
+    }
+    config, _ = configure(f, tmp_path, public, prod=True, notifications=channels)
     daemon = Daemon(config, tmp_path)
     try:
         ready(daemon, config)
@@ -281,12 +304,34 @@ def test_manual_approval_waits_then_releases_exactly_stagings_versions(
         wait_until(lambda: "awaiting approval" in patchd(config, "status").stdout, 300, "waiting")
         assert "prod waits: awaiting approval" in patchd(config, "status").stdout
         assert "stage gate: SHUT: awaiting approval" in patchd(config, "plan", "prod").stdout
+        # The operator hears of it: a mail naming the versions approving would pin, and a
+        # signed webhook (the receiver verifies each signature).
+
+        def subjects() -> list[str]:
+            return [str(m["Subject"]) for m in box.messages]
+
+        wait_until(lambda: "patchd: prod awaits approval" in subjects(), 120, "the approval mail")
+        [asking] = [m for m in box.messages if m["Subject"] == "patchd: prod awaits approval"]
+        assert "Group prod waits for an approval: awaiting approval" in asking.get_content()
+        assert v2 in asking.get_content() and "patchd approve prod" in asking.get_content()
+        wait_until(lambda: receiver.received, 60, "the approval webhook")
+        [(document, _)] = receiver.received
+        assert (document["event"], document["group"]) == ("approval_needed", "prod")
+        assert v2 in document["data"]["versions"].values()
+        assert receiver.refused == []
         v3 = f.publish("app-v3", "web")  # newer than staging verified: not for prod
         assert v3 != v2
         approved = patchd(config, "approve", "prod")
         assert approved.returncode == 0, approved.stderr
         assert "approved by root" in approved.stdout and v2 in approved.stdout
         wait_until(lambda: on_version(f, prod, v2), 300, "prod on staging's version")
+        wait_until(
+            lambda: "patchd: prod completed: 1 patched" in subjects(), 120, "prod's summary mail"
+        )
+        assert on_version(f, prod, v2)  # exactly staging's version, not v3
+        [summary] = [m for m in box.messages if m["Subject"] == "patchd: prod completed: 1 patched"]
+        assert f"-> {v2}" in summary.get_content()
+        assert subjects().count("patchd: prod awaits approval") == 1  # announced once
         store = SqliteStore(tmp_path / "state" / "patchd.db")
         assert any(a.action == "approve" for a in store.audit_trail())
     finally:
@@ -343,14 +388,31 @@ def test_a_broken_image_is_quarantined_until_a_newer_good_one(
         )
         assert applied(again) == []
         assert not any(on_version(f, [n], broken) for n in names)
+        # The next window: the window now opens in a few seconds (closed at the reload);
+        # its timer fires and the group runs again, installing nothing.
+        values = tomllib.loads(config.read_text())
+        values["windows"]["soon"] = window_at(datetime.now(UTC) + timedelta(seconds=8))
+        write_config(config, values)
+        again.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: len([e for e in again.events() if e.get("event") == "run_finished"]) >= 2,
+            300,
+            "the next window's run",
+            give_up=again.exited,
+        )
+        assert any(e.get("event") == "window_opened" for e in again.events())
+        assert applied(again) == []
         v3 = f.publish("app-v3", "web")
         assert patchd(config, "trigger", "web").returncode == 0
         wait_until(lambda: on_version(f, names, v3), 300, "the newer good version everywhere")
         wait_until(  # the commit removes the old containers: let it end before the cleanup
-            lambda: len([e for e in again.events() if e.get("event") == "run_finished"]) >= 2,
+            lambda: len([e for e in again.events() if e.get("event") == "run_finished"]) >= 3,
             300,
             "the trigger's run to end",
         )
+        # The newer version passed: the quarantine is superseded (kept, no longer open).
+        assert 'patchd_quarantined_versions{group="web"} 0.0' in scrape(port)
+        assert "superseded by" in patchd(config, "quarantine", "list").stdout
         store = SqliteStore(tmp_path / "state" / "patchd.db")
         assert len(quarantined(store, ["web"])) == 1  # kept until cleared
         cleared = patchd(config, "quarantine", "clear", "web")

@@ -5,7 +5,9 @@
 - two `patchd run` processes patching containers of one image at once both succeed (no
   local tag is moved to create a replacement, so they cannot race);
 - `network_mode: container:` and `volumes_from` links survive a recreate, or the target
-  is refused before anything is touched.
+  is refused before anything is touched;
+- a container stopped after it was selected is skipped, not failed: it spends none of
+  the error budget and is left stopped.
 """
 
 from __future__ import annotations
@@ -195,3 +197,32 @@ def test_volumes_from_survives_a_recreate_of_either_side(
     assert f.digest_of(user) == v2
     f.exec(user, "sh", "-c", "echo three > /data/file")
     assert f.exec(provider, "cat", "/data/file").strip() == "three"
+
+
+def test_a_container_stopped_after_selection_is_skipped_and_spends_no_budget(
+    f: Fleet, backend: DockerBackend, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f.publish("plain-v1", "stop")
+    names = [f.run(f"s{i}", "stop").name for i in range(3)]
+    f.wait_healthy(*names)
+    v2 = f.publish("plain-v2", "stop")
+    discover = backend.discover
+
+    def discover_then_stop(select: Any) -> Any:
+        found = discover(select)
+        f.client.containers.get(names[1]).stop(timeout=1)  # a person stops it meanwhile
+        return found
+
+    monkeypatch.setattr(backend, "discover", discover_then_stop)
+    stopped = f.inspect(names[1])["Id"]
+
+    result = run(backend, store, f.select(), max_errors=Limit(count=1))
+
+    assert result.status == "completed", result
+    assert [o.result for o in result.outcomes] == ["success", "skipped", "success"]
+    assert result.failed == 0
+    error = result.outcomes[1].error or ""
+    assert "skipped (not running)" in error and "is exited" in error, error
+    after = f.inspect(names[1])
+    assert (after["Id"], after["State"]["Status"]) == (stopped, "exited")
+    assert f.digest_of(names[0]) == f.digest_of(names[2]) == v2

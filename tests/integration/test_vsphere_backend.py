@@ -34,6 +34,7 @@ import patchd.log
 from patchd.backends.base import (
     BackendError,
     LeftOutOfService,
+    NotRunning,
     Snapshot,
     StepFailed,
     TransientError,
@@ -342,8 +343,9 @@ def test_verify_reads_tools_and_heartbeat(
         backend.verify(target, update, HealthModel(timeout="600s"))
     assert time.monotonic() - started < 300  # a powered-off VM fails, not its timeout
 
-    # And the pre-check refuses a powered-off VM before anything is changed.
-    with pytest.raises(StepFailed, match="powered-on VMs only"):
+    # And the pre-check refuses a powered-off VM before anything is changed: NotRunning,
+    # which the engine counts as skipped, not failed.
+    with pytest.raises(NotRunning, match="powered-on VMs only"):
         backend.check_update(target, {}, PatchModel(command=["true"], version="2"))
 
 
@@ -720,7 +722,8 @@ def test_password_never_in_logs_errors_describe_or_plan(
         errors.append(str(err))
     patchd.log.get("test").info("echo", value=f"x{secret}x")
 
-    # `patchd plan` for a group of this backend: the powered-off VM shows as an error.
+    # `patchd plan` for a group of this backend: the powered-off VM is skipped, as a run
+    # would skip it (not running: no error budget spent).
     config = tmp_path / "patchd.toml"
     write_config(
         config,
@@ -755,8 +758,9 @@ def test_password_never_in_logs_errors_describe_or_plan(
         "g",
         datetime.now(UTC),
     )
-    assert [t["action"] for t in shown["targets"]] == ["error"]
-    assert "powered-on VMs only" in shown["targets"][0]["error"]
+    assert [t["action"] for t in shown["targets"]] == ["skip"]
+    assert "not running" in shown["targets"][0]["reason"]
+    assert "powered-on VMs only" in shown["targets"][0]["reason"]
     assert secret not in json.dumps(shown)
     assert secret not in repr(settings)
 

@@ -213,13 +213,17 @@ class Sim:
 
     # --- changing -----------------------------------------------------------------------
 
-    def set_tools(self, name: str, running: bool = True, heartbeat: str = "green") -> None:
+    def set_tools(
+        self, name: str, running: bool = True, heartbeat: str = "green", ip: str = "192.0.2.10"
+    ) -> None:
+        """VMware Tools' state as vcsim reports it; `ip` is the guest IP (a lab machine's
+        address points the VM at that machine)."""
         status = "guestToolsRunning" if running else "guestToolsNotRunning"
         spec = vim.vm.ConfigSpec(
             extraConfig=[
                 vim.option.OptionValue(key="SET.guest.toolsRunningStatus", value=status),
                 vim.option.OptionValue(key="SET.guestHeartbeatStatus", value=heartbeat),
-                vim.option.OptionValue(key="SET.guest.ipAddress", value="192.0.2.10"),
+                vim.option.OptionValue(key="SET.guest.ipAddress", value=ip),
                 vim.option.OptionValue(key="SET.guest.hostName", value=f"{name.lower()}.example"),
             ]
         )

@@ -2,7 +2,9 @@
 
 The bed is the one PATCHD_LAB_DIR names (default /tmp/patchd-lab): the demo writes its
 config to PATCHD_LAB_DIR/demo.toml from config/lab.toml and the bed's lab.env (its engine
-socket, its state directory, a free metrics port), so a demo never touches another bed.
+socket, its state directory and control socket, a free metrics port), so a demo never
+touches another bed or the machine's /run/patchd/control.sock. It stops at the first run
+that fails, with the run's reason, and says when production waits for its soak.
 
 1. builds a web image v1, pushes it to the lab registry as patchd-demo/web:stable;
 2. starts 2 staging and 4 production containers from it;
@@ -32,6 +34,7 @@ import docker
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from patchd import versions  # noqa: E402
 from tests.lab import bed  # noqa: E402  (the test bed's lab.env, read as the tests read it)
 
 TEMPLATE = ROOT / "config" / "lab.toml"
@@ -110,7 +113,7 @@ def follow(daemon: subprocess.Popen[str], log_path: Path) -> threading.Thread:
                 if kind == "target_done":
                     change = ""
                     if event.get("version_to"):
-                        change = f" {event['version_from'][:19]} -> {event['version_to'][:19]}"
+                        change = f" {event['version_from']} -> {event['version_to']}"
                     print(
                         f"  {event['group']}: {event['target']} {event['result']}{change}"
                         f" ({event['seconds']}s)",
@@ -240,9 +243,9 @@ def main() -> int:
         for container in sorted(
             client.containers.list(filters={"label": LABEL}), key=lambda c: c.name
         ):
-            digest = container.image.attrs.get("RepoDigests", ["?"])[0].split("@")[-1]
+            digest = container.image.attrs.get("RepoDigests", ["?"])[0]
             health = container.attrs["State"].get("Health", {}).get("Status", "-")
-            print(f"{container.name:22} {digest[:19]}  {container.status} ({health})")
+            print(f"{container.name:22} {digest}  {container.status} ({health})")
 
         say("history")
         patchd("history", "-c", str(CONFIG))
@@ -267,7 +270,7 @@ def main() -> int:
     production = last_run("demo-production")
     ok = production is not None and production["status"] == "completed" and not production["failed"]
     verified = production is not None and all(t["to"] == v2 for t in production["targets"])
-    say(f"demo {'OK' if ok and verified else 'FAILED'}: production runs {v2[:19]}")
+    say(f"demo {'OK' if ok and verified else 'FAILED'}: production runs {versions.name(tag, v2)}")
     return 0 if ok and verified else 1
 
 

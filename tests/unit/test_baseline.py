@@ -218,8 +218,10 @@ def _backend(tmp_path: Path, machine: _Machine) -> SSHBackend:
     backend = SSHBackend(
         "m", {"ssh": {"identity_file": str(key)}, "hosts": [{"name": "web1", "address": "a"}]}
     )
+    # The backend's own steps (snapshot, rollback) and its shared package patcher's.
     backend._connect = lambda target: machine  # type: ignore[method-assign]
-    backend._driver = lambda session: machine  # type: ignore[method-assign]
+    backend.packages.connect = lambda target: machine  # type: ignore[assignment,return-value]
+    backend.packages.driver = lambda session: machine  # type: ignore[method-assign]
     return backend
 
 

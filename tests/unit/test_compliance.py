@@ -98,7 +98,7 @@ def test_a_machine_that_cannot_be_checked_keeps_its_last_check_time(tmp_path: Pa
     def unreachable() -> None:
         raise OSError("web1: connection refused")
 
-    backend._connect = lambda target: unreachable()  # type: ignore[method-assign]
+    backend.packages.connect = lambda target: unreachable()  # type: ignore[assignment,return-value]
     [doc] = compliance.check(
         settings,
         store,

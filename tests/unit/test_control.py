@@ -14,6 +14,7 @@ import pwd
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from datetime import UTC, datetime, timedelta
@@ -28,8 +29,9 @@ from patchd.control.client import ControlError, NoDaemon, request
 from patchd.control.protocol import VERBS, ProtocolError, parse_body, route
 from patchd.control.server import Peer, may_steer, serve_control
 from patchd.daemon import Daemon
-from patchd.engine.controls import pause_of, quarantined
+from patchd.engine.controls import Quarantine, pause_of, quarantine, quarantined
 from patchd.observers import BaseObserver
+from patchd.state import SqliteStore
 from patchd.systemd import Notifier
 from patchd.testing import FakeBackend
 from tests.conftest import window_at, write_config
@@ -219,8 +221,76 @@ def test_without_a_daemon_the_verbs_say_so(tmp_path: Path, cli: Any) -> None:
     write_patchd_config(tmp_path / "patchd.toml", tmp_path / "state", start)
     code, out = cli("pause", "web")
     assert code == 4 and "no patchd daemon is running" in out
+    code, out = cli("resume", "--all")
+    assert code == 4 and "no patchd daemon is running" in out
+
+
+def test_quarantine_list_and_clear_work_without_a_daemon_and_clear_is_audited(
+    tmp_path: Path, cli: Any
+) -> None:
+    start = datetime.now(UTC)
+    write_patchd_config(tmp_path / "patchd.toml", tmp_path / "state", start)
+    code, out = cli("quarantine", "list")  # no journal yet: nothing, and none is created
+    assert (code, out.strip()) == (0, "no version is quarantined")
+    assert not (tmp_path / "state" / "patchd.db").exists()
+    (tmp_path / "state").mkdir()
+    store = SqliteStore(tmp_path / "state" / "patchd.db")
+    for version, target in (("v2", "w0"), ("v3", "w1")):
+        quarantine(store, Quarantine("web", "app", version, start, target, "unhealthy"))
+    store.close()
+    code, out = cli("quarantine", "list", "web")
+    assert code == 0 and "web: app v2 quarantined since" in out and "failed on w1" in out
+    code, out = cli("quarantine", "clear", "web", "v9")
+    assert code == 2 and "web has no quarantined version 'v9'" in out
+    code, out = cli("quarantine", "clear", "nope")
+    assert code == 2 and "unknown group nope (known: web, prod)" in out
+    code, out = cli("quarantine", "clear", "web", "v2")
+    assert (code, out.strip()) == (0, "web: 1 version(s) cleared from quarantine")
     code, out = cli("quarantine", "list")
-    assert code == 4
+    assert "app v2" not in out and "web: app v3 quarantined since" in out
+    store = SqliteStore(tmp_path / "state" / "patchd.db")
+    [audit] = store.audit_trail()
+    assert (audit.uid, audit.user, audit.action, audit.group) == (
+        os.getuid(), pwd.getpwuid(os.getuid()).pw_name, "quarantine-clear", "web"
+    )
+    assert audit.detail["cleared"] == 1 and "no daemon was running" in audit.detail["because"]
+    assert [q.version for q in quarantined(store, ["web"]).values()] == ["v3"]
+
+
+def reconfigure(tmp_path: Path, **daemon: Any) -> None:
+    path = tmp_path / "patchd.toml"
+    values = tomllib.loads(path.read_text())
+    values["daemon"].update(daemon)
+    write_config(path, values)
+
+
+def test_a_reload_that_changes_the_control_socket_moves_it(
+    tmp_path: Path, fake: FakeBackend, stop_daemons: list[Daemon]
+) -> None:
+    d = started(tmp_path, fake, paused=True)
+    stop_daemons.append(d)
+    old = tmp_path / "state" / "control.sock"
+    assert request(old, "status")["ok"]
+    new = tmp_path / "run" / "moved.sock"  # its directory is made too
+    reconfigure(tmp_path, control_socket=str(new), control_group="staff")
+    d.reload()
+    assert request(new, "status")["ok"]
+    assert new.stat().st_gid == grp.getgrnam("staff").gr_gid
+    assert new.stat().st_mode & 0o777 == 0o660
+    assert not old.exists()
+    with pytest.raises(NoDaemon):
+        request(old, "status")
+    # The same path in another group: the socket stays, its owner changes.
+    reconfigure(tmp_path, control_group="root")
+    d.reload()
+    assert new.stat().st_gid == 0 and request(new, "pause", {"groups": ["web"]})["ok"]
+    # A path that cannot be served: the socket stays where it works, and says why.
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    reconfigure(tmp_path, control_socket=str(blocker / "control.sock"))
+    d.reload()
+    assert request(new, "status")["ok"]
+    assert d.control is not None and d.control.path == new
 
 
 def test_pause_holds_resume_goes_on_and_both_are_audited(

@@ -19,12 +19,15 @@ from patchd.engine.controls import (
     approval_of,
     approve,
     clear_quarantine,
+    open_quarantines,
     pause_of,
     pauses,
     quarantine,
     quarantined,
+    supersede,
 )
 from patchd.engine.stages import approvable
+from patchd.metrics import JournalCollector, journal_view
 from patchd.runner import RunRefused
 from patchd.state import SqliteStore, Store, open_store
 from patchd.states import RunStatus, TargetResult
@@ -67,6 +70,50 @@ def test_a_version_that_fails_verification_is_quarantined_once(store: Store) -> 
     newer = run(backend, store, grp)
     assert {o.result for o in newer.outcomes} == {TargetResult.SUCCESS}
     assert {t.version for t in backend.targets.values()} == {"v3"}
+
+
+def quarantined_gauge(settings: Settings, store: Store) -> dict[str, float]:
+    return {
+        s.labels["group"]: s.value
+        for family in JournalCollector(lambda: journal_view(settings, store)).collect()
+        for s in family.samples
+        if s.name == "patchd_quarantined_versions"
+    }
+
+
+def test_a_newer_version_that_passes_supersedes_the_quarantine_and_the_gauge_drops(
+    settings: Settings, store: Store
+) -> None:
+    backend = fleet(2)
+    backend.unhealthy.add("v2")
+    grp = group("staging", max_errors=Limit(count=5))  # a group of `settings`
+    run(backend, store, grp)
+    assert quarantined_gauge(settings, store)["staging"] == 1.0
+    # An unrelated ref passing supersedes nothing.
+    backend.publish("other", "v9")
+    backend.unhealthy.clear()
+    backend.publish("app", "v3")
+    newer = run(backend, store, grp)
+    assert {o.result for o in newer.outcomes} == {TargetResult.SUCCESS}
+    assert quarantined_gauge(settings, store)["staging"] == 0.0
+    assert open_quarantines(store, "staging") == []
+    # Still kept and still never installed: the record says what replaced it.
+    [held] = quarantined(store, ["staging"]).values()
+    assert (held.version, held.superseded_by) == ("v2", "v3")
+    assert "superseded by v3" in held.describe()
+    backend.publish("app", "v2")  # the tag moved back to the broken version
+    back = run(backend, store, grp)
+    assert {o.result for o in back.outcomes} == {TargetResult.SKIPPED}
+    assert {t.version for t in backend.targets.values()} == {"v3"}
+
+
+def test_only_the_same_ref_supersedes(store: Store) -> None:
+    quarantine(store, Quarantine("web", "app", "v2", T0, "c1", "broken"))
+    quarantine(store, Quarantine("web", "db", "v7", T0, "c2", "broken"))
+    assert supersede(store, "web", "app", "v2") == 0  # the broken one itself: no
+    assert supersede(store, "web", "app", "v3") == 1
+    assert supersede(store, "web", "app", "v4") == 0  # already superseded
+    assert [(q.ref, q.version) for q in open_quarantines(store, "web")] == [("db", "v7")]
 
 
 def test_a_failed_snapshot_does_not_quarantine_the_version(store: Store) -> None:

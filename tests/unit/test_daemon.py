@@ -120,6 +120,39 @@ def test_broken_reload_keeps_the_old_config(daemon: Daemon, tmp_path: Path) -> N
     assert daemon.status_line().startswith("idle; next window soon at")
 
 
+def test_reload_refuses_a_config_without_groups_and_names_what_needs_a_restart(
+    daemon: Daemon, tmp_path: Path, start: datetime, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = daemon.settings
+    path = tmp_path / "patchd.toml"
+    path.write_text("")  # an editor's half-saved file: it loads, with no group
+    daemon.reload()
+    assert daemon.settings is old
+    assert daemon.metrics.config_reload_ok._value.get() == 0  # type: ignore[attr-defined]
+    status = daemon.status_line()
+    assert status.startswith("reload refused, old config kept: the new config"), status
+    assert "has no group" in status and "; idle; next window soon at " in status
+
+    values = config(tmp_path / "moved", start)
+    values["daemon"]["metrics_address"] = "127.0.0.1:1"
+    values["groups"]["db"] = {"backend": "d", "window": "soon"}
+    write_config(path, values)
+    daemon.reload()
+    assert daemon.settings is not old and set(daemon.settings.groups) == {"web", "db"}
+    assert daemon.settings.daemon.state_dir == old.daemon.state_dir  # until a restart
+    assert daemon.metrics.config_reload_ok._value.get() == 1  # type: ignore[attr-defined]
+    status = daemon.status_line()
+    assert status.startswith(
+        "restart needed to apply daemon.state_dir, daemon.metrics_address (reloaded the rest);"
+    ), status
+    logged = capsys.readouterr().err
+    assert '"event": "reload_refused"' in logged and "has no group" in logged
+    assert '"groups_added": ["db"]' in logged and '"groups_removed": []' in logged
+    assert '"event": "reload_needs_restart"' in logged
+    assert '"keys": ["daemon.state_dir", "daemon.metrics_address"]' in logged
+    assert not (tmp_path / "moved").exists()  # nothing was written to the new state_dir
+
+
 # The window is open at start, and the fake's steps take 1 s from the first one on.
 @pytest.mark.parametrize("start", [-60], indirect=True)
 @pytest.mark.parametrize("fake", [1], indirect=True)
@@ -265,14 +298,18 @@ def test_a_reload_never_closes_a_backend_a_run_still_uses(tmp_path: Path) -> Non
     fake.sleep = lambda seconds: release.wait(600)  # a limit: the test releases it
     values = config(tmp_path / "state", datetime.now(UTC) - timedelta(minutes=1))
     path = write_config(tmp_path / "patchd.toml", values)
-    d = Daemon(path, None, connector=lambda spec: fake, notifier=Notifier(""))
+    other = FakeBackend("e")
+    connector = lambda spec: fake if spec.name == "d" else other  # noqa: E731
+    d = Daemon(path, None, connector=connector, notifier=Notifier(""))
     d.start()  # inside the open window: the run starts at once
     try:
         wait_until(lambda: fake.in_flight > 0, 120, "a target in flight")
-        # No backend, no group:
-        write_config(path, {"daemon": values["daemon"], "windows": values["windows"]})
+        # Neither the group nor its backend (a config without any group is refused):
+        values["backends"] = {"e": {"type": "docker"}}
+        values["groups"] = {"db": {"backend": "e", "window": values["groups"]["web"]["window"]}}
+        write_config(path, values)
         d.reload()
-        assert d.backends == {}
+        assert d.backends == {"e": other}
         assert ("close", "") not in fake.calls
         release.set()
         wait_until(lambda: not d._runs, 120, "the run to end")

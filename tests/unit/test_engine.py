@@ -156,6 +156,20 @@ def test_failures_below_the_budget_let_the_run_go_on(store: Store) -> None:
     assert result.failed == 1
 
 
+def test_stopped_targets_are_skipped_and_spend_no_error_budget(store: Store) -> None:
+    backend = fleet(4)
+    backend.targets["c01"].running = False
+    backend.targets["c02"].running = False
+    result = run(backend, store, group(max_errors=Limit(count=1)))
+    assert result.status == "completed"
+    assert [o.result for o in result.outcomes] == ["success", "skipped", "skipped", "success"]
+    assert result.failed == 0
+    assert "skipped (not running): c01 is stopped" in (result.outcomes[1].error or "")
+    touched = {name for step, name in backend.calls if step in ("snapshot", "apply")}
+    assert touched == {"c00", "c03"}  # and the stopped ones stay stopped, on v1
+    assert [(t.version, t.running) for t in backend.targets.values()][1:3] == [("v1", False)] * 2
+
+
 def test_concurrency_is_reached_and_never_exceeded(store: Store) -> None:
     backend = fleet(9)
     barrier = threading.Barrier(3, timeout=120)
@@ -438,7 +452,9 @@ def test_a_gate_still_shut_when_the_window_closes_leaves_targets_pending(store: 
     )
     assert result.status == "window_closed"
     assert [o.result for o in result.outcomes] == ["pending"] * 3
-    assert ("snapshot", "c00") not in backend.calls and ("check_update", "c00") not in backend.calls
+    assert ("snapshot", "c00") not in backend.calls
+    # Only read afterwards, for patchd_target_update_available: each has its update waiting.
+    assert all(o.update is not None for o in result.outcomes)
     error = result.outcomes[0].error or ""
     assert "window closed" in error
     assert "alert gate was shut (alerts_firing: 1 series" in error

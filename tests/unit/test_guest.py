@@ -13,14 +13,17 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from patchd.backends.base import StepFailed
-from patchd.backends.ssh import SSHBackend, SSHConfig, SSHSelect, _Ledger
+from patchd.backends.base import StepFailed, TransientError
+from patchd.backends.ssh import SSHBackend, SSHConfig, SSHSelect
+from patchd.config import load_settings
 from patchd.guest import system
 from patchd.guest.apt import AptDriver, is_security, parse_simulation
 from patchd.guest.errors import CommandFailed, PackageManagerError, Unreachable
 from patchd.guest.packages import Pending, identity
-from patchd.guest.settings import SshModel
+from patchd.guest.patcher import Ledger
+from patchd.guest.settings import GuestModel, SshModel
 from patchd.guest.ssh import Result, Session
+from tests.conftest import write_config
 from tests.unit.test_poll import FakeClock
 
 SIMULATION = """\
@@ -145,10 +148,10 @@ def test_ssh_backend_config_and_discovery(tmp_path: Path) -> None:
 
 def test_the_ledger_file_resolves_sets_in_another_process(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    _Ledger(path).add("pkgs-x", {"a": "1.1"})
-    _Ledger._sets.clear()  # as after a restart
-    assert _Ledger(path).get("pkgs-x") == {"a": "1.1"}
-    assert _Ledger(path).get("pkgs-unknown") is None
+    Ledger(path).add("pkgs-x", {"a": "1.1"})
+    Ledger._sets.clear()  # as after a restart
+    assert Ledger(path).get("pkgs-x") == {"a": "1.1"}
+    assert Ledger(path).get("pkgs-unknown") is None
 
 
 def _driver_failure(stderr: str, stdout: str = "") -> Exception:
@@ -315,3 +318,78 @@ def test_an_install_that_would_pull_in_a_package_outside_the_set_is_refused() ->
     assert [key for _, key in machine.asked] == ["apt-mark", "-s"]  # never installed
     driver.install({"app": "1.1", "libx": "1.1"})
     assert [key for _, key in machine.asked][-2:] == ["-s", "install"]
+
+
+def test_a_vm_is_reached_at_its_tools_ip_or_by_the_address_template(tmp_path: Path) -> None:
+    ssh = {"identity_file": str(_ssh(tmp_path).identity_file)}
+    by_ip = GuestModel.model_validate({"ssh": ssh})
+    assert by_ip.resolve("web-1", "web1.lan", "10.0.0.7") == "10.0.0.7"
+    assert by_ip.resolve("web-1", "web1.lan", "") == ""  # Tools have not said yet
+    by_name = GuestModel.model_validate({"ssh": ssh, "address": "{name}.servers.example"})
+    assert by_name.resolve("web-1", "", "10.0.0.7") == "web-1.servers.example"
+    by_host = GuestModel.model_validate({"ssh": ssh, "address": "{hostname}"})
+    assert by_host.resolve("web-1", "", "10.0.0.7") == ""
+    with pytest.raises(ValidationError, match=r"unknown placeholder \{ip\}"):
+        GuestModel.model_validate({"ssh": ssh, "address": "{ip}"})
+
+
+def test_a_vsphere_group_patched_with_apt_loads(tmp_path: Path) -> None:
+    key = _ssh(tmp_path).identity_file
+    password = tmp_path / "pw"
+    password.write_text("pass\n")
+    password.chmod(0o600)
+    path = write_config(
+        tmp_path / "patchd.toml",
+        {
+            "windows": {"w": {"days": ["sat"], "duration": "4h"}},
+            "backends": {
+                "vc": {
+                    "type": "vsphere",
+                    "host": "vc.example",
+                    "username": "u",
+                    "password_file": password,
+                    "guest": {"ssh": {"identity_file": key}, "address": "{name}.lan"},
+                }
+            },
+            "groups": {
+                "vms": {
+                    "backend": "vc",
+                    "window": "w",
+                    "select": {"folder": "/DC0/vm"},
+                    "patch": {"method": "apt"},
+                },
+                "scripted": {
+                    "backend": "vc",
+                    "window": "w",
+                    "select": {"folder": "/DC0/vm"},
+                    "patch": {"command": ["true"]},
+                },
+            },
+        },
+    )
+    groups = load_settings(path).groups
+    assert groups["vms"].patch.method == "apt"
+    assert groups["scripted"].patch.method == "command"  # the default: today's behaviour
+
+
+def test_ping_checks_the_key_without_loading_paramiko(tmp_path: Path) -> None:
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    script = f"""
+import sys
+from patchd.backends.ssh import SSHBackend
+ssh = {{"identity_file": {str(key)!r}}}
+SSHBackend("m", {{"ssh": ssh, "hosts": [{{"name": "a", "address": "192.0.2.1"}}]}}).ping()
+print("paramiko" in sys.modules, "patchd.guest.apt" in sys.modules)
+# docker-py would import paramiko (30 MB) for its ssh:// transport: kept out until used.
+from patchd.backends.docker_engine import sdk
+sdk("unix:///var/run/docker.sock")
+print("paramiko" in sys.modules)
+print(sdk("ssh://engine.example").api.client.SSHHTTPAdapter.__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "False", "False", "SSHHTTPAdapter"], out.stderr
+    (tmp_path / "bad").write_text("ssh-ed25519 AAAA... a public key\n")
+    (tmp_path / "bad").chmod(0o600)
+    with pytest.raises(TransientError, match="is not a private key"):
+        SSHBackend("m", {"ssh": {"identity_file": str(tmp_path / "bad")}}).ping()

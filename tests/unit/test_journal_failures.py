@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from patchd.backends.base import StepFailed
 from patchd.config import Settings, load_settings
 from patchd.config.types import Limit
 from patchd.daemon import Daemon
@@ -130,6 +131,34 @@ def test_a_row_that_fails_once_verified_lets_the_commit_go_ahead(
     store.refuse_writes(False)
     [done] = reconcile(_settings(tmp_path), store, {"fake": backend}, lambda: T0)
     assert (done.target, done.now) == ("c00", "committed")
+
+
+@pytest.mark.parametrize("state,left", [("committing", "verified"), ("rolling_back", "committing")])
+def test_a_failed_commit_whose_rollback_cannot_be_journaled_is_not_rolled_back(
+    tmp_path: Path, state: str, left: str
+) -> None:
+    """The double failure: a write that fails once "verified" is on record, then a failed
+    commit. Rolled back, the target would be on v1 while its record says the new version
+    passed, and a restart would commit the reverted target. It keeps v2 and its snapshot
+    instead, and the restart checks and commits it."""
+    store = BrokenStore(tmp_path / "s.db", at("c00", state))
+    backend = fleet(2)
+    backend.failures[("c00", "commit")] = StepFailed("the snapshot could not be removed")
+    result = run(backend, store)
+    [c00, c01] = result.outcomes
+    assert (c00.result, c00.journal_failed) == ("failed", True)
+    assert "not rolled back: the journal cannot record it" in (c00.error or "")
+    assert f"says {left}" in (c00.error or "")
+    assert c01.result == "pending"
+    assert ("rollback", "c00") not in backend.calls
+    assert backend.targets["c00"].version == "v2" and backend.targets["c00"].snapshots
+    [row] = store.unfinished_targets()
+    assert row.state == left
+    store.refuse_writes(False)
+    del backend.failures[("c00", "commit")]
+    [done] = reconcile(_settings(tmp_path), store, {"fake": backend}, lambda: T0)
+    assert (done.target, done.now) == ("c00", "committed")
+    assert backend.targets["c00"].version == "v2" and not backend.targets["c00"].snapshots
 
 
 def test_rollback_rows_that_fail_do_not_stop_the_rollback(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
+from patchd.backends.base import StepFailed
 from patchd.metrics import Metrics, MetricsObserver
 from patchd.runtime import Runtime
 from patchd.testing import FakeBackend
@@ -127,3 +128,31 @@ def test_process_metrics_are_exported_and_created_series_are_not() -> None:
     assert "process_resident_memory_bytes" in text
     assert "python_info" in text
     assert "_created" not in text
+
+
+@pytest.mark.parametrize("max_errors", [1, 2])
+def test_update_available_covers_targets_the_run_did_not_start(
+    tmp_path: Path, fake: FakeBackend, max_errors: int
+) -> None:
+    """s1 fails its verification. With max_errors 1 the run halts and s2, s3 stay pending;
+    with 2, s2 (depending on s1) and s3 (its version now quarantined) are skipped. A target
+    left alone still has its update waiting: the gauge says 1 for it, not nothing."""
+    fake.targets["s2"].depends_on = ("s1",)
+    fake.add("s3", labels={"tier": "staging"})
+    fake.failures[("s1", "verify")] = StepFailed("s1 is unhealthy on v2")
+    values = config(tmp_path / "state")
+    values["groups"]["staging"]["max_errors"] = max_errors
+    metrics = Metrics()
+    runtime = runtime_with(tmp_path, fake, metrics, values)
+    try:
+        result = runtime.run("staging")
+    finally:
+        runtime.close()
+    by_name = {o.target.name: o.result for o in getattr(result, "outcomes", ())}
+    labels = {"backend": "d", "group": "staging"}
+    if max_errors == 1:
+        assert by_name == {"s1": "rolled_back", "s2": "pending", "s3": "pending"}
+    else:  # s3 is skipped too: the version that failed on s1 is quarantined
+        assert by_name == {"s1": "rolled_back", "s2": "skipped", "s3": "skipped"}
+    for name in ("s1", "s2", "s3"):
+        assert sample(metrics, "patchd_target_update_available", **labels, target=name) == 1, name

@@ -342,6 +342,7 @@ def test_dashboard_reads_only_metrics_patchd_exports() -> None:
         "patchd_alert_gate_blocked",
         "patchd_group_paused",
         "patchd_quarantined_versions",
+        "patchd_notifications",
     ):
         assert family in used, f"the dashboard shows nothing of {family}"
 

@@ -396,6 +396,24 @@ def test_a_run_queues_its_rollback_summary_and_halt_and_control_events(tmp_path:
     store.close()
 
 
+def test_a_read_only_runtime_delivers_nothing_the_daemon_queued(tmp_path: Path) -> None:
+    # `patchd plan` beside a running daemon: a delivery from it could not be marked sent,
+    # so the daemon would send the same message again (twice the approval mail).
+    path = settings_file(tmp_path, {"hook": {"urls": ["json://127.0.0.1:9/"]}})
+    writer = Runtime(load_settings(path), Clock(T0))
+    writer.notify(events.resumed(["web"], "alice", T0))
+    writer.store.close()
+    plan = Runtime(load_settings(path), Clock(T0), readonly=True)
+    heard = Recorder()
+    plan.outbox.configure(plan.settings.notifications, {"hook": Channel(
+        "hook", plan.settings.notifications["hook"], heard)})  # fmt: skip
+    plan.close()
+    assert heard.sent == []
+    store = open_store(tmp_path / "state" / "patchd.db")
+    assert [r.event for r in store.due_notifications()] == ["resumed"]
+    store.close()
+
+
 def test_a_starting_delivery_thread_tries_at_once_what_a_stopped_one_left(
     tmp_path: Path,
 ) -> None:

@@ -1,9 +1,11 @@
 """The README documents every config key (from the schemas and every installed backend's
-models) and every metric (from a real registry with the daemon's collectors)."""
+models), every metric (from a real registry with the daemon's collectors) and every
+registered backend; the LICENSE file is the license pyproject.toml declares."""
 
 from __future__ import annotations
 
 import re
+import tomllib
 import types
 import typing
 from datetime import UTC, datetime
@@ -27,7 +29,8 @@ from patchd.config.schema import (
 )
 from patchd.metrics import JournalView, Metrics, daemon_collectors
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
 DOCUMENTED = set(re.findall(r"`([^`\s]+)`", README))
 
 
@@ -118,3 +121,28 @@ def test_the_os_patching_example_is_a_valid_config(
     assert production.baseline is not None
     assert production.baseline is settings.baselines["servers"]
     assert production.baseline.exclude == ["linux-image-*"]
+
+
+def test_the_backend_list_names_every_registered_backend() -> None:
+    """The `type` row of `[backends.NAME]` names every backend pyproject.toml registers in
+    the `patchd.backends` entry points (it once named only `docker`)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    registered = set(project["project"]["entry-points"]["patchd.backends"])
+    row = next(line for line in README.splitlines() if line.startswith("| `type` | required |"))
+    named = set(re.findall(r"`(\w+)`", row.split("|")[3]))
+    assert registered <= named, f"backends missing from README's list: {registered - named}"
+    assert registered == set(installed_types())  # the installed package is this checkout
+
+
+# What the LICENSE file of each declared SPDX license says in its first lines.
+LICENSE_HEADERS = {"Apache-2.0": ("Apache License", "Version 2.0, January 2004")}
+
+
+def test_the_license_file_matches_the_declared_license() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["license"]
+    spdx = declared if isinstance(declared, str) else declared["text"]
+    text = (ROOT / "LICENSE").read_text()
+    for phrase in LICENSE_HEADERS[spdx]:
+        assert phrase in text[:400], f"LICENSE does not read as {spdx}: {phrase!r} missing"
+    assert "TERMS AND CONDITIONS" in text and len(text) > 10_000  # the whole text, not a stub

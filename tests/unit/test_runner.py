@@ -158,6 +158,39 @@ def test_plan_changes_nothing_and_shows_batches(settings: Settings, fake: FakeBa
     json.dumps(doc)
 
 
+def test_plan_shows_a_stopped_target_as_skipped(settings: Settings, fake: FakeBackend) -> None:
+    store = SqliteStore(Path(":memory:"))
+    [shown] = reports.plan(settings, store, {"d": fake}, "staging", OPEN)["targets"]
+    assert shown["action"] == "patch"
+    fake.targets["s1"].running = False  # a run would skip it, spending no error budget
+    [shown] = reports.plan(settings, store, {"d": fake}, "staging", OPEN)["targets"]
+    assert shown["action"] == "skip"
+    assert shown["reason"] == "not running: s1 is stopped: patchd patches running targets only"
+
+
+def test_plan_checks_targets_max_concurrency_at_once(
+    settings: Settings, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock(OPEN)
+    runner = make_runner(settings, fake, clock)
+    runner.run("staging")
+    clock.now = OPEN + timedelta(hours=1)
+    # prod's max_concurrency is 2: each check passes only when another runs beside it
+    # (checked one by one, the first would wait for the barrier's timeout and fail).
+    meeting = threading.Barrier(2, timeout=20)
+    check = fake.check_update
+
+    def together(*args: Any) -> Any:
+        meeting.wait()
+        return check(*args)
+
+    monkeypatch.setattr(fake, "check_update", together)
+    doc = reports.plan(settings, runner.store, {"d": fake}, "prod", clock.now)
+    assert [(t["name"], t["action"]) for t in doc["targets"]] == [
+        ("p0", "patch"), ("p1", "patch"), ("p2", "patch"), ("p3", "patch"),
+    ]  # fmt: skip
+
+
 def test_status_and_history(settings: Settings, fake: FakeBackend) -> None:
     clock = Clock(OPEN)
     runner = make_runner(settings, fake, clock)
@@ -177,6 +210,7 @@ def test_status_and_history(settings: Settings, fake: FakeBackend) -> None:
             "state": "rolled_back",
             "from": "v1",
             "to": "v2",
+            "change": "v1 -> v2",  # named as every output names versions (patchd.versions)
             "error": runs[0]["targets"][0]["error"],
         }
     ]

@@ -1,18 +1,24 @@
 """How a failed vSphere patch is reported (issue 15): a target that may not start now
 (its cluster is halted by a host left in maintenance mode) is pending, not failed, and
 spends no error budget; a command that printed nothing fails as "exited N", without an
-empty ": " after it. The engine runs on FakeBackend; commands are real processes."""
+empty ": " after it; a host left in maintenance mode is out_of_service, not rolled back;
+the default health.stable_for is warned about, not applied silently. The engine runs on
+FakeBackend; commands are real processes."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import pytest
+
 from patchd import commands
 from patchd.backends.base import LeftOutOfService, NotNow, StepFailed
+from patchd.cli import main
 from patchd.config.types import Limit
 from patchd.state import open_store
 from patchd.testing import FakeBackend
+from tests.conftest import write_config
 from tests.unit.test_engine import group, run
 
 
@@ -54,3 +60,27 @@ def test_a_target_left_out_of_service_is_reported_so_not_rolled_back(tmp_path: P
     assert result.failed == 1
     [row] = store.targets(result.run_id)
     assert row.state == "out_of_service"  # history and status say so too
+
+
+@pytest.mark.parametrize("health", [{}, {"timeout": "10m"}, {"stable_for": "2m"}])
+def test_the_default_stable_for_of_a_vsphere_group_is_not_silent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], health: dict[str, str]
+) -> None:
+    """A vSphere group without health.stable_for once got 30 s for every VM and host with
+    no word about it: check-config (and the daemon, at start and reload) now warns."""
+    values = {
+        "windows": {"w": {"days": ["sat"], "start": "02:00", "duration": "4h"}},
+        "backends": {"vc": {"type": "vsphere", "host": "vc.example.net", "username": "u",
+                            "credential": "vcenter-password"},
+                     "d": {"type": "docker"}},
+        "groups": {"vms": {"backend": "vc", "window": "w", "health": health,
+                           "select": {"names": ["app-*"]}},
+                   "web": {"backend": "d", "window": "w"}},
+    }  # fmt: skip
+    path = write_config(tmp_path / "patchd.toml", values)
+    assert main(["check-config", "-c", str(path)]) == 0
+    err = capsys.readouterr().err
+    warned = f"patchd: warning: {path}: groups.vms.health.stable_for: not set, so the default 30s"
+    assert (warned in err) == ("stable_for" not in health), err
+    assert "VMware Tools" in err or "stable_for" in health
+    assert "groups.web" not in err  # Docker says its own health in its verify

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from patchd.backends.base import Retained, Snapshot, Target, Update
 from patchd.backends.vsphere import inventory
-from patchd.backends.vsphere.config import VSphereConfig, VSphereSelect
+from patchd.backends.vsphere.config import VSphereConfig, VSphereSelect, check_group
 from patchd.backends.vsphere.connection import LoginFailed, Session, vmomi
 from patchd.backends.vsphere.hosts import HostFlow
 from patchd.backends.vsphere.snapshots import PatchdSnapshot
@@ -50,6 +50,12 @@ class VSphereBackend:
 
     config_model: ClassVar[type[BaseModel]] = VSphereConfig
     select_model: ClassVar[type[BaseModel]] = VSphereSelect
+    # Optional plugin surface (patchd.plugins.implicit_health): the check a group gets
+    # without health.command/http/tcp, named in the warning about an unset stable_for.
+    implicit_health: ClassVar[str] = (
+        "a VM counts as healthy once VMware Tools stays running, a host once it stays"
+        " connected and out of maintenance mode"
+    )
 
     def __init__(self, name: str, config: Any) -> None:
         self.name = name
@@ -63,6 +69,12 @@ class VSphereBackend:
 
     def _flow(self, target: Target) -> VmFlow | HostFlow:
         return self.hosts if target.kind == "host" else self.vms
+
+    @classmethod
+    def check_group(
+        cls, backend: str, config: VSphereConfig, select: VSphereSelect, patch: PatchModel
+    ) -> list[tuple[tuple[str, ...], str]]:
+        return check_group(backend, config, select, patch)
 
     def ping(self) -> None:
         def work(content: Any) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, FilePath, field_validator, model_validator
 
 from patchd.config.secret_files import SecretFile
 from patchd.config.types import STRICT, CredentialName, Duration
+from patchd.guest.settings import GuestModel
 
 _HEX = re.compile(r"[0-9a-f]+")
 SELECTORS = ("datacenter", "cluster", "folder", "names", "custom_attribute", "tags")
@@ -65,6 +66,9 @@ class VSphereConfig(BaseModel):
     # exponential backoff starting at retry_backoff.
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     retry_backoff: Duration = timedelta(seconds=1)
+    # How patchd logs in to the VMs' operating systems (SSH) for groups with
+    # patch.method = "apt"; not needed for "command".
+    guest: GuestModel | None = None
 
     @field_validator("host")
     @classmethod
@@ -156,3 +160,27 @@ class VSphereSelect(BaseModel):
                 f" every {'VM' if self.kind == 'vm' else 'host'} of the vCenter"
             )
         return self
+
+
+def check_group(
+    backend: str, config: VSphereConfig, select: VSphereSelect, patch: Any
+) -> list[tuple[tuple[str, ...], str]]:
+    """A vSphere group's patch table against its backend (see patchd.plugins)."""
+    if patch.method != "apt":
+        return []
+    problems: list[tuple[tuple[str, ...], str]] = []
+    if select.kind == "host":
+        problems.append((("patch", "method"), 'ESXi hosts are patched with method "command" only'))
+    elif config.guest is None:
+        problems.append(
+            (
+                ("patch", "method"),
+                f'"apt" logs in to the VMs over SSH: backend {backend!r} needs a'
+                f" [backends.{backend}.guest] table with its ssh keys",
+            )
+        )
+    if patch.command is not None:
+        problems.append(
+            (("patch", "command"), 'not used with method = "apt": patchd installs the packages')
+        )
+    return problems

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, NoReturn
 
 from patchd import faults, poll
 from patchd.backends.base import (
+    NotRunning,
     Retained,
     RollbackFailed,
     Snapshot,
@@ -57,6 +58,7 @@ from patchd.backends.vsphere.flow import (
     Kind,
     snapshot_name,
 )
+from patchd.backends.vsphere.guestos import PACKAGES, GuestOs
 from patchd.backends.vsphere.snapshots import (
     PatchdSnapshot,
     SnapshotNode,
@@ -64,7 +66,7 @@ from patchd.backends.vsphere.snapshots import (
     patchd_snapshots,
 )
 from patchd.backends.vsphere.steps import step
-from patchd.config.schema import PatchModel, SnapshotModel
+from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 
 __all__ = ["PatchdSnapshot", "VmFlow", "VmState"]
 
@@ -135,6 +137,8 @@ class VmFlow(Flow[VmState]):
         super().__init__(backend, session, config)
         # vm moid -> names of the patchd snapshots this process is working with now.
         self._active: dict[str, set[str]] = {}
+        # patch.method = "apt": the guest's packages over SSH (guestos.py).
+        self.guestos = GuestOs(backend, config.guest, self.read) if config.guest else None
 
     # --- reading ------------------------------------------------------------------------
 
@@ -189,10 +193,12 @@ class VmFlow(Flow[VmState]):
 
     def precheck(self, state: VmState, own: str | None = None) -> None:
         """Refuse a VM patchd must not patch now (StepFailed; nothing was changed)."""
+        if state.power is None:
+            raise StepFailed(f"{state.name} is in an unknown power state")
         if state.power != POWERED_ON:
-            raise StepFailed(
-                f"{state.name} is {state.power or 'in an unknown power state'}: patchd patches"
-                " powered-on VMs only and does not power them on"
+            raise NotRunning(
+                f"{state.name} is {state.power}: patchd patches powered-on VMs only and does"
+                " not power them on"
             )
         if state.tools is None:
             raise StepFailed(f"{state.name}: its VMware Tools state is unknown")
@@ -206,6 +212,17 @@ class VmFlow(Flow[VmState]):
                 " roll that run back first (patchd does so from its journal) or remove the"
                 " snapshot by hand"
             )
+
+    def check_update(
+        self, target: Target, pins: Mapping[str, str], patch: PatchModel
+    ) -> Update | None:
+        if patch.method != "apt":
+            return super().check_update(target, pins, patch)
+        if self.guestos is None:  # check-config refuses this; a config built in code may not
+            raise StepFailed(f"{target.name}: method apt needs backends.{self.backend}.guest")
+        with step(self.session, f"pre-check of {target.name}"):
+            self.precheck(self.read(target.id))
+        return self.guestos.check(target, pins)
 
     def plan_snapshot(self, target: Target, run_id: str) -> Snapshot:
         return Snapshot(target.id, {"kind": "vm", "vm": target.id, "name": snapshot_name(run_id)})
@@ -244,6 +261,8 @@ class VmFlow(Flow[VmState]):
             "tools_ok": state.tools_ok,
             "version_before": state.attributes.get(VERSION, ""),
         }
+        if self.guestos is not None and self.guestos.checked(target):
+            data["recorded"] = self.guestos.record(target)  # the guest's packages before
         return Snapshot(snapshot.target_id, data)
 
     def apply(self, target: Target, update: Update, snapshot: Snapshot, patch: PatchModel) -> None:
@@ -254,10 +273,13 @@ class VmFlow(Flow[VmState]):
             state = self.read(target.id)
             if state.find(name, snapshot.data["moref"]) is None:
                 raise StepFailed(f"{target.name}: snapshot {name} is gone; not patching")
-            if patch.command:
+            if patch.method == "apt" and self.guestos is not None:
+                progress.changed = True
+                self.guestos.install(target, update, snapshot.data, patch.reboot)
+            elif patch.command:
                 progress.changed = True
                 self.run_patch_command(target, state, update, name, patch)
-            if patch.reboot:
+            if patch.reboot and patch.method != "apt":
                 progress.changed = True
                 self._reboot(self.read(target.id))
         self.installed(target, name, update.available)
@@ -304,6 +326,12 @@ class VmFlow(Flow[VmState]):
 
         poll.until(going_down, self.clock.deadline(limit), expired, POLL, self.clock)
 
+    def verify(self, target: Target, update: Update, health: HealthModel) -> None:
+        if self.guestos is not None and update.ref.startswith(PACKAGES):
+            with step(self.session, f"verifying the guest of {target.name}"):
+                self.guestos.verify(target, update, health.timeout.total_seconds())
+        super().verify(target, update, health)
+
     def healthy(self, target: Target, state: VmState) -> bool:
         if state.power != POWERED_ON:
             raise StepFailed(f"{target.name} is {state.power} after the patch")
@@ -344,6 +372,8 @@ class VmFlow(Flow[VmState]):
             elif node is not None:
                 self._remove(state, node)
         self._activate(target.id, name, False)
+        if self.guestos is not None:
+            self.guestos.forget(target)
         return retained
 
     def release(self, retained: Mapping[str, Any]) -> None:
@@ -367,6 +397,8 @@ class VmFlow(Flow[VmState]):
             # Whatever happened, a snapshot still there is now a leftover: it blocks the
             # next patch of this VM until a rollback removes it.
             self._activate(target.id, name, False)
+            if self.guestos is not None:
+                self.guestos.forget(target)
 
     def _rollback(self, target: Target, snapshot: Snapshot) -> None:
         data = snapshot.data
