@@ -244,6 +244,10 @@ def peek_update(ctx: TargetContext, target: Target) -> Update | None:
     """The update waiting for a target the run leaves alone (pending, or skipped for a
     failed dependency), for the dashboards: one read, no retries; None when unknown."""
     try:
+        if isinstance(ctx.backend, AssessesPackages):  # what its baseline lets in, as a run
+            seen = StoreFirstSeen(ctx.store, record=False)  # a peek journals nothing
+            found = assess(ctx.backend, target, ctx.pins, ctx.group, seen, ctx.clock())
+            return None if found is None else found.update
         return ctx.backend.check_update(target, ctx.pins, ctx.group.patch)
     except Exception:
         return None  # unknown: the metric keeps what it last knew

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.backends.base import Snapshot
+from patchd.backends.base import Snapshot, Update
 from patchd.backends.ssh import SSHBackend, SSHSelect
 from patchd.config import ConfigError, load_settings
 from patchd.config.baselines import BaselineModel
@@ -18,6 +18,7 @@ from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 from patchd.config.settings import Group
 from patchd.config.types import Limit
 from patchd.engine.packages import FIRST_SEEN, StoreFirstSeen, held_summary
+from patchd.engine.target import NullObserver, TargetContext, peek_update
 from patchd.guest import system
 from patchd.guest.baseline import (
     EXCLUDED,
@@ -225,6 +226,14 @@ def _backend(tmp_path: Path, machine: _Machine) -> SSHBackend:
     return backend
 
 
+def _group(baseline: BaselineModel, name: str) -> Group:
+    """A group of the ssh backend `m` under `baseline` (named `name`)."""
+    return Group(
+        "g", "m", "w", SSHSelect(), None, timedelta(0), Limit(1), Limit(1),
+        SnapshotModel(), HealthModel(), baseline=baseline, baseline_name=name,
+    )  # fmt: skip
+
+
 def test_the_ssh_backend_installs_what_the_baseline_lets_in(tmp_path: Path) -> None:
     machine = _Machine(PENDING, reboot="/var/run/reboot-required")
     backend = _backend(tmp_path, machine)
@@ -238,14 +247,30 @@ def test_the_ssh_backend_installs_what_the_baseline_lets_in(tmp_path: Path) -> N
     # Everything held back: no update, and the engine's reason names the baseline.
     held = backend.assess(target, {}, PatchModel(), BaselineModel(include=["x*"]), Journal(), T0)
     assert held.update is None and held.versions == {}
-    group = Group(
-        "g", "m", "w", SSHSelect(), None, timedelta(0), Limit(1), Limit(1),
-        SnapshotModel(), HealthModel(), baseline=baseline, baseline_name="careful",
-    )  # fmt: skip
-    assert held_summary(held, group).startswith(
+    assert held_summary(held, _group(baseline, "careful")).startswith(
         "baseline 'careful' holds back 4 update(s): libssl3 3.0.15: not among the"
         " baseline's include (x*); linux-image-amd64 6.1.119: not among"
     )
+
+
+def test_a_target_left_for_later_shows_what_its_baseline_lets_in(tmp_path: Path) -> None:
+    """peek_update (patchd_target_update_available of a pending or skipped target) asks
+    as a run would: a machine whose baseline holds back everything has no update."""
+    backend = _backend(tmp_path, _Machine(PENDING))
+    [target] = backend.discover(SSHSelect())
+    store = open_store(tmp_path / "state.db")
+
+    def peek(baseline: BaselineModel) -> Update | None:
+        group = _group(baseline, "b")
+        ctx = TargetContext("r1", group, backend, store, lambda: T0, NullObserver(), {})
+        return peek_update(ctx, target)
+
+    assert peek(BaselineModel(include=["x*"])) is None
+    some = peek(BaselineModel(security_only=True))
+    assert some is not None and some.available == identity(
+        {"libssl3": "3.0.15", "openssl": "3.0.15"}
+    )
+    assert list(store.controls(FIRST_SEEN, "")) == []  # a peek journals no sighting
 
 
 def test_an_excluded_package_is_not_installed_even_when_staging_verified_it(
