@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from patchd import __version__, faults, log, reports, versions
+from patchd import __version__, compliance, faults, log, reports, versions
 from patchd.config import DEFAULT_CONFIG, DEFAULT_DROPIN_DIR, ConfigError, Settings, load_settings
 from patchd.config.settings import Group
 from patchd.control.client import ControlError, NoDaemon, daemon_running, request
@@ -168,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("group", metavar="GROUP", nargs="?", help="only this group")
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.set_defaults(func=cmd_plan)
+
+    comply = commands.add_parser(
+        "compliance",
+        parents=[config],
+        help="pending package updates per machine, held back by the baseline and why",
+        description=compliance.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    comply.add_argument("group", metavar="GROUP", nargs="?", help="only this group")
+    form = comply.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON")
+    form.add_argument("--csv", action="store_true", help="print CSV, one row per target")
+    comply.set_defaults(func=cmd_compliance)
 
     status = commands.add_parser(
         "status",
@@ -387,6 +400,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print("\n\n".join(reports.render_plan(doc) for doc in docs))
     # Nothing could be planned: a script must not read an empty plan as "nothing to do".
     return 1 if docs and all("error" in doc for doc in docs) else 0
+
+
+def cmd_compliance(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    groups = compliance.package_groups(settings, _group_names(settings, args.group))
+    if args.group is not None and not groups:
+        raise CommandError(f"group {args.group!r} does not patch packages", EXIT_CONFIG)
+    runtime = _runtime(settings)  # read-write: first sightings and results are recorded
+    try:
+        docs = compliance.check(settings, runtime.store, runtime.backend, groups, _utcnow())
+    finally:
+        runtime.close()
+    if args.json:
+        print(json.dumps({"targets": docs}, indent=2))
+    else:
+        print(compliance.render_csv(docs) if args.csv else compliance.render_text(docs), end="")
+    return compliance.exit_code(docs)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

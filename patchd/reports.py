@@ -16,7 +16,9 @@ from patchd.config.settings import Group, Settings
 from patchd.durations import format_duration
 from patchd.engine import dependency_order, stage_gate
 from patchd.engine.controls import pause_of, quarantined
+from patchd.engine.packages import StoreFirstSeen, assess, held_summary
 from patchd.engine.rollout import partition_limits
+from patchd.guest.assessment import Assessment
 from patchd.state import Store
 from patchd.windows import (
     WEEKDAYS,
@@ -67,10 +69,14 @@ def plan(
     limits = partition_limits(group, targets)
     doc["max_errors_resolved"] = group.max_errors.resolve(len(targets))
     slots: dict[str | None, int] = {}
+    seen = StoreFirstSeen(store, record=False)  # plan writes nothing
 
-    def check(target: Any) -> Update | BaseException | None:
+    def check(target: Any) -> tuple[Assessment | None, Update | None] | BaseException:
         try:
-            return backend.check_update(target, gate.pins, group.patch)
+            found = assess(backend, target, gate.pins, group, seen, now)
+            if found is not None:  # a package backend: its group's baseline decides
+                return found, found.update
+            return None, backend.check_update(target, gate.pins, group.patch)
         except Exception as err:
             return err
 
@@ -79,8 +85,11 @@ def plan(
     workers = max(1, min(len(targets), sum(limits.values())))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="plan") as pool:
         checks = list(pool.map(check, targets))
-    for target, update in zip(targets, checks, strict=True):
+    for target, checked in zip(targets, checks, strict=True):
         entry: dict[str, Any] = {"name": target.name, "id": target.id, "kind": target.kind}
+        found, update = (None, checked) if isinstance(checked, BaseException) else checked
+        if found is not None:
+            entry.update(_packages(found))
         if isinstance(update, NotNow):  # a run would leave it pending
             entry.update(action="wait", reason=str(update))
             doc["targets"].append(entry)
@@ -93,7 +102,9 @@ def plan(
             entry.update(action="error", error=str(update))
             doc["targets"].append(entry)
             continue
-        if update is None:
+        if update is None and found is not None and found.decision.held:
+            entry.update(action="hold", reason=held_summary(found, group))
+        elif update is None:
             entry["action"] = "none (current)"
         elif (update.ref, update.available) in held:
             entry.update(action="skip", reason=held[(update.ref, update.available)].describe())
@@ -114,6 +125,21 @@ def plan(
             entry["depends_on"] = list(target.depends_on)
         doc["targets"].append(entry)
     return doc
+
+
+def _packages(found: Assessment) -> dict[str, Any]:
+    """A package backend's plan for a target: the exact versions a run installs, what the
+    baseline holds back (and until when), and whether the machine asks for a reboot."""
+    by_name = {p.package: p for p in found.pending}
+    return {
+        "packages": [
+            {"package": name, "installed": by_name[name].installed if name in by_name else None,
+             "version": version, "security": name in by_name and by_name[name].security}
+            for name, version in sorted(found.versions.items())
+        ],
+        "held": [h.as_dict() for h in found.decision.held],
+        "reboot_required": found.reboot_required,
+    }  # fmt: skip
 
 
 def _controls(store: Store, group: Group, now: datetime) -> dict[str, Any]:
@@ -150,9 +176,25 @@ def render_plan(doc: Mapping[str, Any]) -> str:
         else:
             detail = t.get("reason") or t.get("error") or ""
             lines.append(f"  {t['action']}: {t['name']}" + (f"  ({detail})" if detail else ""))
+        lines.extend(_render_packages(t))
     if not doc["targets"] and "error" not in doc:
         lines.append("  no targets match the group's selectors")
     return "\n".join(lines)
+
+
+def _render_packages(entry: Mapping[str, Any]) -> list[str]:
+    lines = []
+    if entry["action"] == "patch":
+        for p in entry.get("packages", []):
+            kind = " (security)" if p["security"] else ""
+            lines.append(
+                f"      {p['package']} {p['installed'] or '(new)'} -> {p['version']}{kind}"
+            )
+    for h in entry.get("held", []):
+        lines.append(f"      held: {h['package']} {h['candidate']}: {h['reason']}")
+    if entry.get("reboot_required"):
+        lines.append(f"      reboot required: {entry['reboot_required']}")
+    return lines
 
 
 def status(settings: Settings, store: Store, now: datetime) -> dict[str, Any]:

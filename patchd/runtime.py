@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from patchd import log, retries
+from patchd import compliance, log, retries
 from patchd.backends import connect
 from patchd.backends.base import Backend
 from patchd.config import BackendSpec, Settings
@@ -257,8 +257,18 @@ class Runtime:
                 backend=group.backend,
                 hint="no target matches the group's select; check its labels/names",
             )
+        if result.outcomes and group.name in compliance.package_groups(settings, [group.name]):
+            self._check_compliance(settings, group, backend)
         self.observer.run_finished(group, result)
         return result
+
+    def _check_compliance(self, settings: Settings, group: Group, backend: Backend) -> None:
+        """After a run of a group that patches packages: check its machines again and
+        record what is still pending, so the metrics follow the patches (no polling)."""
+        try:
+            compliance.check(settings, self.store, lambda name: backend, [group.name], self.clock())
+        except Exception as err:  # the run is over and journaled; this is only a report
+            self.log.warning("compliance_check_failed", group=group.name, error=str(err))
 
     def _alert_gate(self, group: Group, check: str, answer: GateResult) -> None:
         """Tell observers each answer of the alert gate, and whether the pre-start gate

@@ -4,18 +4,22 @@ their own package manager, over SSH, with no agent and no snapshot.
 A target is a machine of the backend's inventory (`hosts`, or an `inventory` TOML file of
 `[[hosts]]`), identified by its name. One patch:
 
-- check_update: refresh the package lists, simulate the full upgrade and take the pending
-  set of exact versions. `Update.ref` is "packages:<driver>"; `available` is the identity
-  of that set (patchd.guest.packages.identity), `current` the identity of the installed
-  versions of the same packages. A pin on the ref (what staging verified) limits the
-  install to that set's versions: packages staging never verified are left alone, and a
-  repository that has moved on since does not matter. Every set seen is kept in a ledger
+- check_update / assess: refresh the package lists, simulate the full upgrade and take the
+  pending set of exact versions that the group's baseline lets in (patchd.guest.baseline;
+  `assess` also returns what it holds back and why, for plan and compliance).
+  `Update.ref` is "packages:<driver>"; `available` is the identity of that set
+  (patchd.guest.packages.identity), `current` the identity of the installed versions of
+  the same packages. A pin on the ref (what staging verified) limits the install to that
+  set's versions, less what this group's baseline holds back: packages staging never
+  verified are left alone, and a repository that has moved on since does not matter.
+  Every set seen is kept in a ledger
   (in memory, and in the `ledger` file when set, so pins resolve after a restart).
 - snapshot: record the installed version of every package the set changes (and run the
   site's `snapshot_command`, e.g. an LVM snapshot, when set). Nothing is copied.
-- apply: install exactly the set; reboot when the machine asks for it
-  (/var/run/reboot-required) or `patch.reboot` is set, and wait until SSH answers with a
-  new boot id.
+- apply: install exactly the set (refused, nothing changed, when apt would pull in a
+  package outside it); reboot as the baseline's `reboot` says (by default when the
+  machine asks, /var/run/reboot-required, or `patch.reboot` is set), and wait until SSH
+  answers with a new boot id.
 - verify: the installed versions are the set's, and `systemctl is-system-running` says
   running (degraded fails with the failed units named).
 - rollback: DOWNGRADE exactly the packages whose installed version differs from the
@@ -29,9 +33,9 @@ from __future__ import annotations
 import fnmatch
 import tomllib
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, FilePath, ValidationError, model_validator
 
@@ -45,10 +49,15 @@ from patchd.backends.base import (
     TransientError,
     Update,
 )
+from patchd.config.baselines import BaselineModel
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 from patchd.config.types import STRICT, Duration
 from patchd.guest.patcher import SETTLE, PackagePatcher
 from patchd.guest.settings import SshModel
+
+if TYPE_CHECKING:
+    from patchd.guest.assessment import Assessment
+    from patchd.guest.baseline import FirstSeen
 
 KIND = "machine"
 
@@ -211,6 +220,18 @@ class SSHBackend:
         self, target: Target, pins: Mapping[str, str], patch: PatchModel
     ) -> Update | None:
         return self.packages.check(target, pins)
+
+    def assess(
+        self,
+        target: Target,
+        pins: Mapping[str, str],
+        patch: PatchModel,
+        baseline: BaselineModel | None,
+        journal: FirstSeen,
+        now: datetime,
+    ) -> Assessment:
+        """What is pending and what the group's baseline lets in (PackagePatcher.assess)."""
+        return self.packages.assess(target, pins, baseline, journal, now)
 
     # --- the patch ---------------------------------------------------------------------
     def plan_snapshot(self, target: Target, run_id: str) -> Snapshot:

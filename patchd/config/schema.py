@@ -255,6 +255,11 @@ class GroupModel(BaseModel):
     patch: PatchModel = PatchModel()
     # "manual": the stage gate also waits for `patchd approve GROUP` (only with after).
     approval: Literal["auto", "manual"] = "auto"
+    # A [baselines.NAME] table: which pending packages the group installs (ssh backends).
+    baseline: str | None = None
 
 
-SECTIONS = ("daemon", "windows", "freezes", "backends", "groups", "state", "ha", "notifications")
+SECTIONS = (
+    "daemon", "windows", "freezes", "backends", "baselines", "groups", "state", "ha",
+    "notifications",
+)  # fmt: skip

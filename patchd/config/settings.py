@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from pydantic import BaseModel, ValidationError
 
+from patchd.config.baselines import BaselineModel, baseline_problem
 from patchd.config.errors import ConfigError, ConfigIssue, KeyPath
 from patchd.config.files import Merged, config_files, load_merged
 from patchd.config.messages import reason as error_reason
@@ -95,6 +96,8 @@ class Group:
     health: HealthModel
     patch: PatchModel = field(default_factory=PatchModel)
     approval: str = "auto"  # "manual": the stage gate waits for `patchd approve`
+    baseline: BaselineModel | None = None  # the [baselines.NAME] the group names
+    baseline_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class Settings:
     notifications: Mapping[str, NotificationModel] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    baselines: Mapping[str, BaselineModel] = field(default_factory=lambda: MappingProxyType({}))
 
     def stages(self) -> list[list[str]]:
         """Chains of groups linked by `after`, each listed from first to last stage."""
@@ -227,11 +231,16 @@ def build_settings(merged: Merged) -> Settings:
         if spec is not None:
             backends[name] = spec
 
+    # name -> its model, None when the table is invalid (reported once, here).
+    checked = {
+        name: b.validate(BaselineModel, raw, ("baselines", name))
+        for name, raw in b.tables("baselines").items()
+    }
     group_raw = b.tables("groups")
     window_names = list(window_raw)
     groups: dict[str, Group] = {}
     for name, raw in group_raw.items():
-        group = _group(b, name, raw, window_names, backend_raw, backends, list(group_raw))
+        group = _group(b, name, raw, window_names, backend_raw, backends, list(group_raw), checked)
         if group is not None:
             groups[name] = group
     _check_cycles(b, groups)
@@ -255,6 +264,7 @@ def build_settings(merged: Merged) -> Settings:
         state=state,
         ha=ha,
         notifications=MappingProxyType(notifications),
+        baselines=MappingProxyType({k: v for k, v in checked.items() if v is not None}),
     )
 
 
@@ -401,6 +411,7 @@ def _group(
     backend_raw: Mapping[str, object],
     backends: Mapping[str, BackendSpec],
     group_names: list[str],
+    baselines: Mapping[str, BaselineModel | None],
 ) -> Group | None:
     path = ("groups", name)
     model = b.validate(GroupModel, raw, path)
@@ -441,6 +452,12 @@ def _group(
         if select is not None:
             for where, problem in check_group(spec, select, model.patch):
                 b.add((*path, *where), problem)
+    baseline = None if model.baseline is None else baselines.get(model.baseline)
+    if model.baseline is not None:
+        kind = None if spec is None else spec.type  # an unknown backend is said above
+        wrong = baseline_problem(model.baseline, list(baselines), model.backend, kind)
+        if wrong is not None:
+            b.add((*path, "baseline"), wrong)
     if select is None or len(b.issues) > before:
         return None
     return Group(
@@ -456,6 +473,8 @@ def _group(
         health=model.health,
         patch=model.patch,
         approval=model.approval,
+        baseline=baseline,
+        baseline_name=model.baseline,
     )
 
 

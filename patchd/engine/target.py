@@ -39,6 +39,8 @@ from patchd.backends.base import (
 )
 from patchd.config.settings import Group
 from patchd.engine.controls import Quarantine
+from patchd.engine.packages import StoreFirstSeen, assess, held_summary
+from patchd.guest.assessment import AssessesPackages
 from patchd.state.base import Keep, Store, StoreError
 from patchd.states import FAILED_RESULTS, PROVEN, TargetResult, TargetState
 
@@ -213,10 +215,21 @@ def _keep(ctx: TargetContext, retained: Retained | None) -> Keep | None:
 
 
 def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str | None]:
-    """The update available (None: the target is current) and, when it is not to be
-    installed in this run, why (its version is quarantined or not yet verified by the
-    earlier stage). The held update is still returned: the target has it waiting."""
-    update = _retrying(ctx, lambda: ctx.backend.check_update(target, ctx.pins, ctx.group.patch))
+    """The update available (None: the target is current, or its baseline holds back
+    everything pending) and, when it is not to be installed in this run, why (its
+    baseline holds it back, its version is quarantined or not yet verified by the earlier
+    stage). A held update is still returned: the target has it waiting."""
+    if isinstance(ctx.backend, AssessesPackages):  # packages: the group's baseline decides
+        journal = StoreFirstSeen(ctx.store)
+        found = _retrying(
+            ctx, lambda: assess(ctx.backend, target, ctx.pins, ctx.group, journal, ctx.clock())
+        )
+        assert found is not None
+        if found.update is None:
+            return None, held_summary(found, ctx.group) if found.decision.held else None
+        update: Update | None = found.update
+    else:
+        update = _retrying(ctx, lambda: ctx.backend.check_update(target, ctx.pins, ctx.group.patch))
     if update is None:
         return None, None
     held = ctx.quarantined.get((update.ref, update.available))
@@ -231,6 +244,10 @@ def peek_update(ctx: TargetContext, target: Target) -> Update | None:
     """The update waiting for a target the run leaves alone (pending, or skipped for a
     failed dependency), for the dashboards: one read, no retries; None when unknown."""
     try:
+        if isinstance(ctx.backend, AssessesPackages):  # what its baseline lets in, as a run
+            seen = StoreFirstSeen(ctx.store, record=False)  # a peek journals nothing
+            found = assess(ctx.backend, target, ctx.pins, ctx.group, seen, ctx.clock())
+            return None if found is None else found.update
         return ctx.backend.check_update(target, ctx.pins, ctx.group.patch)
     except Exception:
         return None  # unknown: the metric keeps what it last knew
@@ -253,8 +270,8 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         return done(R.SKIPPED, error=f"skipped (not running): {err}")
     except Exception as err:  # fail closed: a target we cannot read is not patched
         return done(R.FAILED, error=f"checking for an update: {err}")
-    if update is None:
-        return done(R.CURRENT)
+    if update is None:  # current, or all its baseline holds back (the reason says)
+        return done(R.SKIPPED if reason else R.CURRENT, error=reason)
     if reason is not None:
         return done(R.SKIPPED, update=update, error=reason)
 

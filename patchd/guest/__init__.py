@@ -5,8 +5,12 @@
 - `packages`: the package-manager driver interface and the identity of a package set.
 - `apt`: the Debian/Ubuntu driver.
 - `system`: boot id, reboot and wait, `systemctl is-system-running`.
-- `patcher`: the package-set steps (check with stage pins, record, install and reboot,
-  verify) and the ledger of package sets.
+- `patcher`: the package-set steps (assess under a baseline and check with stage pins,
+  record, install and reboot, verify) and the ledger of package sets.
+- `baseline`: a baseline's pure decision on a pending list (excludes, includes, security
+  only, approve_after from journaled first sightings, the reboot policy).
+- `assessment`: what a package backend found on a target under a baseline, and the
+  optional backend protocol (`AssessesPackages`) that `plan`, compliance and the engine use.
 
 Used by the plain `ssh` backend (patchd.backends.ssh) and by the vSphere VM flow with
 `patch.method = "apt"` (patchd.backends.vsphere.guestos).

@@ -168,10 +168,34 @@ class AptDriver:
                 " leave it out of the baseline)"
             )
         args = [f"{name}={version}" for name, version in sorted(versions.items())]
+        self._refuse_extras(versions, args)
         self._apt(
             ["apt-get", "install", "-y", "--no-remove", *_DPKG_OPTIONS, *args],
             f"installing {describe(versions)}",
         )
+
+    def _refuse_extras(self, versions: Mapping[str, str], args: Sequence[str]) -> None:
+        """Simulate the install first: apt would pull in, at their candidate versions,
+        the dependencies the set needs. One outside the set (held back by the baseline,
+        or not verified by staging) is refused, so an exclude is never installed."""
+        result = self.session.run(
+            ["apt-get", "-s", "-q", "-o", "Debug::NoLocking=1", "install", "--no-remove", *args],
+            env=_ENV,
+            check=False,
+        )
+        if result.status != 0:
+            raise self._failure(f"simulating the install of {describe(versions)}", result)
+        extra = {
+            p.package: p.candidate
+            for p in parse_simulation(result.stdout)
+            if versions.get(p.package) != p.candidate
+        }
+        if extra:
+            raise PackageManagerError(
+                f"{self.session.name}: installing {describe(versions)} would also install"
+                f" {describe(extra)}, which the set leaves out (held back by the baseline,"
+                " or not verified by the earlier stage); nothing was changed"
+            )
 
     def downgrade(self, versions: Versions) -> None:
         args = [

@@ -2,18 +2,22 @@
 operating system over SSH shares (the plain `ssh` backend, and the vSphere VM flow with
 `patch.method = "apt"`).
 
-- `check`: refresh, simulate the full upgrade, take the pending set of exact versions.
-  `Update.ref` is "packages:<driver>"; `available` is the set's identity
+- `assess` / `check`: refresh, simulate the full upgrade, take the pending set of exact
+  versions that the group's baseline lets in (patchd.guest.baseline; `assess` also says
+  what it holds back and why, for plan and compliance; `check` is `assess` with no
+  baseline). `Update.ref` is "packages:<driver>"; `available` is the set's identity
   (patchd.guest.packages.identity), `current` the identity of the installed versions of
   the same packages. A pin on the ref (what staging verified) limits the install to that
-  set's versions: packages staging never verified are left alone, and a repository that
-  has moved on since does not matter. Every set seen is kept in the `Ledger` (in memory,
-  and in a file when configured, so pins resolve after a restart).
+  set's versions, less what this group's baseline holds back: packages staging never
+  verified are left alone, and a repository that has moved on since does not matter.
+  Every set seen is kept in the `Ledger` (in memory, and in a file when configured, so
+  pins resolve after a restart).
 - `record`: the installed version of every package the set changes (what a downgrade
   goes back to, and what the snapshot's journal row shows).
-- `install`: exactly the set; then a reboot when the machine asks for it
-  (/var/run/reboot-required) or the group says so, waited for until SSH answers with a
-  new boot id.
+- `install`: exactly the set (refused, nothing changed, when apt would pull in a package
+  outside it); then a reboot as the baseline's `reboot` says (by default when the machine
+  asks for it, /var/run/reboot-required, or the group says so), waited for until SSH
+  answers with a new boot id.
 - `verify`: `systemctl is-system-running` says running (degraded names the failed units)
   and the installed versions are the set's.
 
@@ -27,15 +31,21 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from patchd.backends.base import StepFailed, Target, Update
+from patchd.config.baselines import BaselineModel
 
 if TYPE_CHECKING:
+    from patchd.guest.assessment import Assessment
+    from patchd.guest.baseline import FirstSeen
     from patchd.guest.ssh import Session
 
 SETTLE = 5.0  # seconds a degraded state must last before verify calls it final
+# The instant `check` decides at: with no baseline nothing depends on it.
+_NO_INSTANT = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class Plan:
     versions: Mapping[str, str]
     installed: Mapping[str, str | None]
     security: frozenset[str]
+    baseline: BaselineModel | None = None  # the group's, for its reboot policy
 
     @property
     def available(self) -> str:
@@ -118,42 +129,67 @@ class PackagePatcher:
 
     # --- what is pending -----------------------------------------------------------------
     def check(self, target: Target, pins: Mapping[str, str]) -> Update | None:
-        from patchd.guest.packages import identity
+        """The set a run installs, with no baseline (every pending update eligible)."""
+        from patchd.guest.baseline import NoJournal
+
+        # No baseline: every pending update is eligible, so the instant is never read.
+        return self.assess(target, pins, None, NoJournal(), _NO_INSTANT).update
+
+    def assess(
+        self,
+        target: Target,
+        pins: Mapping[str, str],
+        baseline: BaselineModel | None,
+        journal: FirstSeen,
+        now: datetime,
+    ) -> Assessment:
+        """Refresh, list what is pending and what the baseline lets in (patchd.guest.
+        assessment). The baseline applies to staging's pinned set too: an excluded
+        package is never installed, even when an earlier stage verified it."""
+        from patchd.guest.assessment import Assessment
+        from patchd.guest.baseline import decide
+        from patchd.guest.packages import Pending, identity
 
         with self.connect(target) as session:
             driver = self.driver(session)
             driver.refresh()
             pending = driver.pending()
-        if not pending:
-            return None
+            reboot = driver.reboot_required()
+        decision = decide(baseline, pending, journal, now)
         installed = {p.package: p.installed for p in pending}
-        security = frozenset(p.package for p in pending if p.security)
-        versions = {p.package: p.candidate for p in pending}
         pin = pins.get(self.ref)
-        verified = None
-        if pin is not None:
-            if pin == identity(installed):
-                return None
-            verified = self.ledger.get(pin)
-            if verified is not None:
-                versions = {
-                    p: v for p, v in verified.items() if p in installed and installed[p] != v
-                }
-                if not versions:
-                    return None
-                installed = {p: installed[p] for p in versions}
-        plan = Plan(versions, installed, security & set(versions))
+        verified = self.ledger.get(pin) if pin is not None else None
         if verified is not None:
+            # Staging's versions of what is still pending here, judged by this baseline.
+            now_pending = {p.package: p for p in pending}
+            offered = [
+                Pending(name, p.installed, version, p.security, p.source)
+                for name, version in sorted(verified.items())
+                if (p := now_pending.get(name)) is not None and p.installed != version
+            ]
+            chosen = decide(baseline, offered, journal, now).eligible
+        else:
+            chosen = decision.eligible
+        versions = {p.package: p.candidate for p in chosen}
+
+        def result(update: Update | None) -> Assessment:
+            return Assessment(tuple(pending), decision, reboot, update, versions)
+
+        if not versions or (pin is not None and pin == identity(installed)):
+            return result(None)
+        before = {name: installed[name] for name in versions}
+        security = frozenset(p.package for p in chosen if p.security)
+        plan = Plan(versions, before, security, baseline)
+        if pin is not None and verified is not None:
             available = pin  # a subset of the verified set, named by it
         else:
             # An unknown pin gives the set's own identity: the engine then refuses it as
             # "not verified by the stage" (fail closed).
             available = plan.available
             self.ledger.add(available, versions)
-        assert available is not None
         with self._lock:
             self._plans[(target.id, available)] = plan
-        return Update(ref=self.ref, current=identity(installed), available=available)
+        return result(Update(ref=self.ref, current=identity(before), available=available))
 
     def plan(self, target: Target, available: str) -> Plan:
         with self._lock:
@@ -194,9 +230,11 @@ class PackagePatcher:
     def install(
         self, target: Target, update: Update, recorded: Mapping[str, Any], reboot: bool
     ) -> None:
-        """Install exactly the checked set; reboot when required (or `reboot`)."""
+        """Install exactly the checked set; reboot as its baseline says (by default when
+        the machine asks, or `reboot`)."""
         from patchd import log
         from patchd.guest import system
+        from patchd.guest.baseline import reboot_wanted
 
         plan = self.plan(target, update.available)
         unrecorded = sorted(set(plan.versions) - set(recorded))
@@ -208,7 +246,7 @@ class PackagePatcher:
         with self.connect(target) as session:
             driver = self.driver(session)
             driver.install(plan.versions)
-            reason = driver.reboot_required() or ("patch.reboot = true" if reboot else None)
+            reason = reboot_wanted(plan.baseline, driver.reboot_required(), reboot)
             if reason is None:
                 return
             log.get().info("rebooting after the install", target=target.name, reason=reason)

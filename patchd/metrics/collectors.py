@@ -10,6 +10,7 @@ from datetime import datetime
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from patchd.config.baselines import PACKAGE_BACKENDS, BaselineModel
 from patchd.config.settings import Settings
 from patchd.metrics.journal import JournalCollector, JournalView
 from patchd.windows import window_now
@@ -78,9 +79,21 @@ class GroupCollector(Collector):
             "The group's snapshot.keep: how long a snapshot outlives a successful patch",
             labels=["backend", "group"],
         )
-        for name, group in sorted(self.settings().groups.items()):
+        overdue = GaugeMetricFamily(
+            "patchd_group_security_max_age_seconds",
+            "The baseline's security_max_age: a security update pending longer than this"
+            " since patchd first saw it is overdue (groups that patch packages; absent at 0s)",
+            labels=["backend", "group"],
+        )
+        settings = self.settings()
+        for name, group in sorted(settings.groups.items()):
             keep.add_metric([group.backend, name], group.snapshot.keep.total_seconds())
+            if settings.backends[group.backend].type in PACKAGE_BACKENDS:
+                age = (group.baseline or BaselineModel()).security_max_age.total_seconds()
+                if age:
+                    overdue.add_metric([group.backend, name], age)
         yield keep
+        yield overdue
 
 
 def daemon_collectors(

@@ -7,7 +7,7 @@ release), never at scrape time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from patchd.config.settings import Group, Settings
 from patchd.engine.controls import open_quarantines, pauses
+from patchd.engine.packages import Compliance, compliance
 from patchd.state import Store
 from patchd.states import RunStatus
 from patchd.windows import current_opening
@@ -31,6 +32,8 @@ class JournalView:
     last_rollback_failed: dict[str, datetime] = field(default_factory=dict)  # by group
     paused: dict[str, int] = field(default_factory=dict)  # by group: 1 paused, 0 not
     quarantined: dict[str, int] = field(default_factory=dict)  # by group: versions
+    # Each target's last compliance check (patchd.compliance), of configured groups.
+    compliance: tuple[Compliance, ...] = ()
 
 
 # Runs that left targets without their update (besides failed or pending targets).
@@ -78,6 +81,7 @@ def journal_view(settings: Settings, store: Store, now: datetime | None = None) 
         last_rollback_failed={g: at for g, at in failures.items() if g in settings.groups},
         paused={g: int(g in held) for g in settings.groups},
         quarantined={g: len(open_quarantines(store, g)) for g in settings.groups},
+        compliance=tuple(c for c in compliance(store) if c.group in settings.groups),
     )
 
 
@@ -134,3 +138,49 @@ class JournalCollector(Collector):
             for key, value in sorted(values.items()):
                 family.add_metric([key], value)
             yield family
+        yield from compliance_families(view.compliance)
+
+
+def compliance_families(checks: Iterable[Compliance]) -> Iterator[GaugeMetricFamily]:
+    """Each target's last compliance check as gauges (a target whose check failed
+    keeps no series: its previous numbers are not current)."""
+    pending = GaugeMetricFamily(
+        "patchd_target_pending_updates",
+        "Package updates pending on the target at its last check, by kind (security or"
+        " other), whether its baseline lets them in or holds them back",
+        labels=["group", "target", "kind"],
+    )
+    held = GaugeMetricFamily(
+        "patchd_target_held_updates",
+        "Pending updates the group's baseline holds back (excluded, not included, not"
+        " security, approve_after not yet passed)",
+        labels=["group", "target"],
+    )
+    reboot = GaugeMetricFamily(
+        "patchd_target_reboot_required",
+        "1 when the machine asked for a reboot at its last check (/var/run/reboot-required)",
+        labels=["group", "target"],
+    )
+    since = GaugeMetricFamily(
+        "patchd_target_security_pending_since_timestamp_seconds",
+        "When patchd first saw the oldest security update still pending on the target"
+        " (absent when none is pending)",
+        labels=["group", "target"],
+    )
+    checked = GaugeMetricFamily(
+        "patchd_target_last_checked_timestamp_seconds",
+        "When the target's pending updates were last checked",
+        labels=["group", "target"],
+    )
+    for c in sorted(checks, key=lambda c: (c.group, c.target)):
+        labels = [c.group, c.target]
+        counts = c.doc.get("pending") or {}
+        for kind in ("security", "other"):
+            pending.add_metric([*labels, kind], float(counts.get(kind, 0)))
+        held.add_metric(labels, float(c.doc.get("held") or 0))
+        reboot.add_metric(labels, 1.0 if c.doc.get("reboot_required") else 0.0)
+        oldest = c.doc.get("oldest_security_seen")
+        if oldest:
+            since.add_metric(labels, datetime.fromisoformat(oldest).timestamp())
+        checked.add_metric(labels, c.checked.timestamp())
+    yield from (pending, held, reboot, since, checked)

@@ -58,6 +58,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchd.reconcile",
             "patchd.retries",
             "patchd.reports",
+            "patchd.compliance",
             "patchd.metrics",
             "patchd.observers",
             "patchd.notifications",

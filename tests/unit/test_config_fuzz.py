@@ -43,6 +43,7 @@ from patchd.backends.docker import DockerConfig, DockerSelect
 from patchd.backends.vsphere.config import VSphereConfig, VSphereSelect
 from patchd.cli import main
 from patchd.config import ConfigError, load_settings
+from patchd.config.baselines import BaselineModel
 from patchd.config.notifications import NotificationModel
 from patchd.config.schema import (
     SECTIONS,
@@ -98,7 +99,7 @@ def _keys_of(*models: type[BaseModel]) -> set[str]:
 def known_keys() -> list[str]:
     seen = set(SECTIONS) | _keys_of(
         DaemonModel, WindowModel, FreezeModel, GroupModel, StateModel, HaModel,
-        DockerConfig, DockerSelect, VSphereConfig, VSphereSelect,
+        DockerConfig, DockerSelect, VSphereConfig, VSphereSelect, BaselineModel,
     )  # fmt: skip
     for data in SEED_DATA.values():
         for section in data.values():
@@ -114,6 +115,7 @@ SECTION_KEYS = {
         "daemon": [DaemonModel],
         "windows": [WindowModel],
         "freezes": [FreezeModel],
+        "baselines": [BaselineModel],
         "backends": [DockerConfig, VSphereConfig],
         "groups": [GroupModel, DockerSelect, VSphereSelect],
         "state": [StateModel],

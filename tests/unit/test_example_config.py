@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from patchd.config.baselines import BaselineModel
 from patchd.config.notifications import NotificationModel
 from patchd.config.schema import (
     SECTIONS,
@@ -36,6 +37,7 @@ SECTION_MODELS: dict[str, tuple[type[BaseModel] | None, bool]] = {
     "ha": (HaModel, False),
     "windows": (WindowModel, True),
     "freezes": (FreezeModel, True),
+    "baselines": (BaselineModel, True),
     "groups": (GroupModel, True),
     "notifications": (NotificationModel, True),
     "backends": (None, True),
@@ -95,7 +97,7 @@ def _walk(table: dict[str, Any], prefix: str) -> set[str]:
         # Tables (and arrays of tables) of settings nest; FREE tables hold free names.
         if isinstance(value, dict) and key not in FREE:
             keys |= _walk(value, path)
-        elif isinstance(value, list):
+        elif isinstance(value, list):  # an array of tables: ssh's [[backends.NAME.hosts]]
             for item in value:
                 if isinstance(item, dict):
                     keys |= _walk(item, path)
@@ -108,7 +110,7 @@ def example_keys() -> set[str]:
     keys: set[str] = set()
     for section in ("daemon", "state", "ha"):
         keys |= _walk(doc.get(section, {}), section)
-    for section in ("windows", "freezes", "notifications"):
+    for section in ("windows", "freezes", "baselines", "notifications"):
         for table in doc.get(section, {}).values():
             keys |= _walk(table, f"{section}.*")
     types = {name: table["type"] for name, table in doc.get("backends", {}).items()}
@@ -119,10 +121,11 @@ def example_keys() -> set[str]:
         select = table.get("select", {})
         keys |= _walk({k: v for k, v in table.items() if k != "select"}, "groups.*")
         keys |= _walk(select, f"groups.*.select.{types[table['backend']]}")
-    # Keys shown commented out (`# key = ...`), inside the table they belong to.
+    # Keys shown commented out (`# key = ...`), inside the table (or the array of
+    # tables, `[[backends.NAME.hosts]]`) they belong to.
     prefix = None
     for line in text.splitlines():
-        header = re.match(r"\[([\w.-]+)\]", line)
+        header = re.match(r"\[\[?([\w.-]+)\]\]?", line)
         if header:
             prefix = _schema_path(header.group(1).split("."), types)
             continue

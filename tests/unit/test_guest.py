@@ -304,6 +304,22 @@ def test_wait_running_fails_once_a_bad_state_settles_or_at_the_timeout() -> None
     assert fake.now - start == 1  # degraded for less than `settle`: still waited for
 
 
+def test_an_install_that_would_pull_in_a_package_outside_the_set_is_refused() -> None:
+    fake = FakeClock()
+    pulls = "Inst app [1.0] (1.1 lab:main [all])\nInst libx [1.0] (1.1 lab:main [all])\n"
+    machine = _Machine(fake, {"apt-mark": [(0, "")], "-s": [(0, pulls)], "install": [(0, "")]})
+    driver = AptDriver(machine, clock=fake.clock)  # type: ignore[arg-type]
+    with pytest.raises(PackageManagerError) as err:
+        driver.install({"app": "1.1"})
+    assert str(err.value) == (
+        "web1: installing app=1.1 would also install libx=1.1, which the set leaves out"
+        " (held back by the baseline, or not verified by the earlier stage); nothing was changed"
+    )
+    assert [key for _, key in machine.asked] == ["apt-mark", "-s"]  # never installed
+    driver.install({"app": "1.1", "libx": "1.1"})
+    assert [key for _, key in machine.asked][-2:] == ["-s", "install"]
+
+
 def test_a_vm_is_reached_at_its_tools_ip_or_by_the_address_template(tmp_path: Path) -> None:
     ssh = {"identity_file": str(_ssh(tmp_path).identity_file)}
     by_ip = GuestModel.model_validate({"ssh": ssh})

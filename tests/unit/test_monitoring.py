@@ -241,6 +241,7 @@ def test_the_required_alerts_exist() -> None:
         "patchd_group_pending_windows",
         "patchd_config_last_reload_successful",
         "patchd_backend_up",
+        "patchd_target_security_pending_since_timestamp_seconds",
         "up",  # patchd absent
     ):
         assert alert_reading(metric), f"no alert rule reads {metric}"

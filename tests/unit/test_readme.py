@@ -16,6 +16,8 @@ from pydantic import BaseModel
 
 from patchd.backends import installed_types, load_plugin
 from patchd.cli import main
+from patchd.config import load_settings
+from patchd.config.baselines import BaselineModel
 from patchd.config.notifications import NotificationModel
 from patchd.config.schema import (
     DaemonModel,
@@ -56,7 +58,7 @@ def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 def test_every_config_key_is_documented() -> None:
     wanted = keys(DaemonModel) + keys(WindowModel) + keys(FreezeModel) + keys(GroupModel)
     wanted += keys(StateModel) + keys(HaModel)
-    wanted += keys(NotificationModel)
+    wanted += keys(NotificationModel) + keys(BaselineModel)
     for type_name in installed_types():
         plugin = load_plugin(type_name)
         wanted += keys(plugin.config_model) + keys(plugin.select_model)
@@ -98,6 +100,27 @@ def test_the_worked_example_is_what_patchd_prints(
     capsys.readouterr()
     assert main(["windows", "-c", str(path), *shown.group(1).split()]) == 0
     assert capsys.readouterr().out == output
+
+
+def os_example() -> str:
+    """The config of the README's worked example of "Patching operating systems"."""
+    start = README.index("<!-- os-example")
+    [config] = re.findall(r"```toml\n(.*?)```", README[start:], re.S)[:1]
+    return config
+
+
+def test_the_os_patching_example_is_a_valid_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "example.toml"
+    path.write_text(os_example().replace("/var/lib/patchd", str(tmp_path / "state")))
+    assert main(["check-config", "-c", str(path)]) == 0
+    assert "stages: linux-staging -> linux-production" in capsys.readouterr().out
+    settings = load_settings(path)
+    production = settings.groups["linux-production"]
+    assert production.baseline is not None
+    assert production.baseline is settings.baselines["servers"]
+    assert production.baseline.exclude == ["linux-image-*"]
 
 
 def test_the_backend_list_names_every_registered_backend() -> None:
