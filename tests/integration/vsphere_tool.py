@@ -1,9 +1,10 @@
 """A site tool for the vSphere tests, run by patchd as `patch.command` (its own process).
 
     vsphere_tool.py vm URL MOID NAME [--fail NAME ...] [--power-off-on-fail] [--log F] [--sleep S]
+                    [--meet S]
     vsphere_tool.py power-off URL MOID
     vsphere_tool.py heartbeat URL MOID COLOR
-    vsphere_tool.py host URL MOID NAME [--fail NAME ...] [--log F] [--sleep S]
+    vsphere_tool.py host URL MOID NAME [--fail NAME ...] [--log F] [--sleep S] [--meet S]
 
 `vm` stands for a guest patch: it logs start and end, and for a name in --fail exits 3
 (after powering the VM off with --power-off-on-fail: a patch that left the guest down).
@@ -12,6 +13,12 @@ which VMware Tools report that heartbeat (set through vcsim's `SET.*` extraConfi
 `host` checks, while its host should be in maintenance mode, that it is and that no other
 host of its cluster is (exit 4 and "VIOLATION" otherwise), twice, --sleep apart. URL is vcsim's
 http://user:pass@host:port/sdk.
+
+--meet S (with --log) proves parallelism by a condition, not by timing: the first command
+waits, up to S seconds, until another one is running beside it (a `start` without its
+`end` in the log) and logs `met`, or `alone` when none came. Once either is logged, later
+commands do not wait. Overlapping intervals alone (a 0.2 s sleep in each) did not overlap
+on a loaded machine although patchd ran the commands in parallel.
 """
 
 from __future__ import annotations
@@ -42,6 +49,26 @@ def log(path: str | None, *words: object) -> None:
         with open(path, "a") as out:
             fcntl.flock(out, fcntl.LOCK_EX)
             out.write(" ".join(str(w) for w in words) + "\n")
+
+
+def meet(path: str | None, seconds: float) -> None:
+    """Wait until another command is running beside this one (see --meet)."""
+    if not path or seconds <= 0:
+        return
+    deadline = time.monotonic() + seconds
+    while True:
+        with open(path) as lines:
+            words = [line.split() for line in lines if line.strip()]
+        if any(w[0] in ("met", "alone") for w in words):
+            return
+        running = {w[1] for w in words if w[0] == "start"} - {w[1] for w in words if w[0] == "end"}
+        if len(running) >= 2:
+            log(path, "met", " ".join(sorted(running)), time.time())
+            return
+        if time.monotonic() > deadline:
+            log(path, "alone", "-", time.time())
+            return
+        time.sleep(0.05)
 
 
 def power_off(url: str, moid: str) -> None:
@@ -99,6 +126,7 @@ def main() -> int:
     parser.add_argument("--power-off-on-fail", action="store_true")
     parser.add_argument("--log")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--meet", type=float, default=0.0)
     args = parser.parse_args()
 
     if args.action == "power-off":
@@ -113,6 +141,7 @@ def main() -> int:
 
     if args.action == "vm":
         log(args.log, "start", args.name, time.time())
+        meet(args.log, args.meet)
         time.sleep(args.sleep)
         failing = args.name in args.fail
         if failing and args.power_off_on_fail:
@@ -130,6 +159,7 @@ def main() -> int:
             log(args.log, "violation", args.name, time.time())
             return 4
         if check == 0:
+            meet(args.log, args.meet)
             time.sleep(args.sleep)
     log(args.log, "end", args.name, time.time())
     print(f"host {args.name}: patched in maintenance mode")
