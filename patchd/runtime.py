@@ -5,6 +5,10 @@ observers and what a run needs around the engine: reconciling what a stopped pat
 half-done, and running a group. A refused run is a value (`Refusal`) carrying its reason
 and the instant it may be retried; the daemon schedules on that instant, never re-decides.
 
+With `[state] url` the store is the shared PostgreSQL one, and (`[ha] enabled`) the
+daemon puts leadership on it (`lead`): only while this node holds the lease does a run
+start or a target get touched (`may_act`); reconciling runs under the same fence.
+
 Backends are connected when first needed (the daemon connects all of them at start),
 reused across reloads while their spec is unchanged; a replaced one is retired and closed
 once no run can be using it, and `close()` closes them all.
@@ -16,8 +20,9 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from patchd import log
+from patchd import acting, log
 from patchd.backends import connect
 from patchd.backends.base import Backend
 from patchd.config import BackendSpec, Settings
@@ -32,8 +37,17 @@ from patchd.reconcile import Reconciled, reconcile
 from patchd.runner import Refusal, Runner, RunRefused, hand_over
 from patchd.state import StoreError, StoreProtocol
 from patchd.state import open_store as open_journal
+from patchd.state.leader import Change
+
+if TYPE_CHECKING:
+    from patchd.state.shared import Ha
 
 __all__ = ["Refusal", "Runtime", "open_store"]
+
+_NOT_LEADER = "this node is a standby: the leader runs the groups (see `patchd status`)"
+_NO_LEASE = (
+    "with [ha] on, only the leader daemon patches: use `patchd trigger` on it (see `patchd status`)"
+)
 
 Progress = Callable[[TargetOutcome, int, int], None]
 
@@ -46,6 +60,11 @@ def open_store(settings: Settings, *, readonly: bool = False) -> StoreProtocol:
     to, a journal root creates in a state directory another user owns (the service's)
     is handed to that owner: else the service could not open it.
     """
+    if settings.state.url is not None:
+        # Imported here: a patchd on SQLite never loads psycopg.
+        from patchd.state.shared import open_shared
+
+        return open_shared(settings.state, readonly=readonly)
     path = settings.daemon.state_dir / "patchd.db"
     if readonly:
         if not path.exists():
@@ -90,6 +109,35 @@ class Runtime:
         self._retired: list[Backend] = []  # replaced by a reload, not closed yet
         self._active = 0  # runs going on (they may use retired backends)
         self.gate_shut: dict[str, str] = {}  # group -> reason its alert gate holds starts
+        self.ha: Ha | None = None  # leadership, once `lead` started it
+
+    # --- leadership -----------------------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        """Whether leadership is configured: a shared store with `[ha] enabled`."""
+        return self.settings.state.url is not None and self.settings.ha.enabled
+
+    def lead(self, on_change: Callable[[Change], None]) -> None:
+        """Start contending for the lease (the daemon, once): every write is fenced by it
+        from now on, and `on_change` hears each change of role (from the lease's thread)."""
+        from patchd.state.postgres import PostgresStore
+        from patchd.state.shared import Ha
+
+        assert isinstance(self.store, PostgresStore) and self.leading
+        self.ha = Ha.start(self.store, self.settings.ha, on_change)
+
+    @property
+    def may_act(self) -> Callable[[], bool] | None:
+        """What the engine asks before touching a target; None without leadership."""
+        return None if self.ha is None else self.ha.may_act
+
+    def acting(self) -> bool:
+        """Whether this node may touch targets now (always without leadership; never with
+        it configured but not started: `patchd run` on a node of a shared store)."""
+        if self.ha is None:
+            return not self.leading
+        return self.ha.may_act()
 
     # --- backends -------------------------------------------------------------------------
 
@@ -152,6 +200,8 @@ class Runtime:
             backends = [*self._backends.values(), *self._retired]
             self._backends, self._retired = {}, []
         self._close(backends)
+        if self.ha is not None:  # give the lease up: a standby takes over at once
+            self.ha.stop()
         if self.outbox.running:
             self.outbox.stop()
         elif self.settings.notifications:
@@ -176,12 +226,15 @@ class Runtime:
         """Finish what a stopped patchd left half-done, before anything new starts. With
         `groups`, only their backends are connected (others' targets are left alone)."""
         settings = self.settings
+        if not self.acting():
+            return []  # a standby: the leader reconciles (and this one on taking over)
         names = settings.groups if groups is None else groups
         backends = {
             backend: self.backend(backend)
             for backend in {settings.groups[g].backend for g in names}
         }
-        done = reconcile(settings, self.store, backends, self.clock)
+        with acting.guard(self.may_act):
+            done = reconcile(settings, self.store, backends, self.clock)
         for item in done:
             self.observer.reconciled(item)
         return done
@@ -200,10 +253,15 @@ class Runtime:
         with self._lock:  # the group and its backend from the same settings
             settings = self.settings
             group = settings.groups.get(group_name)
+            refusal = None
             if group is None:  # a reload dropped it while its run waited
                 refusal = Refusal(f"group {group_name!r} is no longer configured")
+            elif not self.acting():
+                refusal = Refusal(_NOT_LEADER if self.ha is not None else _NO_LEASE)
+            if refusal is not None:
                 self.log.info("run_refused", group=group_name, reason=refusal.reason)
                 return refusal
+            assert group is not None
             try:
                 backend = self.backend(group.backend)
             except Exception as err:
@@ -221,6 +279,7 @@ class Runtime:
                 clock=self.clock,
                 on_progress=on_progress,
                 on_alert_gate=lambda name, check, answer: self._alert_gate(group, check, answer),
+                may_act=self.may_act,
             )
             result = runner.run(group, now=now, force=force, stop=stop)
         except RunRefused as err:
@@ -274,7 +333,10 @@ class Runtime:
         try:
             for name in self.settings.backends:
                 self.backend(name)
-            runner = Runner(self.settings, self.store, self.backends, self.observer, self.clock)
+            runner = Runner(
+                self.settings, self.store, self.backends, self.observer, self.clock,
+                may_act=self.may_act,
+            )  # fmt: skip
             return runner.release_expired()
         finally:
             with self._lock:

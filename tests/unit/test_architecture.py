@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchd.poll",
             "patchd.plugins",
             "patchd.serving",
+            "patchd.acting",
         ),
     ),
     ("config", ("patchd.config",)),
@@ -61,7 +62,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchd.notifications",
         ),
     ),
-    ("front doors", ("patchd.daemon", "patchd.cli", "patchd.control")),
+    ("front doors", ("patchd.daemon", "patchd.ha", "patchd.cli", "patchd.control")),
 ]
 
 # At most one import may run back up a layer for good, written here with its reason.
