@@ -213,13 +213,14 @@ def run_group(request: RunRequest) -> RunResult:
     with ThreadPoolExecutor(max_workers=max(1, sum(limits.values()))) as pool:
         while True:
             if status == RunStatus.COMPLETED:
-                if journal_error is not None:
+                if req.may_act is not None and not req.may_act():
+                    # Before the journal's failure: a lost lease is why writes fail.
+                    status = RunStatus.STOPPED
+                    stopped = "this node no longer holds the leader lease"
+                elif journal_error is not None:
                     status = RunStatus.FAILED
                 elif req.stop.is_set():
                     status = RunStatus.STOPPED
-                elif req.may_act is not None and not req.may_act():
-                    status = RunStatus.STOPPED
-                    stopped = "this node no longer holds the leader lease"
                 elif failures >= max_errors:
                     status = RunStatus.HALTED
                 elif pending and not req.may_start(req.clock()):

@@ -36,6 +36,7 @@ from tests.integration.daemon_helpers import (
     held_health,
     on_version,
     run_patchd,
+    scrape,
     web_group,
 )
 from tests.integration.docker_fleet import Fleet, free_port
@@ -69,6 +70,9 @@ def _fleet(f: Fleet, short: str, count: int) -> tuple[list[str], str, str]:
     return names, v1, f.publish("app-v2", short)
 
 
+PORTS: dict[Path, int] = {}  # config -> its daemon's metrics port
+
+
 def _node(
     f: Fleet, tmp: Path, node: str, url: str, group: dict[str, dict[str, Any]], takeover: float
 ) -> Path:
@@ -77,13 +81,21 @@ def _node(
     home.mkdir()
     open_now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
     more = {"state": {"url": url}, "ha": {"node": node, "takeover": f"{takeover:g}s"}}
-    return daemon_config(
-        home / "patchd.toml", f, home / "state", free_port(), open_now, group, more=more
+    port = free_port()
+    config = daemon_config(
+        home / "patchd.toml", f, home / "state", port, open_now, group, more=more
     )
+    PORTS[config] = port
+    return config
 
 
 def _start(config: Path) -> Daemon:
     return Daemon(config, config.parent)
+
+
+def _metric(config: Path, line: str) -> bool:
+    """The daemon of `config` exports exactly this sample line."""
+    return line in scrape(PORTS[config]).splitlines()
 
 
 def _event_at(daemon: Daemon, name: str) -> float | None:
@@ -202,6 +214,12 @@ def test_kill_9_of_the_leader_mid_rollout(
         )
         taken = [e for e in second.events() if e["event"] == "took_over"]
         assert taken and taken[0]["during_run"] is True
+        b = tmp_path / "b" / "patchd.toml"
+        assert _metric(b, "patchd_ha_leader 1.0")
+        assert _metric(b, 'patchd_ha_takeovers_total{during_run="true"} 1.0')
+        assert any(
+            x.startswith("patchd_ha_lease_age_seconds ") for x in scrape(PORTS[b]).splitlines()
+        )
         reconciled = [e for e in second.events() if e["event"] == "reconciled"]
         assert sorted(e["now"] for e in reconciled) == ["rolled_back", "rolled_back"]
         second.proc.send_signal(signal.SIGTERM)
@@ -223,3 +241,120 @@ def test_kill_9_of_the_leader_mid_rollout(
     assert sorted(applied.values()) == [1, 1, 1, 2, 2]
     assert PostgresStore(pg_url, readonly=True).unfinished_targets() == []
     assert v1 != v2
+
+
+def test_sigstop_of_the_leader_then_sigcont_touches_nothing(
+    f: Fleet, tmp_path: Path, pg_url: str, docker_client: docker.DockerClient
+) -> None:
+    names, _, v2 = _fleet(f, "st", 4)
+    engine = EngineEvents(docker_client, names)
+    gate = tmp_path / "gate"
+    group = web_group(f.token, 2, health=held_health(gate))
+    first = _start(_node(f, tmp_path, "a", pg_url, group, TAKEOVER))
+    second: Daemon | None = None
+    try:
+        _wait_leader(first)
+        second = _start(_node(f, tmp_path, "b", pg_url, group, TAKEOVER))
+        wait_until(lambda: second.saw("READY=1"), 120, "READY of b", give_up=second.exited)
+        wait_until(
+            lambda: len(list(gate.glob("*.probing"))) == 2,
+            300,
+            "two targets verifying on a",
+            give_up=first.exited,
+        )
+        first.proc.send_signal(signal.SIGSTOP)  # a pause: a's probes go on, a does not
+        stopped = time.time()
+        _wait_leader(second, TAKEOVER + 30)
+        elected = _event_at(second, "elected")
+        assert elected is not None
+        assert elected - stopped <= TAKEOVER, f"took over in {elected - stopped:.1f}s"
+        (gate / "go").touch()
+        wait_until(lambda: on_version(f, names, v2), 300, "every container on v2 (by b)")
+        wait_until(
+            lambda: any(e["event"] == "run_finished" for e in second.events()),
+            120,
+            "b's run ends",
+        )
+        before = _rows(pg_url)
+        woken = time.time()
+        first.proc.send_signal(signal.SIGCONT)
+        # a finds its lease gone: its in-flight targets are left (to b, which has long
+        # reconciled them), its run ends, it steps down.
+        wait_until(
+            lambda: (
+                _event_at(first, "stepped_down") is not None
+                and any(e["event"] == "run_finished" for e in first.events())
+            ),
+            60,
+            "a steps down and its run ends",
+            give_up=first.exited,
+        )
+        wait_until(lambda: first.saw("STATUS=standby"), 30, "a says it is a standby")
+        time.sleep(2)  # room for a write or a call that should not come
+        assert _rows(pg_url) == before, "the old leader wrote to the journal"
+        assert engine.changes_since(woken) == [], "the old leader touched a container"
+        a = tmp_path / "a" / "patchd.toml"
+        assert _metric(a, "patchd_ha_leader 0.0")
+        ended = [e for e in first.events() if e["event"] == "run_finished"]
+        assert ended[0]["status"] == "stopped"
+        for proc in (first.proc, second.proc):
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+        first.close()
+        if second is not None:
+            second.close()
+        engine.close()
+    _assert_fleet_done(f, names, v2)
+    rows = _rows(pg_url)
+    committed = Counter(name for (_, name), states in rows.items() if "commit/done" in states)
+    assert committed == Counter(names)
+    assert engine.creates() == Counter(
+        name for (_, name), states in rows.items() if "apply/intent" in states
+    )
+    assert PostgresStore(pg_url, readonly=True).unfinished_targets() == []
+
+
+def test_postgres_crash_and_restart_mid_run_loses_nothing(
+    f: Fleet, tmp_path: Path, pg: PgLab, pg_url: str
+) -> None:
+    names, _, v2 = _fleet(f, "pg", 4)
+    gate = tmp_path / "gate"
+    group = web_group(f.token, 2, health=held_health(gate))
+    # The default takeover (15 s): the lease outlives a database restart of a few seconds.
+    daemon = _start(_node(f, tmp_path, "a", pg_url, group, 15))
+    try:
+        _wait_leader(daemon)
+        wait_until(
+            lambda: len(list(gate.glob("*.probing"))) == 2,
+            300,
+            "two targets verifying",
+            give_up=daemon.exited,
+        )
+        pg.stop("immediate")  # pg_ctl -m immediate: a crash, recovery at the next start
+        time.sleep(1)
+        (gate / "go").touch()  # the two verified now write while the database is down
+        time.sleep(1)
+        pg.start()
+        wait_until(
+            lambda: any(e["event"] == "run_finished" for e in daemon.events()),
+            300,
+            "the run ends",
+            give_up=daemon.exited,
+        )
+        [ended] = [e for e in daemon.events() if e["event"] == "run_finished"]
+        assert ended["status"] == "completed", ended
+        assert _event_at(daemon, "stepped_down") is None
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=120) == 0
+    finally:
+        daemon.close()
+    _assert_fleet_done(f, names, v2)
+    store = PostgresStore(pg_url, readonly=True)
+    [run] = store.runs("web")
+    assert run.status == "completed" and run.succeeded == 4
+    assert store.unfinished_targets() == []
+    rows = _rows(pg_url)
+    assert all(states[-1] == "commit/done" for states in rows.values())
+    assert Counter(name for (name,) in [(n,) for (_, n) in rows]) == Counter(names)
