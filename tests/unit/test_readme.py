@@ -8,6 +8,7 @@ import types
 import typing
 from datetime import UTC, datetime
 from pathlib import Path
+from tomllib import loads
 
 import pytest
 from pydantic import BaseModel
@@ -23,7 +24,8 @@ from patchd.config.schema import (
     StateModel,
     WindowModel,
 )
-from patchd.metrics import JournalView, Metrics, daemon_collectors
+from patchd.metrics import HaMetrics, JournalView, Metrics, daemon_collectors
+from tests.conftest import write_config
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 DOCUMENTED = set(re.findall(r"`([^`\s]+)`", README))
@@ -72,6 +74,7 @@ def test_every_metric_is_documented() -> None:
         no_settings, lambda: datetime.now(UTC), dict, lambda: JournalView()
     ):
         registry.register(collector)
+    HaMetrics(registry, lambda: 1.0)  # a daemon with leadership on
     names = set()
     for family in registry.collect():
         kind = family.type
@@ -95,3 +98,13 @@ def test_the_worked_example_is_what_patchd_prints(
     capsys.readouterr()
     assert main(["windows", "-c", str(path), *shown.group(1).split()]) == 0
     assert capsys.readouterr().out == output
+
+
+def test_the_ha_example_is_a_valid_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start = README.index("## High availability")
+    [snippet] = re.findall(r"```toml\n(.*?)```", README[start:], re.S)[:1]
+    assert "[state]" in snippet and "[ha]" in snippet
+    path = write_config(tmp_path / "ha.toml", {"daemon": {"state_dir": tmp_path}, **loads(snippet)})
+    assert main(["check-config", "-c", str(path)]) == 0, capsys.readouterr()
