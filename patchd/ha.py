@@ -98,4 +98,5 @@ class DaemonHa:
             return
         self.log.info("takeover_reconciled", targets=len(done))
         if self.runtime.acting():
+            self.runtime.outbox.wake()  # what a previous leader left queued goes out
             self.on_lead()

@@ -100,6 +100,7 @@ class Runtime:
             clock,
             lambda channel, result: self.observer.notification(channel, result),
         )
+        self.outbox.leading = self.acting  # with [ha], only the leader delivers
         # The engine's transitions are always logged; the front door adds its own.
         self.observer = Observers(
             [LogObserver(), *observers, NotificationObserver(self.outbox, clock)]
