@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from typing import Any
 
 from patchd import log
 from patchd.metrics import HaMetrics, Metrics
@@ -46,12 +48,21 @@ class DaemonHa:
         self.metrics.leader.set(0)
         # One thread: takeovers are handled one after the other, in order.
         self._work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchd-takeover")
+        self._stopped = False
 
     def start(self) -> None:
         self.runtime.lead(self._changed)
 
     def stop(self) -> None:
+        """At shutdown: no more takeover work (the lease is given up after the runs end,
+        and that step-down needs no disarming)."""
+        self._stopped = True
         self._work.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, work: Callable[..., None], *args: Any) -> None:
+        if not self._stopped:
+            with suppress(RuntimeError):  # shut down meanwhile
+                self._work.submit(work, *args)
 
     def _lease_age(self) -> float | None:
         ha = self.runtime.ha
@@ -67,14 +78,14 @@ class DaemonHa:
         if change.role is Role.STANDBY:
             self.metrics.leader.set(0)
             self.log.warning("stepped_down", epoch=change.epoch, reason=change.reason)
-            self._work.submit(self.on_standby)
+            self._submit(self.on_standby)
             return
         self.metrics.leader.set(1)
         self.log.info(
             "elected", epoch=change.epoch, previous=change.previous_holder or None,
             reason=change.reason,
         )  # fmt: skip
-        self._work.submit(self._took_over, change)
+        self._submit(self._took_over, change)
 
     def _took_over(self, change: Change) -> None:
         if not self.runtime.acting():

@@ -93,6 +93,13 @@ def _start(config: Path) -> Daemon:
     return Daemon(config, config.parent)
 
 
+def _no_traceback(*daemons: Daemon) -> None:
+    for daemon in daemons:
+        daemon.log.flush()
+        text = Path(daemon.log.name).read_text()
+        assert "Traceback" not in text, text[text.index("Traceback") :][:3000]
+
+
 def _metric(config: Path, line: str) -> bool:
     """The daemon of `config` exports exactly this sample line."""
     return line in scrape(PORTS[config]).splitlines()
@@ -224,6 +231,7 @@ def test_kill_9_of_the_leader_mid_rollout(
         assert sorted(e["now"] for e in reconciled) == ["rolled_back", "rolled_back"]
         second.proc.send_signal(signal.SIGTERM)
         assert second.proc.wait(timeout=120) == 0
+        _no_traceback(second)
     finally:
         first.close()
         if second is not None:
@@ -300,6 +308,7 @@ def test_sigstop_of_the_leader_then_sigcont_touches_nothing(
         for proc in (first.proc, second.proc):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=120) == 0
+        _no_traceback(first, second)
     finally:
         first.proc.send_signal(signal.SIGCONT)
         first.close()
@@ -348,6 +357,7 @@ def test_postgres_crash_and_restart_mid_run_loses_nothing(
         assert _event_at(daemon, "stepped_down") is None
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(timeout=120) == 0
+        _no_traceback(daemon)
     finally:
         daemon.close()
     _assert_fleet_done(f, names, v2)
