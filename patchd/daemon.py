@@ -256,11 +256,13 @@ class Daemon:
         with self._lock:
             now = self.clock()
             settings = self.settings
-            for job in self.scheduler.get_jobs():
-                if job.id.startswith(("window:", "stage:")) or job.id == "release":
-                    job.remove()
             # A standby schedules nothing that touches targets; it arms on election.
             acting = self.runtime.acting()
+            for job in self.scheduler.get_jobs():
+                # A stage's retry is kept on the leader; a standby has none to keep.
+                stale = job.id.startswith("window:") or job.id == "release"
+                if stale or (job.id.startswith("stage:") and not acting):
+                    job.remove()
             for name, window in settings.windows.items() if acting else ():
                 start = next_start(window, settings.freezes, now)
                 if start is not None:
