@@ -15,12 +15,15 @@ leadership as issue 14 asks it to be shown.
 from __future__ import annotations
 
 import json
+import os
+import random
 import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -368,3 +371,138 @@ def test_postgres_crash_and_restart_mid_run_loses_nothing(
     rows = _rows(pg_url)
     assert all(states[-1] == "commit/done" for states in rows.values())
     assert Counter(name for (name,) in [(n,) for (_, n) in rows]) == Counter(names)
+
+
+# Failovers in the soak below: a few by default (the machine is shared); the issue's 50
+# with PATCHD_HA_SOAK_FAILOVERS=50 (about 15 minutes).
+SOAK_FAILOVERS = int(os.environ.get("PATCHD_HA_SOAK_FAILOVERS", "4"))
+
+
+def _count(daemon: Daemon, event: str, **fields: Any) -> int:
+    return sum(
+        1
+        for e in daemon.events()
+        if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+    )
+
+
+@dataclass
+class Soak:
+    """The soak's two nodes and what it needs between rounds."""
+
+    f: Fleet
+    names: list[str]
+    tmp: Path
+    pg_url: str
+    configs: dict[str, Path]
+    daemons: dict[str, Daemon]
+    rand: random.Random
+
+    def round(self, number: int, leader: str, standby: str, version: str, trigger: bool) -> None:
+        """One rollout to `version`: its leader is killed or paused at a random point of
+        it, the standby takes over within TAKEOVER and finishes it."""
+        old, new = self.daemons[leader], self.daemons[standby]
+        where = f"round {number}"
+        # The first rollout starts with the window, perhaps before this round began.
+        applying = _count(old, "target_step", state="applying") if trigger else 0
+        if trigger:
+            config = str(self.configs[leader])
+            wait_until(
+                lambda: run_patchd("trigger", "web", "-c", config).returncode == 0,
+                120,
+                f"{where}: trigger on {leader}",
+            )
+        wait_until(
+            lambda: _count(old, "target_step", state="applying") > applying,
+            120,
+            f"{where}: {leader} patches",
+            give_up=old.exited,
+        )
+        time.sleep(self.rand.uniform(0, 3))  # anywhere in the rollout
+        elected = _count(new, "elected")
+        how = self.rand.choice(["kill", "pause"])
+        gone = time.time()
+        old.proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        wait_until(
+            lambda: _count(new, "elected") > elected,
+            TAKEOVER + 30,
+            f"{where}: {standby} takes over after the {how}",
+            give_up=new.exited,
+        )
+        took = [e for e in new.events() if e["event"] == "elected"][-1]["timestamp"]
+        took_s = datetime.fromisoformat(took.replace("Z", "+00:00")).timestamp() - gone
+        assert took_s <= TAKEOVER, f"{where}: took over in {took_s:.1f}s after the {how}"
+        if how == "kill":
+            old.proc.wait()
+            old.close()
+            home = self.tmp / f"{leader}-{number}"
+            home.mkdir()
+            self.daemons[leader] = Daemon(self.configs[leader], home)
+        else:
+            stepped = _count(old, "stepped_down")
+            old.proc.send_signal(signal.SIGCONT)
+            wait_until(
+                lambda: _count(old, "stepped_down") > stepped,
+                60,
+                f"{where}: the paused {leader} steps down",
+            )
+        wait_until(
+            lambda: on_version(self.f, self.names, version),
+            300,
+            f"{where}: every container on the new version",
+        )
+        wait_until(
+            lambda: PostgresStore(self.pg_url, readonly=True).unfinished_targets() == [],
+            120,
+            f"{where}: nothing unfinished",
+        )
+
+
+def test_failover_soak_loses_and_repeats_nothing(
+    f: Fleet, tmp_path: Path, pg_url: str, docker_client: docker.DockerClient
+) -> None:
+    """Rollouts one after the other (the tag flips between v2 and v3), each with the
+    leader killed (-9) or paused past its lease (then woken: it must step down) at a
+    random point of it; the other node takes over and finishes."""
+    names, _, v2 = _fleet(f, "sk", 6)
+    v3 = f.publish("app-v3", "sk")
+    f.publish("app-v2", "sk")  # the first rollout installs v2 (the window is open)
+    engine = EngineEvents(docker_client, names)
+    group = web_group(f.token, 2)
+    soak = Soak(
+        f,
+        names,
+        tmp_path,
+        pg_url,
+        {n: _node(f, tmp_path, n, pg_url, group, TAKEOVER) for n in ("a", "b")},
+        {},
+        random.Random(int(os.environ.get("PATCHD_HA_SOAK_SEED", "14"))),
+    )
+    soak.daemons["a"] = _start(soak.configs["a"])
+    leader, standby, version = "a", "b", v2
+    try:
+        _wait_leader(soak.daemons["a"])
+        soak.daemons["b"] = _start(soak.configs["b"])
+        wait_until(lambda: soak.daemons["b"].saw("READY=1"), 120, "READY of b")
+        for number in range(SOAK_FAILOVERS):
+            if number > 0:
+                version = v3 if version == v2 else v2
+                f.publish("app-v3" if version == v3 else "app-v2", "sk")
+            soak.round(number, leader, standby, version, trigger=number > 0)
+            leader, standby = standby, leader
+        for daemon in soak.daemons.values():
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert daemon.proc.wait(timeout=120) == 0
+        _no_traceback(*soak.daemons.values())
+    finally:
+        for daemon in soak.daemons.values():
+            daemon.proc.send_signal(signal.SIGCONT)
+            daemon.close()
+        engine.close()
+    _assert_fleet_done(f, names, version)
+    rows = _rows(pg_url)
+    committed = Counter(name for (_, name), states in rows.items() if "commit/done" in states)
+    applied = Counter(name for (_, name), states in rows.items() if "apply/intent" in states)
+    # Each rollout committed each container once: SOAK_FAILOVERS rollouts, no repeat.
+    assert committed == Counter({n: SOAK_FAILOVERS for n in names})
+    assert engine.creates() == applied  # no patch the journal does not know of
