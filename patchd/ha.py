@@ -77,7 +77,8 @@ class DaemonHa:
         """From the lease's thread: note the change, hand the work to our own thread."""
         if change.role is Role.STANDBY:
             self.metrics.leader.set(0)
-            self.log.warning("stepped_down", epoch=change.epoch, reason=change.reason)
+            level = self.log.info if self._stopped else self.log.warning  # shutdown: expected
+            level("stepped_down", epoch=change.epoch, reason=change.reason)
             self._submit(self.on_standby)
             return
         self.metrics.leader.set(1)

@@ -12,8 +12,10 @@ import pytest
 
 from patchd import acting
 from patchd.config.types import Limit
+from patchd.guest.ssh import Session
 from patchd.reconcile import reconcile
 from tests.unit.test_engine import fleet, group, run
+from tests.unit.test_guest import _ssh
 from tests.unit.test_journal_failures import T0, BrokenStore, _settings, at
 
 
@@ -92,3 +94,13 @@ def test_the_acting_guard_is_per_block_and_per_thread() -> None:
     acting.check()
     with acting.guard(lambda: True):
         acting.check()
+
+
+def test_an_ssh_command_is_not_run_by_a_leader_that_lost_its_lease(tmp_path: Path) -> None:
+    session = Session("m1", "192.0.2.1", _ssh(tmp_path))  # TEST-NET: never connected
+    with (
+        acting.guard(lambda: False),
+        pytest.raises(acting.NotActing, match="apt-get -y upgrade"),
+    ):
+        session.run(["apt-get", "-y", "upgrade"], sudo=True)
+    assert session._client is None  # not even a connection
