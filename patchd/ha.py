@@ -15,6 +15,7 @@ renewal must never wait behind a vSphere revert):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -28,6 +29,8 @@ from patchd.state.leader import Change, Role
 from patchd.states import RunStatus
 
 __all__ = ["DaemonHa"]
+
+RETRY = 5.0  # seconds between attempts at a takeover's reconciliation that failed
 
 
 class DaemonHa:
@@ -49,6 +52,7 @@ class DaemonHa:
         # One thread: takeovers are handled one after the other, in order.
         self._work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchd-takeover")
         self._stopped = False
+        self._halt = threading.Event()  # set at shutdown: a retry's wait ends
 
     def start(self) -> None:
         self.runtime.lead(self._changed)
@@ -57,6 +61,7 @@ class DaemonHa:
         """At shutdown: no more takeover work (the lease is given up after the runs end,
         and that step-down needs no disarming)."""
         self._stopped = True
+        self._halt.set()
         self._work.shutdown(wait=False, cancel_futures=True)
 
     def _submit(self, work: Callable[..., None], *args: Any) -> None:
@@ -103,11 +108,14 @@ class DaemonHa:
                 "took_over", previous=change.previous_holder, epoch=change.epoch,
                 during_run=running,
             )  # fmt: skip
-        try:
-            done = self.runtime.reconcile()
-        except Exception as err:  # fenced (lost the lease) or the database is gone
-            self.log.error("takeover_reconcile_failed", error=str(err))
-            return
+        while True:  # nothing new starts before what was left is ended
+            try:
+                done = self.runtime.reconcile()
+                break
+            except Exception as err:  # the database or a backend failed (or lease lost)
+                self.log.error("takeover_reconcile_failed", error=str(err), retry_in=RETRY)
+            if self._halt.wait(RETRY) or not self.runtime.acting():
+                return
         self.log.info("takeover_reconciled", targets=len(done))
         if self.runtime.acting():
             self.runtime.outbox.wake()  # what a previous leader left queued goes out
