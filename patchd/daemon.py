@@ -37,6 +37,7 @@ from patchd.control.live import LiveState
 from patchd.control.server import ControlServer
 from patchd.engine import GateResult
 from patchd.engine.target import TargetOutcome
+from patchd.ha import DaemonHa
 from patchd.metrics import DaemonGauges, Metrics, MetricsObserver, serve_metrics
 from patchd.observers import BaseObserver, RunLog
 from patchd.runtime import Refusal, Runtime
@@ -72,6 +73,7 @@ class Daemon:
         self._lock = threading.RLock()
         self._runs: dict[str, Future[None]] = {}
         self.control: ControlServer | None = None
+        self.ha: DaemonHa | None = None  # leadership, with a shared store and [ha] on
         self._progress: dict[str, tuple[int, int]] = {}
         # Why the last reload was refused (the old config keeps running meanwhile), or
         # what it could not apply without a restart: shown in the status line
@@ -100,7 +102,8 @@ class Daemon:
         # it is progress (EXTEND_TIMEOUT_USEC), so TimeoutStartSec stays short.
         with self.notifier.extending():
             self.runtime.connect_all()
-            self.runtime.reconcile()  # what a stopped patchd left half-done, first
+            # What a stopped patchd left half-done, first (with leadership: on election).
+            self.runtime.reconcile()
         self.metrics.reload(True, self.clock().timestamp())
         self.metrics.prepare(settings)
         self.metrics.restore(settings, self.store)  # what only runs set, after a restart
@@ -112,6 +115,11 @@ class Daemon:
         )
         self.scheduler.start()
         self.control = open_control(self, settings)
+        if self.runtime.leading:  # a standby is READY too, but idle until elected
+            self.ha = DaemonHa(
+                self.runtime, self.metrics, self._elected, self._stood_down, self._wait_runs
+            )
+            self.ha.start()
         self._arm()
         self.log.info(
             "started",
@@ -192,6 +200,8 @@ class Daemon:
             except Exception as err:  # a run that outlives the grace is journaled mid-way
                 self.log.error("run_not_finished_at_shutdown", error=repr(err))
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.ha is not None:
+            self.ha.stop()
         if self.control is not None:
             self.control.shutdown()
         self.runtime.close()
@@ -265,10 +275,14 @@ class Daemon:
         with self._lock:
             now = self.clock()
             settings = self.settings
+            # A standby schedules nothing that touches targets; it arms on election.
+            acting = self.runtime.acting()
             for job in self.scheduler.get_jobs():
-                if job.id.startswith("window:") or job.id in ("release", "rollback-retry"):
+                # A stage's retry is kept on the leader; a standby has none to keep.
+                stale = job.id.startswith("window:") or job.id in ("release", "rollback-retry")
+                if stale or (job.id.startswith("stage:") and not acting):
                     job.remove()
-            for name, window in settings.windows.items():
+            for name, window in settings.windows.items() if acting else ():
                 start = next_start(window, settings.freezes, now)
                 if start is not None:
                     self.scheduler.add_job(
@@ -280,7 +294,7 @@ class Daemon:
                         coalesce=True,
                     )
             self.gauges.refresh_journal(settings, self.store)
-            retained = self.store.retained()
+            retained = self.store.retained() if acting else []
             if retained:
                 self.scheduler.add_job(
                     self._release,
@@ -288,7 +302,7 @@ class Daemon:
                     id="release",
                     misfire_grace_time=None,
                 )
-            retry_at = self.runtime.next_rollback_retry()
+            retry_at = self.runtime.next_rollback_retry() if acting else None
             if retry_at is not None:
                 self.scheduler.add_job(
                     self._retry_rollbacks,
@@ -323,7 +337,26 @@ class Daemon:
         self._refresh_snapshots()
         self._arm()
 
+    # --- leadership (patchd.ha calls these from its own thread) ---------------------------
+
+    def _elected(self) -> None:
+        self._arm()
+        self.notifier.status(self.status_line())
+        self._run_open_windows()
+
+    def _stood_down(self) -> None:
+        self._arm()  # disarms: the runs going on stop starting targets by themselves
+
+    def _wait_runs(self) -> None:
+        with self._lock:
+            runs = list(self._runs.values())
+        for future in runs:
+            with suppress(Exception):
+                future.result()
+
     def _run_open_windows(self) -> None:
+        if not self.runtime.acting():
+            return
         now = self.clock()
         settings = self.settings
         for name, window in settings.windows.items():
@@ -402,6 +435,9 @@ class Daemon:
 
     def status_line(self) -> str:
         line = self._status_line()
+        if self.ha is not None and not self.runtime.acting():
+            leader = self.ha.leader()
+            line = f"standby (leader: {leader or 'none'})"
         return f"{self._reload_note}; {line}" if self._reload_note else line
 
     def _status_line(self) -> str:

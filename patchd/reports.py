@@ -254,11 +254,39 @@ def status(settings: Settings, store: Store, now: datetime) -> dict[str, Any]:
         "unfinished": unfinished,
         **needs_person,
         "retained": retained,
+        **({"leader": leader(store)} if settings.state.url is not None else {}),
     }
 
 
+def leader(store: Store) -> dict[str, Any]:
+    """Who leads, from the lease row of a shared store (any node, even with no daemon)."""
+    from patchd.state.postgres import PostgresStore
+    from patchd.state.shared import leader_of
+
+    assert isinstance(store, PostgresStore)
+    view = leader_of(store)
+    valid = bool(view.holder) and view.remaining > 0
+    return {
+        "node": view.holder.split("/")[0] if valid else None,
+        "holder": view.holder or None,
+        "epoch": view.epoch,
+        "expires_in": round(view.remaining, 1) if valid else None,
+        "renewed_ago": round(view.age, 1) if view.holder else None,
+    }
+
+
+def _render_leader(lead: Mapping[str, Any]) -> str:
+    if lead["node"] is None:
+        last = f" (last: {lead['holder']}, epoch {lead['epoch']})" if lead["holder"] else ""
+        return f"leader: NONE, the lease is free or expired{last}"
+    return (
+        f"leader: {lead['node']} ({lead['holder']}, epoch {lead['epoch']}, renewed"
+        f" {lead['renewed_ago']:g}s ago, expires in {lead['expires_in']:g}s)"
+    )
+
+
 def render_status(doc: Mapping[str, Any]) -> str:
-    lines = []
+    lines = [_render_leader(doc["leader"])] if "leader" in doc else []
     for g in doc["groups"]:
         last = g["last_run"]
         run_text = (

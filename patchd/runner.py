@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from patchd import health
+from patchd import acting, health
 from patchd.backends.base import Backend, Target
 from patchd.config.settings import Group, Settings
 from patchd.engine import GateResult, RunRequest, RunResult, run_group, stage_gate
@@ -112,6 +112,8 @@ class Runner:
     # Every answer of a group's alert gate: (group, check, answer), check being
     # "before_start" (the engine asks before targets start) or "after_patch" (the probe).
     on_alert_gate: Callable[[str, str, GateResult], None] | None = None
+    # Leadership (a shared store): whether this node may touch targets now; None: always.
+    may_act: Callable[[], bool] | None = None
 
     def alert_gate(self, group: Group) -> tuple[Callable[[], GateResult] | None, Probe]:
         """The group's pre-start alert gate (None without `health.prometheus`) and its
@@ -216,6 +218,7 @@ class Runner:
                     on_progress=self.on_progress,
                     gate=self.pause_gate(group, alert_gate),
                     gate_recheck=recheck,
+                    may_act=self.may_act,
                 )
             )
         return result
@@ -227,7 +230,10 @@ class Runner:
             backend = self.backends.get(row.backend)
             if backend is None:
                 continue  # that backend left the config; keep the record for a person
-            backend.release(row.data)
+            if self.may_act is not None and not self.may_act():
+                break  # no longer the leader: the next one releases the rest
+            with acting.guard(self.may_act):
+                backend.release(row.data)
             self.store.released(row.id)
             count += 1
         return count

@@ -6,6 +6,10 @@ half-done, running a group, and retrying rollbacks that failed (patchd.retries s
 when). A refused run is a value (`Refusal`) carrying its reason
 and the instant it may be retried; the daemon schedules on that instant, never re-decides.
 
+With `[state] url` the store is the shared PostgreSQL one, and (`[ha] enabled`) the
+daemon puts leadership on it (`lead`): only while this node holds the lease does a run
+start or a target get touched (`may_act`); reconciling runs under the same fence.
+
 Backends are connected when first needed (the daemon connects all of them at start),
 reused across reloads while their spec is unchanged; a replaced one is retired and closed
 once no run can be using it, and `close()` closes them all.
@@ -17,8 +21,9 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from patchd import compliance, log, retries
+from patchd import acting, compliance, log, retries
 from patchd.backends import connect
 from patchd.backends.base import Backend
 from patchd.config import BackendSpec, Settings
@@ -35,9 +40,18 @@ from patchd.retries import RetryPolicy
 from patchd.runner import Refusal, Runner, RunRefused, hand_over
 from patchd.state import StoreError, StoreProtocol
 from patchd.state import open_store as open_journal
+from patchd.state.leader import Change
 from patchd.states import TargetState
 
+if TYPE_CHECKING:
+    from patchd.state.shared import Ha
+
 __all__ = ["Refusal", "Runtime", "open_store"]
+
+_NOT_LEADER = "this node is a standby: the leader runs the groups (see `patchd status`)"
+_NO_LEASE = (
+    "with [ha] on, only the leader daemon patches: use `patchd trigger` on it (see `patchd status`)"
+)
 
 Progress = Callable[[TargetOutcome, int, int], None]
 
@@ -50,6 +64,11 @@ def open_store(settings: Settings, *, readonly: bool = False) -> StoreProtocol:
     to, a journal root creates in a state directory another user owns (the service's)
     is handed to that owner: else the service could not open it.
     """
+    if settings.state.url is not None:
+        # Imported here: a patchd on SQLite never loads psycopg.
+        from patchd.state.shared import open_shared
+
+        return open_shared(settings.state, readonly=readonly)
     path = settings.daemon.state_dir / "patchd.db"
     if readonly:
         if not path.exists():
@@ -86,6 +105,7 @@ class Runtime:
             clock,
             lambda channel, result: self.observer.notification(channel, result),
         )
+        self.outbox.leading = self.acting  # with [ha], only the leader delivers
         # The engine's transitions are always logged; the front door adds its own.
         self.observer = Observers(
             [LogObserver(), *observers, NotificationObserver(self.outbox, clock)]
@@ -99,6 +119,35 @@ class Runtime:
         # group -> until when its rollback retries wait (its lock was held, or its
         # backend did not answer); a wait spends no retry.
         self._retry_held: dict[str, datetime] = {}
+        self.ha: Ha | None = None  # leadership, once `lead` started it
+
+    # --- leadership -----------------------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        """Whether leadership is configured: a shared store with `[ha] enabled`."""
+        return self.settings.state.url is not None and self.settings.ha.enabled
+
+    def lead(self, on_change: Callable[[Change], None]) -> None:
+        """Start contending for the lease (the daemon, once): every write is fenced by it
+        from now on, and `on_change` hears each change of role (from the lease's thread)."""
+        from patchd.state.postgres import PostgresStore
+        from patchd.state.shared import Ha
+
+        assert isinstance(self.store, PostgresStore) and self.leading
+        self.ha = Ha.start(self.store, self.settings.ha, on_change)
+
+    @property
+    def may_act(self) -> Callable[[], bool] | None:
+        """What the engine asks before touching a target; None without leadership."""
+        return None if self.ha is None else self.ha.may_act
+
+    def acting(self) -> bool:
+        """Whether this node may touch targets now (always without leadership; never with
+        it configured but not started: `patchd run` on a node of a shared store)."""
+        if self.ha is None:
+            return not self.leading
+        return self.ha.may_act()
 
     # --- backends -------------------------------------------------------------------------
 
@@ -163,6 +212,8 @@ class Runtime:
             backends = [*self._backends.values(), *self._retired]
             self._backends, self._retired = {}, []
         self._close(backends)
+        if self.ha is not None:  # give the lease up: a standby takes over at once
+            self.ha.stop()
         if self.outbox.running:
             self.outbox.stop()
         elif self.settings.notifications and not self.readonly:
@@ -187,12 +238,15 @@ class Runtime:
         """Finish what a stopped patchd left half-done, before anything new starts. With
         `groups`, only their backends are connected (others' targets are left alone)."""
         settings = self.settings
+        if not self.acting():
+            return []  # a standby: the leader reconciles (and this one on taking over)
         names = settings.groups if groups is None else groups
         backends = {
             backend: self.backend(backend)
             for backend in {settings.groups[g].backend for g in names}
         }
-        done = reconcile(settings, self.store, backends, self.clock)
+        with acting.guard(self.may_act):
+            done = reconcile(settings, self.store, backends, self.clock)
         for item in done:
             self.observer.reconciled(item)
         return done
@@ -211,10 +265,15 @@ class Runtime:
         with self._lock:  # the group and its backend from the same settings
             settings = self.settings
             group = settings.groups.get(group_name)
+            refusal = None
             if group is None:  # a reload dropped it while its run waited
                 refusal = Refusal(f"group {group_name!r} is no longer configured")
+            elif not self.acting():
+                refusal = Refusal(_NOT_LEADER if self.ha is not None else _NO_LEASE)
+            if refusal is not None:
                 self.log.info("run_refused", group=group_name, reason=refusal.reason)
                 return refusal
+            assert group is not None
             try:
                 backend = self.backend(group.backend)
             except Exception as err:
@@ -232,6 +291,7 @@ class Runtime:
                 clock=self.clock,
                 on_progress=on_progress,
                 on_alert_gate=lambda name, check, answer: self._alert_gate(group, check, answer),
+                may_act=self.may_act,
             )
             result = runner.run(group, now=now, force=force, stop=stop)
         except RunRefused as err:
@@ -295,7 +355,10 @@ class Runtime:
         try:
             for name in self.settings.backends:
                 self.backend(name)
-            runner = Runner(self.settings, self.store, self.backends, self.observer, self.clock)
+            runner = Runner(
+                self.settings, self.store, self.backends, self.observer, self.clock,
+                may_act=self.may_act,
+            )  # fmt: skip
             return runner.release_expired()
         finally:
             with self._lock:
@@ -314,6 +377,8 @@ class Runtime:
     def retry_rollbacks(self) -> list[Reconciled]:
         """Retry every failed rollback that is due; what became of each is logged, and
         people are told when one succeeds or the last one fails."""
+        if not self.acting():
+            return []  # a standby: the leader retries (fenced writes would only be refused)
         settings, policy, now = self.settings, self.retry_policy, self.clock()
         done = []
         for due in retries.pending(self.store, settings, now, policy):
@@ -330,8 +395,9 @@ class Runtime:
                 backend = self.backend(name)
                 if not self.check(name, backend):
                     raise RunRefused(f"backend {name} does not answer")
-                item = retries.retry(settings, self.store, {name: backend}, due, self.clock)
-            except (RunRefused, StoreError) as err:
+                with acting.guard(self.may_act):
+                    item = retries.retry(settings, self.store, {name: backend}, due, self.clock)
+            except (RunRefused, StoreError, acting.NotActing) as err:
                 with self._lock:
                     self._retry_held[due.group] = now + policy.first
                 self.log.warning("rollback_retry_deferred", reason=str(err), **fields)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from patchd import poll
+from patchd import acting, poll
 from patchd.backends.base import BackendError, StepFailed, TransientError
 
 _POLL = 0.1  # as often as the bench's floor polls (bench/downtime.py)
@@ -157,7 +157,11 @@ class Engine:
 
     @property
     def api(self) -> Any:
-        """The low-level docker.APIClient (the high-level models inspect once more per item)."""
+        """The low-level docker.APIClient (the high-level models inspect once more per item).
+
+        Every call goes through here, so a leader that lost its lease in the middle of a
+        step makes none of the step's calls it has left (patchd.acting)."""
+        acting.check(f"docker {self.url}")
         with self._lock:
             if self._client is None:
                 try:

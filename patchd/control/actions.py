@@ -244,6 +244,8 @@ class Actions:
     def do_trigger(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:
         [group] = self._groups(body)
         force = bool(body.get("force"))
+        if not self.daemon.runtime.acting():
+            raise ProtocolError(409, "this node is a standby: trigger the leader (patchd status)")
         if not self.daemon.start_run(group, now=True, force=force):
             raise ProtocolError(409, f"a run of {group} is going on already (or patchd stops)")
         return {"started": group, "force": force}

@@ -112,6 +112,10 @@ class RunRequest:
     # How to pause while the gate is shut and nothing is in flight (default: wait on
     # `stop` for `gate_recheck` seconds, so a stop ends the pause at once).
     pause: Callable[[float], None] | None = None
+    # Leadership (a shared PostgreSQL store): whether this node may touch targets now;
+    # once it may not, no target starts and in-flight ones go only as far as they can
+    # be journaled (engine/target.py). None: no leadership.
+    may_act: Callable[[], bool] | None = None
 
 
 def dependency_order(targets: Sequence[Target]) -> list[Target]:
@@ -178,6 +182,7 @@ def run_group(request: RunRequest) -> RunResult:
         probe=req.probe,
         quarantined=not_again,
         stop=req.stop,
+        may_act=req.may_act,
     )
     if req.sleep is not None:
         ctx.sleep = req.sleep
@@ -191,6 +196,7 @@ def run_group(request: RunRequest) -> RunResult:
     failures = 0
     status = RunStatus.COMPLETED
     journal_error: str | None = None
+    stopped = "patchd is stopping"
 
     def record(outcome: TargetOutcome) -> None:
         results[outcome.target.name] = outcome
@@ -208,7 +214,11 @@ def run_group(request: RunRequest) -> RunResult:
     with ThreadPoolExecutor(max_workers=max(1, sum(limits.values()))) as pool:
         while True:
             if status == RunStatus.COMPLETED:
-                if journal_error is not None:
+                if req.may_act is not None and not req.may_act():
+                    # Before the journal's failure: a lost lease is why writes fail.
+                    status = RunStatus.STOPPED
+                    stopped = "this node no longer holds the leader lease"
+                elif journal_error is not None:
                     status = RunStatus.FAILED
                 elif req.stop.is_set():
                     status = RunStatus.STOPPED
@@ -284,7 +294,7 @@ def run_group(request: RunRequest) -> RunResult:
     reason = {
         RunStatus.HALTED: f"error budget spent: {failures} failed (max_errors {max_errors})",
         RunStatus.WINDOW_CLOSED: "the window closed (or its cutoff or a freeze began)",
-        RunStatus.STOPPED: "patchd is stopping",
+        RunStatus.STOPPED: stopped,
         RunStatus.FAILED: f"{journal_error}; no new target was started",
         RunStatus.COMPLETED: "dependency cycle",
     }[status]

@@ -13,6 +13,12 @@ fails later rolls the target back all the same (its rollback rows are written if
 can be), except once "verified" is written: then the commit goes ahead, since that row
 tells a restart to check the target again and commit it. Either way the outcome says
 `journal_failed`, and the run starts no new target.
+
+With leadership (`may_act` set: several daemons share a PostgreSQL store), nothing is
+done blind: a step starts only while this node leads and after its intent row is written,
+and a target whose journal cannot be written, or whose node lost the lease, is left where
+its last row says, for the reconciliation of whichever node leads next (never rolled back
+or committed without a record). Its outcome is `pending` with `journal_failed`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from patchd import faults
+from patchd import acting, faults
 from patchd.backends.base import (
     Backend,
     LeftOutOfService,
@@ -139,6 +145,8 @@ class TargetContext:
     retries: int = 3
     backoff: float = 1.0
     stop: threading.Event = field(default_factory=threading.Event)
+    # Leadership: whether this node may touch a target now (None: no leadership, SQLite).
+    may_act: Callable[[], bool] | None = None
 
 
 class _Journal:
@@ -183,6 +191,8 @@ class _Journal:
         try:
             self.move(state, step, phase, **fields)
         except StoreError as err:
+            if self.ctx.may_act is not None:
+                raise  # leadership: never blind; the next leader reconciles the target
             self.state = state
             ctx = self.ctx
             ctx.observer.step(
@@ -206,6 +216,12 @@ def _retrying(ctx: TargetContext, call: Callable[[], T]) -> T:
                 raise StepFailed(f"gave up after {ctx.retries + 1} attempts: {err}") from err
             ctx.sleep(ctx.backoff * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def _act(ctx: TargetContext, step: str) -> None:
+    """NotActing unless this node may touch a target now (leadership only)."""
+    if ctx.may_act is not None and not ctx.may_act():
+        raise acting.NotActing(f"{step} not started: this node no longer holds the leader lease")
 
 
 def _keep(ctx: TargetContext, retained: Retained | None) -> Keep | None:
@@ -255,6 +271,11 @@ def peek_update(ctx: TargetContext, target: Target) -> Update | None:
 
 def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     """Drive one target to committed, rolled_back or rollback_failed. Never raises."""
+    with acting.guard(ctx.may_act):  # each backend call asks too (patchd.acting)
+        return _patch_target(ctx, target)
+
+
+def _patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     started = ctx.clock()
     journal = _Journal(ctx, target)
 
@@ -269,6 +290,8 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
     except NotRunning as err:  # stopped by a person: not a failure of the patch
         return done(R.SKIPPED, error=f"skipped (not running): {err}")
     except Exception as err:  # fail closed: a target we cannot read is not patched
+        if ctx.may_act is not None and not ctx.may_act():
+            return done(R.PENDING, error=f"not started: {err}")
         return done(R.FAILED, error=f"checking for an update: {err}")
     if update is None:  # current, or all its baseline holds back (the reason says)
         return done(R.SKIPPED if reason else R.CURRENT, error=reason)
@@ -293,14 +316,17 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         return done(R.FAILED, update=update, error=f"not started, the journal failed: {err}")
     committed = False
     try:
+        _act(ctx, "snapshot")
         snapshot = _retrying(ctx, lambda: backend.snapshot(target, snapshot, ctx.group.snapshot))
         faults.hit("engine.after_snapshot")
         journal.move(S.SNAPSHOTTED, "snapshot", "done", snapshot=snapshot.data)
         journal.move(S.APPLYING, "apply", "intent")
+        _act(ctx, "apply")
         _retrying(ctx, lambda: backend.apply(target, update, snapshot, ctx.group.patch))
         faults.hit("engine.after_apply")
         journal.move(S.APPLIED, "apply", "done")
         journal.move(S.VERIFYING, "verify", "intent")
+        _act(ctx, "verify")
         _retrying(ctx, lambda: backend.verify(target, update, ctx.group.health))
         faults.hit("engine.during_verify")
         ctx.probe(target, backend.describe(target), ctx.group)
@@ -308,6 +334,7 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         # Rolling back without this row would leave "verified" on record for a target on
         # its old version, which a restart would then commit.
         journal.move_anyway(S.COMMITTING, "commit", "intent")
+        _act(ctx, "commit")
         retained = _retrying(ctx, lambda: backend.commit(target, snapshot, ctx.group.snapshot))
         faults.hit("engine.after_commit")
         committed = True
@@ -321,26 +348,34 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
             # gone). The journal still says committing: a restart's reconciliation checks
             # the target again and finishes the commit, which is idempotent.
             return done(R.SUCCESS, update=update, retained=retained, error=f"journal: {err}")
+        if ctx.may_act is not None and (isinstance(err, StoreError) or not ctx.may_act()):
+            return _left(done, update, journal, err)
         failure = f"{journal.state}: {err}"
         # Failing its verification (health checks, the alert gate after the patch) is the
         # version's fault; a failed snapshot, apply or commit, or a backend that stayed
         # unreachable while verifying (transient errors to the last retry), may be the
         # target's or the infrastructure's, and quarantines nothing.
         bad_version = journal.state == S.VERIFYING and not isinstance(err.__cause__, TransientError)
-    if journal.recorded in PROVEN:
-        # The record says the new version passed: a restart commits it. Rolling back
-        # without "rolling_back" on record would have it commit the old version.
-        try:
-            journal.move(S.ROLLING_BACK, "rollback", "intent", error=failure)
-        except StoreError as err:
-            failure = (
-                f"{failure}; not rolled back: the journal cannot record it ({err}) and"
-                f" says {journal.recorded}, so the target keeps its verified new version"
-                " and its snapshot for the next start to check and commit"
-            )
-            return done(R.FAILED, update=update, error=failure)
-    else:
-        journal.move_anyway(S.ROLLING_BACK, "rollback", "intent", error=failure)
+    try:
+        if journal.recorded in PROVEN:
+            # The record says the new version passed: a restart commits it. Rolling back
+            # without "rolling_back" on record would have it commit the old version.
+            try:
+                journal.move(S.ROLLING_BACK, "rollback", "intent", error=failure)
+            except StoreError as err:
+                if ctx.may_act is not None:
+                    raise  # leadership: the next leader reconciles it (see _left)
+                failure = (
+                    f"{failure}; not rolled back: the journal cannot record it ({err}) and"
+                    f" says {journal.recorded}, so the target keeps its verified new version"
+                    " and its snapshot for the next start to check and commit"
+                )
+                return done(R.FAILED, update=update, error=failure)
+        else:
+            journal.move_anyway(S.ROLLING_BACK, "rollback", "intent", error=failure)
+        _act(ctx, "rollback")
+    except (StoreError, acting.NotActing) as err:  # leadership only: see _left
+        return _left(done, update, journal, err)
     try:
         _retrying(ctx, lambda: backend.rollback(target, snapshot))
         faults.hit("engine.after_rollback")
@@ -354,3 +389,14 @@ def patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         return done(R.ROLLBACK_FAILED, update=update, error=failure, quarantine=bad_version)
     journal.move_anyway(S.ROLLED_BACK, "rollback", "done")
     return done(R.ROLLED_BACK, update=update, error=failure, quarantine=bad_version)
+
+
+def _left(
+    done: Callable[..., TargetOutcome], update: Update, journal: _Journal, err: BaseException
+) -> TargetOutcome:
+    """Leadership: the target is left as its last journal row says (the row the next
+    leader's reconciliation reads), neither rolled back nor committed blind."""
+    journal.failed = True
+    return done(
+        R.PENDING, update=update, error=f"left in {journal.state} for reconciliation: {err}"
+    )

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from patchd import acting
 from patchd.guest.errors import AuthFailed, CommandFailed, HostKeyRejected, SudoDenied, Unreachable
 from patchd.guest.settings import SshModel
 
@@ -249,6 +250,7 @@ class Session:
         it ran past `timeout` or the connection dropped (outcome unknown), and with
         `check` when it exited non-zero.
         """
+        acting.check(shlex.join(argv))  # not by a leader that lost its lease
         self.open()
         line = self.command_line(argv, sudo=sudo, env=env)
         limit = timeout if timeout is not None else self.settings.command_timeout.total_seconds()

@@ -10,6 +10,7 @@ from patchd.metrics.collectors import (
 )
 from patchd.metrics.definitions import Metrics
 from patchd.metrics.gauges import DaemonGauges
+from patchd.metrics.ha import HaMetrics
 from patchd.metrics.journal import JournalCollector, JournalView, journal_view, pending_windows
 from patchd.metrics.observer import MetricsObserver
 from patchd.metrics.server import MetricsServer, serve_metrics
@@ -17,6 +18,7 @@ from patchd.metrics.server import MetricsServer, serve_metrics
 __all__ = [
     "DaemonGauges",
     "GroupCollector",
+    "HaMetrics",
     "JournalCollector",
     "JournalView",
     "Metrics",

@@ -58,6 +58,13 @@ class Outbox:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Leadership: only the leader delivers (a standby that sent would send twice: its
+        # "done" write is refused). The runtime sets it; `wake` on election.
+        self.leading: Callable[[], bool] = lambda: True
+
+    def wake(self) -> None:
+        """Deliver what is due now (this node just became the leader)."""
+        self._wake.set()
 
     def configure(
         self, config: Mapping[str, NotificationModel], channels: Mapping[str, Channel] | None = None
@@ -99,7 +106,9 @@ class Outbox:
     def deliver_due(self, everything: bool = False) -> datetime | None:
         """Try every message due now (with `everything`, every queued one), once; returns
         when the next one is due (None: the outbox is empty). StoreError propagates (the
-        thread waits and tries again)."""
+        thread waits and tries again). A standby delivers nothing (see `leading`)."""
+        if not self.leading():
+            return None
         now = self.clock()
         for row in self.store.due_notifications(by=None if everything else now):
             with self._lock:

@@ -57,9 +57,11 @@ def daemon_config(
     start: datetime,
     groups: dict[str, dict[str, Any]],
     backend_timeout: str = "30s",
+    more: dict[str, Any] | None = None,
 ) -> Path:
     """A daemon's config for the lab's engine: JSON log, metrics on `port`, the window
-    `soon` opening at `start` (in the past: open now)."""
+    `soon` opening at `start` (in the past: open now); `more`: other top-level tables
+    (`state`, `ha`)."""
     return write_config(
         path,
         {
@@ -74,6 +76,7 @@ def daemon_config(
                 "lab": {"type": "docker", "url": f.docker_host, "timeout": backend_timeout}
             },
             "groups": groups,
+            **(more or {}),
         },
     )
 

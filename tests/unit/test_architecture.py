@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchd.plugins",
             "patchd.serving",
             "patchd.versions",
+            "patchd.acting",
         ),
     ),
     ("config", ("patchd.config",)),
@@ -64,7 +65,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchd.notifications",
         ),
     ),
-    ("front doors", ("patchd.daemon", "patchd.cli", "patchd.control")),
+    ("front doors", ("patchd.daemon", "patchd.ha", "patchd.cli", "patchd.control")),
 ]
 
 # At most one import may run back up a layer for good, written here with its reason.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.metrics import JournalView, Metrics, daemon_collectors
+from patchd.metrics import HaMetrics, JournalView, Metrics, daemon_collectors
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "config" / "prometheus" / "patchd-rules.yml"
@@ -44,6 +44,7 @@ def exported_series() -> dict[str, str]:
         no_settings, lambda: datetime.now(UTC), dict, lambda: JournalView()
     ):
         metrics.registry.register(collector)
+    HaMetrics(metrics.registry, lambda: 1.0)  # a daemon with leadership on
     suffixes = {
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),
@@ -243,6 +244,8 @@ def test_the_required_alerts_exist() -> None:
         "patchd_backend_up",
         "patchd_target_security_pending_since_timestamp_seconds",
         "up",  # patchd absent
+        "patchd_ha_leader",  # no leader
+        "patchd_ha_takeovers_total",  # leader changed during a run
     ):
         assert alert_reading(metric), f"no alert rule reads {metric}"
     assert "rollback_failed" not in exprs["PatchdRollback"]

@@ -10,6 +10,7 @@ import types
 import typing
 from datetime import UTC, datetime
 from pathlib import Path
+from tomllib import loads
 
 import pytest
 from pydantic import BaseModel
@@ -27,7 +28,8 @@ from patchd.config.schema import (
     StateModel,
     WindowModel,
 )
-from patchd.metrics import JournalView, Metrics, daemon_collectors
+from patchd.metrics import HaMetrics, JournalView, Metrics, daemon_collectors
+from tests.conftest import write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -77,6 +79,7 @@ def test_every_metric_is_documented() -> None:
         no_settings, lambda: datetime.now(UTC), dict, lambda: JournalView()
     ):
         registry.register(collector)
+    HaMetrics(registry, lambda: 1.0)  # a daemon with leadership on
     names = set()
     for family in registry.collect():
         kind = family.type
@@ -146,3 +149,13 @@ def test_the_license_file_matches_the_declared_license() -> None:
     for phrase in LICENSE_HEADERS[spdx]:
         assert phrase in text[:400], f"LICENSE does not read as {spdx}: {phrase!r} missing"
     assert "TERMS AND CONDITIONS" in text and len(text) > 10_000  # the whole text, not a stub
+
+
+def test_the_ha_example_is_a_valid_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start = README.index("## High availability")
+    [snippet] = re.findall(r"```toml\n(.*?)```", README[start:], re.S)[:1]
+    assert "[state]" in snippet and "[ha]" in snippet
+    path = write_config(tmp_path / "ha.toml", {"daemon": {"state_dir": tmp_path}, **loads(snippet)})
+    assert main(["check-config", "-c", str(path)]) == 0, capsys.readouterr()

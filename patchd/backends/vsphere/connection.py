@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from patchd import log
+from patchd import acting, log
 from patchd.backends.base import BackendError, TransientError
 from patchd.backends.vsphere.config import VSphereConfig
 
@@ -336,8 +336,11 @@ class Session:
     def call(self, what: str, work: Callable[[Any], T], *, mutating: bool = False) -> T:
         """Run `work(content)`: re-login once on NotAuthenticated, retry transient faults.
 
-        Raises TransientError when the faults persist; other errors pass through.
+        Raises TransientError when the faults persist; other errors pass through. A
+        mutating call is not made by a leader that lost its lease (patchd.acting).
         """
+        if mutating:
+            acting.check(what)
         relogged = False
         attempt = 0
         while True:
