@@ -23,14 +23,21 @@ Figures, from the median (by wall time) of --repeat runs after one warm-up run:
   scheduling loop, the journal (SQLite and the kernel's fsync work), the observer calls
   and the thread switches between the workers.
 
+`--store postgres` keeps the journal in PostgreSQL instead (`--pg-url`, default the bench
+bed's PATCHD_LAB_PG_URL from its lab.env: `tests/lab/lab.sh up` starts a private
+PostgreSQL), and then also runs once with the SQLite file in the same run, so both figures
+are printed side by side (target on PostgreSQL: wall <= 1.05x, engine CPU <= 3 ms per
+target). The CPU figure is this process's only: the PostgreSQL server's own CPU is not in
+it (the server is another process, as it would be for patchd).
+
 `--breakdown` runs once more with the journal in memory and once with no journal at all
 (`--store memory|null` by hand), and prints what each layer costs per target.
 `--observer log` adds the daemon's real observers (structlog JSON to /dev/null at info
 level, and the Prometheus metrics), which a run inside `patchd daemon` pays on top.
 
     .venv/bin/python bench/orchestration.py [--targets 1000] [--concurrency 50]
-        [--step-time 1.0] [--repeat 3] [--observer null|log] [--store file|memory|null]
-        [--breakdown] [--state-dir DIR]
+        [--step-time 1.0] [--repeat 3] [--observer null|log]
+        [--store file|memory|null|postgres] [--pg-url URL] [--breakdown] [--state-dir DIR]
 
 Profile the engine's CPU with py-spy (the workers run `patch_target`):
 
@@ -74,6 +81,7 @@ from patchd.testing import FakeBackend, FakeSelect
 
 WALL_TARGET = 1.05
 CPU_TARGET_MS = 2.0
+PG_CPU_TARGET_MS = 3.0  # issue 14: on PostgreSQL (a client round trip per journal write)
 JOURNAL_ROWS = 8  # per patched target: intent and done of snapshot, apply, verify, commit
 BACKEND_METHODS = (
     "ping",
@@ -148,12 +156,31 @@ def make_group(concurrency: int, targets: int) -> Group:
     )
 
 
-def make_store(kind: str, path: Path) -> Any:
+def make_store(kind: str, path: Path, pg_url: str | None = None) -> Any:
+    if kind == "postgres":
+        from patchd.state.postgres import PostgresStore
+
+        assert pg_url is not None
+        return PostgresStore(pg_url)
     if kind == "file":
         return SqliteStore(path)
     if kind == "memory":
         return SqliteStore(Path(":memory:"))
     return NullStore()
+
+
+def pg_url_of_bench_bed() -> str | None:
+    """PATCHD_LAB_PG_URL of the bench bed's lab.env (the environment's first)."""
+    if os.environ.get("PATCHD_LAB_PG_URL"):
+        return os.environ["PATCHD_LAB_PG_URL"]
+    lab = Path(os.environ.get("PATCHD_LAB_DIR") or "/tmp/patchd-lab-bench")
+    env = lab / "lab.env"
+    if not env.exists():
+        return None
+    for line in env.read_text().splitlines():
+        if line.startswith("export PATCHD_LAB_PG_URL="):
+            return line.split("=", 1)[1].strip("'\"")
+    return None
 
 
 _observers: dict[str, Any] = {}
@@ -185,9 +212,10 @@ def one_run(
     backend.step_time = args.step_time
     backend.sleep = time.sleep
     meter = BackendCpu(backend)
-    store = make_store(store_kind, state_dir / f"run{index}" / "patchd.db")
+    store = make_store(store_kind, state_dir / f"run{index}" / "patchd.db", args.pg_url)
     request = RunRequest(
-        run_id=f"bench-{index}",
+        # unique across invocations: a PostgreSQL journal outlives this script
+        run_id=f"bench-{index}-{os.getpid()}-{time.time_ns()}",
         group=make_group(args.concurrency, targets),
         backend=backend,
         store=store,
@@ -227,15 +255,26 @@ def main() -> int:
     parser.add_argument("--state-dir", type=Path, help="where the journal files go")
     parser.add_argument(
         "--store",
-        choices=("file", "memory", "null"),
+        choices=("file", "memory", "null", "postgres"),
         default="file",
-        help="the journal: a SQLite file as in production (the figure), or, only to"
-        " attribute costs, SQLite in memory or no journal at all",
+        help="the journal: a SQLite file as in production (the figure), PostgreSQL (a"
+        " shared store, --pg-url), or, only to attribute costs, SQLite in memory or no"
+        " journal at all",
     )
+    parser.add_argument("--pg-url", help="with --store postgres (default: the bench bed's)")
     parser.add_argument(
         "--breakdown", action="store_true", help="one more run each with --store memory, null"
     )
     args = parser.parse_args()
+    if args.store == "postgres" and not args.pg_url:
+        args.pg_url = pg_url_of_bench_bed()
+        if not args.pg_url:
+            print(
+                "orchestration: --store postgres needs --pg-url, or a bench bed with PostgreSQL"
+                " (PATCHD_LAB_DIR=/tmp/patchd-lab-bench tests/lab/lab.sh up)",
+                file=sys.stderr,
+            )
+            return 2
 
     waves = math.ceil(args.targets / args.concurrency)
     ideal = waves * args.step_time
@@ -264,6 +303,8 @@ def main() -> int:
                 f"{r['in_flight']:.0f} applies at once",
                 flush=True,
             )
+        if args.store == "postgres":  # SQLite's figure beside it, in the same run
+            extra["file"] = one_run(args, state_dir, args.repeat + 1, args.targets, "file")
         if args.breakdown:
             for n, kind in enumerate(k for k in ("file", "memory", "null") if k != args.store):
                 extra[kind] = one_run(args, state_dir, args.repeat + 1 + n, args.targets, kind)
@@ -277,7 +318,8 @@ def main() -> int:
     per_wave = (median["wall"] - ideal) * 1000 / waves
     best = min(r["wall"] for r in runs) / ideal
     spread = statistics.pstdev([r["wall"] for r in runs]) / ideal if len(runs) > 1 else 0.0
-    wall_ok, cpu_ok = ratio <= WALL_TARGET, per_target < CPU_TARGET_MS
+    cpu_target = PG_CPU_TARGET_MS if args.store == "postgres" else CPU_TARGET_MS
+    wall_ok, cpu_ok = ratio <= WALL_TARGET, per_target <= cpu_target
     print(
         f"orchestration: wall/ideal = {ratio:.3f}x (target <= {WALL_TARGET}x: "
         f"{'met' if wall_ok else 'MISSED'})  median wall {median['wall']:.3f} s, ideal "
@@ -286,8 +328,8 @@ def main() -> int:
         f"writes per target); best {best:.3f}x, sd {spread:.3f}x over {len(runs)} runs"
     )
     print(
-        f"orchestration: engine CPU per target = {per_target:.2f} ms (target < "
-        f"{CPU_TARGET_MS:g} ms: {'met' if cpu_ok else 'MISSED'})  process CPU "
+        f"orchestration: engine CPU per target = {per_target:.2f} ms (target <= "
+        f"{cpu_target:g} ms: {'met' if cpu_ok else 'MISSED'})  process CPU "
         f"{median['cpu'] * 1000:.0f} ms - FakeBackend {median['fake'] * 1000:.0f} ms = "
         f"{median['engine'] * 1000:.0f} ms over {args.targets} targets"
     )
