@@ -330,7 +330,7 @@ def test_manual_approval_waits_then_releases_exactly_stagings_versions(
         )
         assert on_version(f, prod, v2)  # exactly staging's version, not v3
         [summary] = [m for m in box.messages if m["Subject"] == "patchd: prod completed: 1 patched"]
-        assert f"-> {v2}" in summary.get_content()
+        assert f"@{v2} (success)" in summary.get_content()  # named repository@digest
         assert subjects().count("patchd: prod awaits approval") == 1  # announced once
         store = SqliteStore(tmp_path / "state" / "patchd.db")
         assert any(a.action == "approve" for a in store.audit_trail())

@@ -224,6 +224,7 @@ def test_the_vsphere_password_is_in_nothing_patchd_writes(
                         "backend": "vc-refusing",
                         "window": "always",
                         "select": {"names": ["*"]},
+                        "health": {"stable_for": "0s"},  # said, so no stable_for warning
                         "patch": {"command": ["true"]},
                     },
                 },
