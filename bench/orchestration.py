@@ -24,8 +24,8 @@ Figures, from the median (by wall time) of --repeat runs after one warm-up run:
   and the thread switches between the workers.
 
 `--store postgres` keeps the journal in PostgreSQL instead (`--pg-url`, default the bench
-bed's PATCHD_LAB_PG_URL from its lab.env: `tests/lab/lab.sh up` starts a private
-PostgreSQL), and then also runs once with the SQLite file in the same run, so both figures
+bed's private PostgreSQL, started as the other scripts start the bed when it is not up),
+and then also runs once with the SQLite file in the same run, so both figures
 are printed side by side (target on PostgreSQL: wall <= 1.05x, engine CPU <= 3 ms per
 target). The CPU figure is this process's only: the PostgreSQL server's own CPU is not in
 it (the server is another process, as it would be for patchd).
@@ -56,6 +56,7 @@ Exit status 0 if both targets are met, 1 if not (2 if a run did not patch every 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -70,6 +71,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # the bench bed, shared with the other scripts
 
 from patchd.config.schema import HealthModel, SnapshotModel
 from patchd.config.settings import Group
@@ -169,20 +172,6 @@ def make_store(kind: str, path: Path, pg_url: str | None = None) -> Any:
     return NullStore()
 
 
-def pg_url_of_bench_bed() -> str | None:
-    """PATCHD_LAB_PG_URL of the bench bed's lab.env (the environment's first)."""
-    if os.environ.get("PATCHD_LAB_PG_URL"):
-        return os.environ["PATCHD_LAB_PG_URL"]
-    lab = Path(os.environ.get("PATCHD_LAB_DIR") or "/tmp/patchd-lab-bench")
-    env = lab / "lab.env"
-    if not env.exists():
-        return None
-    for line in env.read_text().splitlines():
-        if line.startswith("export PATCHD_LAB_PG_URL="):
-            return line.split("=", 1)[1].strip("'\"")
-    return None
-
-
 _observers: dict[str, Any] = {}
 
 
@@ -266,16 +255,14 @@ def main() -> int:
         "--breakdown", action="store_true", help="one more run each with --store memory, null"
     )
     args = parser.parse_args()
-    if args.store == "postgres" and not args.pg_url:
-        args.pg_url = pg_url_of_bench_bed()
-        if not args.pg_url:
-            print(
-                "orchestration: --store postgres needs --pg-url, or a bench bed with PostgreSQL"
-                " (PATCHD_LAB_DIR=/tmp/patchd-lab-bench tests/lab/lab.sh up)",
-                file=sys.stderr,
-            )
-            return 2
+    with contextlib.ExitStack() as stack:
+        if args.store == "postgres" and not args.pg_url:
+            # the bench bed's PostgreSQL (started, and stopped at the end, if it is not up)
+            args.pg_url = stack.enter_context(benchlib.lab())["PATCHD_LAB_PG_URL"]
+        return measure(args)
 
+
+def measure(args: argparse.Namespace) -> int:
     waves = math.ceil(args.targets / args.concurrency)
     ideal = waves * args.step_time
     own_dir = args.state_dir is None
