@@ -12,10 +12,12 @@ import os
 import shlex
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_SH = REPO_ROOT / "tests" / "lab" / "postgres.sh"
@@ -101,3 +103,23 @@ def stop_if_started(lab: PgLab) -> None:
     PATCHD_LAB_KEEP=1 (as the integration tests' bed)."""
     if lab.started_here and not os.environ.get("PATCHD_LAB_KEEP"):
         _run("down")
+
+
+# The fixtures of every test that needs the server (tests/postgres/, the HA daemons); a
+# test module takes them with `from tests.pglab import pg, pg_url`.
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgLab]:
+    """The bed's PostgreSQL, started for this session when it is not up."""
+    lab = ensure_up()
+    yield lab
+    stop_if_started(lab)
+
+
+@pytest.fixture
+def pg_url(pg: PgLab) -> Iterator[str]:
+    """A fresh, empty database for one test."""
+    url = pg.create_database()
+    yield url
+    pg.drop_database(url)

@@ -26,6 +26,7 @@ import pytest
 from pyVim.connect import Disconnect, SmartConnect
 
 from tests.lab import bed
+from tests.pglab import pg, pg_url  # noqa: F401  (the PostgreSQL fixtures, for the HA daemons)
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = bed.REPO_ROOT

@@ -21,7 +21,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import pytest
 
 from patchd.state.postgres import PostgresStore
 from tests.conftest import wait_until
@@ -43,23 +41,9 @@ from tests.integration.daemon_helpers import (
     web_group,
 )
 from tests.integration.docker_fleet import Fleet, free_port
-from tests.pglab import PgLab, ensure_up, stop_if_started
+from tests.pglab import PgLab
 
 TAKEOVER = 8.0  # seconds: ha.takeover of both daemons (the lease lasts 60 % of it)
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgLab]:
-    lab = ensure_up()
-    yield lab
-    stop_if_started(lab)
-
-
-@pytest.fixture
-def pg_url(pg: PgLab) -> Iterator[str]:
-    url = pg.create_database("ha")
-    yield url
-    pg.drop_database(url)
 
 
 def _fleet(f: Fleet, short: str, count: int) -> tuple[list[str], str, str]:
