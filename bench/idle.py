@@ -11,8 +11,9 @@ without WATCHDOG_USEC), then:
 
 - start -> READY=1: from just before the process is spawned to the READY=1 datagram,
   the median of --starts daemons (the last one goes on to be measured idle); target
-  < 1.5 s. Most of it is imports: patchd, then the docker SDK and pyVmomi when the
-  backends are first pinged (`--pyspy RAW` profiles one more start, see below);
+  < 1.5 s. Most of it is imports: patchd, then pyVmomi when the vSphere backend is
+  first pinged (the Docker backend pings a local engine without its SDK, which is
+  loaded on the first real call) (`--pyspy RAW` profiles one more start, see below);
 - --idle seconds (default 60) idle, measured from READY=1:
   - CPU: the sum over the threads of /proc/PID/task/*/schedstat (ns on CPU), and
     utime+stime of /proc/PID/stat (clock ticks) as a cross-check; target < 0.1 s;

@@ -115,8 +115,7 @@ class DockerBackend:
         return self.engine.api
 
     def ping(self) -> None:
-        with self.engine.step(f"docker {self.config.url}"):
-            self.api.ping()
+        self.engine.ping(f"docker {self.config.url}")
 
     def close(self) -> None:
         self.engine.close()

@@ -7,6 +7,8 @@ The docker SDK has no type hints: its objects stay `Any` inside this module and
 
 from __future__ import annotations
 
+import http.client
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -179,6 +181,37 @@ class Engine:
         if client is not None:
             client.close()
 
+    def ping(self, what: str) -> None:
+        """Ask the engine whether it answers (`GET /_ping`).
+
+        A local socket is asked without the SDK: the daemon pings every backend at start
+        and on reload, and the docker SDK with requests and urllib3 is about 6 MB resident
+        that a daemon waiting for its window does not need (bench/idle.py; the budget is
+        60 MB). It is imported on the first real call. Other URLs (tcp, TLS, ssh) and a
+        connected client go through the SDK."""
+        if not self.url.startswith("unix://") or self._client is not None:
+            with self.step(what):
+                self.api.ping()
+            return
+        conn = _UnixHTTP(self.url[len("unix://") :], self.timeout)
+        try:
+            conn.request("GET", "/_ping")
+            answer = conn.getresponse()
+            body = answer.read(200).decode("utf-8", "replace").strip()
+        except OSError as err:  # no socket, permission denied, refused, timed out
+            # Worded as when the SDK's first call fails (Engine.api).
+            text = message(err, self.url)
+            raise TransientError(text if _unreachable(err) else f"{what}: {text}") from err
+        except http.client.HTTPException as err:
+            raise TransientError(f"{what}: {self.url} does not speak HTTP: {err!r}") from err
+        finally:
+            conn.close()
+        if answer.status != 200:
+            raise TransientError(
+                f"{what}: the Docker engine at {self.url} answered HTTP {answer.status}"
+                f" to /_ping: {body or answer.reason}"
+            )
+
     @contextmanager
     def step(self, what: str) -> Iterator[Progress]:
         """Map errors: TransientError while nothing changed and the engine is to blame,
@@ -292,3 +325,21 @@ class Engine:
             raise failure(f"{name} was not healthy within {timeout:g}s")
 
         poll.until(attempt, self.clock.deadline(timeout), expired, _POLL, self.clock)
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    """HTTP over the engine's unix socket (the stdlib has no such connection)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
