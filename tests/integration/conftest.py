@@ -8,7 +8,8 @@ its own. A bed that cannot start FAILS the tests; it never skips them.
 
 If this session started the bed, it stops it again at the end
 (``lab.sh down``) unless ``PATCHD_LAB_KEEP=1``. A bed that was already up (``make test``
-runs ``lab.sh up`` first) is left running.
+runs ``lab.sh up`` first), even in part (another session's services, which ``lab.sh up``
+reuses), is left running.
 """
 
 from __future__ import annotations

@@ -85,19 +85,25 @@ def running(
 ) -> Iterator[dict[str, str]]:
     """The lab.env values of the bed in `directory`, started first when it does not
     answer. A bed this call started is stopped at the end unless `keep`; one that was
-    up already is left running. Raises BedError."""
+    up already, even in part, is left running. Raises BedError."""
     env_file = directory / "lab.env"
     reason = f"{env_file} missing"
+    # Services that answer already belong to someone else's bed in this directory (a
+    # make target, another session): `lab.sh up` reuses them, and `lab.sh down` would
+    # stop them under their owner. Such a bed is completed here, never taken down.
+    others: list[str] = []
     if env_file.is_file():
         rc, out = lab_sh("status", directory=directory, timeout=STATUS_TIMEOUT)
         reason = "" if rc == 0 else f"lab.sh status: {tail(out, 5)}"
+        others = [f[0] for f in (line.split() for line in out.splitlines()) if f[1:2] == ["up"]]
     started = bool(reason)
     if started:
         note(f"starting the test bed in {directory} (tests/lab/lab.sh up): {reason}")
         t0 = time.monotonic()
         rc, out = lab_sh("up", directory=directory, timeout=UP_TIMEOUT)
         if rc != 0:
-            lab_sh("down", directory=directory, timeout=DOWN_TIMEOUT)
+            if not others:
+                lab_sh("down", directory=directory, timeout=DOWN_TIMEOUT)
             raise BedError(
                 f"test bed could not start ({reason}): `{LAB_SH} up` exited {rc} after "
                 f"{time.monotonic() - t0:.0f}s; its output ends with:\n{tail(out)}"
@@ -108,7 +114,9 @@ def running(
     except OSError as e:
         raise BedError(f"{env_file} unreadable: {e}") from None
     yield values
-    if started and not keep:
+    if started and others and not keep:
+        note(f"test bed left running: {', '.join(others)} answered before this run started it")
+    elif started and not keep:
         rc, out = lab_sh("down", directory=directory, timeout=DOWN_TIMEOUT)
         note(f"test bed down (lab.sh down exited {rc})")
         if rc != 0:
