@@ -8,6 +8,7 @@ tests/integration/test_vsphere_guest.py."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from patchd.config.baselines import BaselineModel
 from patchd.config.schema import PatchModel
 from patchd.engine.packages import FIRST_SEEN
 from patchd.engine.target import NullObserver, TargetContext, find_update
-from patchd.guest.packages import identity
+from patchd.guest.packages import Pending, identity
 from patchd.metrics.collectors import GroupCollector
 from patchd.state import open_store
 from tests.conftest import write_config
@@ -195,3 +196,26 @@ def test_the_engine_plan_and_compliance_see_what_a_vm_baseline_holds(tmp_path: P
     assert reasons["openssl"] == "excluded" and reasons["libssl3"] is None
     assert [c.target for c in compliance.compliance(store, "vms")] == ["web1"]
     assert store.controls(FIRST_SEEN, "")  # approve_after counts from these sightings
+
+
+def test_production_vms_get_what_staging_verified_less_what_their_baseline_holds(
+    tmp_path: Path,
+) -> None:
+    machine = _Machine(PENDING)
+    backend = _backend(tmp_path, machine)
+    staging = backend.assess(VM, {}, APT, None, Journal(), T0)
+    assert staging is not None and staging.update is not None and len(staging.versions) == 4
+    # The repository moves on; production pins staging's set, under a baseline that
+    # excludes one package and waits 7 days for versions it first saw just now.
+    machine.pending_now = [*PENDING[:3], Pending("tzdata", "2024a", "2025a", False, "D")]
+    pins = {"packages:apt": staging.update.available}
+    baseline = BaselineModel(exclude=["linux-image-*"])
+    prod = backend.assess(VM, pins, APT, baseline, Journal(), T0)
+    assert prod is not None and prod.update is not None
+    assert prod.versions == {"libssl3": "3.0.15", "openssl": "3.0.15", "tzdata": "2024b"}
+    assert prod.update.available == staging.update.available  # named by staging's set
+    waiting = BaselineModel(approve_after=timedelta(days=7))
+    held = backend.assess(VM, pins, APT, waiting, Journal(), T0)
+    assert held is not None and held.update is None
+    assert {h.kind for h in held.decision.held} == {"approve_after"}
+    assert {h.until for h in held.decision.held} == {T0 + timedelta(days=7)}
