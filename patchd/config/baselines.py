@@ -71,13 +71,15 @@ def baseline_problem(
     if name not in known:
         return unknown("baseline", name, known)
     if backend_type is not None and not installs_packages(backend_type, method):
+        if group.select.get("kind") == "host":  # vSphere's ESXi hosts: no fix but removal
+            fix = "ESXi hosts (select.kind = 'host') have no package list: remove the baseline"
+        else:
+            fix = 'set patch.method = "apt" (VMs with a guest table) or remove the baseline'
         return (
             "only used where patchd installs packages itself: a backend of type"
             f" {' or '.join(PACKAGE_BACKENDS)}, or patch.method ="
             f" {' or '.join(repr(m) for m in PACKAGE_METHODS)} (vSphere VMs); backend"
             f" {backend!r} is {backend_type!r} and this group patches with method"
-            f" {method!r}, which installs nothing patchd could filter: set patch.method"
-            ' = "apt" (VMs with a guest table; ESXi hosts have no package manager) or'
-            " remove the baseline"
+            f" {method!r}, which installs nothing patchd could filter; {fix}"
         )
     return None

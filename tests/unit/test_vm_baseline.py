@@ -87,15 +87,21 @@ def test_a_vm_group_patched_with_apt_takes_a_baseline(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "group",
+    ("group", "fix"),
     [
-        {"select": {"folder": "/DC0/vm"}, "patch": {"command": ["/usr/local/bin/up"]}},
-        {"select": {"kind": "host", "folder": "/DC0/host"}},
+        (
+            {"select": {"folder": "/DC0/vm"}, "patch": {"command": ["/usr/local/bin/up"]}},
+            'filter; set patch.method = "apt" (VMs with a guest table) or remove the baseline',
+        ),
+        (
+            {"select": {"kind": "host", "folder": "/DC0/host"}},
+            "filter; ESXi hosts (select.kind = 'host') have no package list: remove the baseline",
+        ),
     ],
     ids=["vm-command", "esxi-hosts"],
 )
 def test_a_group_that_installs_no_packages_refuses_a_baseline(
-    tmp_path: Path, group: dict[str, Any]
+    tmp_path: Path, group: dict[str, Any], fix: str
 ) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(_config(tmp_path, {"g": group}))
@@ -105,7 +111,7 @@ def test_a_group_that_installs_no_packages_refuses_a_baseline(
         " type ssh, or patch.method = 'apt' (vSphere VMs); backend 'vc' is 'vsphere' and"
         " this group patches with method 'command'" in text
     )
-    assert 'filter: set patch.method = "apt" (VMs with a guest table; ESXi hosts' in text
+    assert fix in text
 
 
 def _backend(tmp_path: Path, machine: _Machine) -> VSphereBackend:
