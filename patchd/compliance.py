@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from patchd.backends.base import Backend, Target
-from patchd.config.baselines import PACKAGE_BACKENDS
+from patchd.config.baselines import installs_packages
 from patchd.config.settings import Group, Settings
 from patchd.engine import stage_gate
 from patchd.engine.packages import StoreFirstSeen, assess, compliance, record_compliance
@@ -44,12 +44,14 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def package_groups(settings: Settings, names: Sequence[str]) -> list[str]:
-    """Those of `names` whose backend patches packages (what compliance is about), told
-    by the backend's type, so that no other backend is connected to find out."""
+    """Those of `names` whose targets patchd patches package by package (what compliance
+    is about: ssh machines, vSphere VMs with patch.method "apt"), told by the config, so
+    that no other backend is connected to find out."""
+    groups = [settings.groups[name] for name in names]
     return [
-        name
-        for name in names
-        if settings.backends[settings.groups[name].backend].type in PACKAGE_BACKENDS
+        group.name
+        for group in groups
+        if installs_packages(settings.backends[group.backend].type, group.patch.method)
     ]
 
 
@@ -146,7 +148,8 @@ def _check_group(
             found = assess(backend, target, pins, group, journal, now)
         except Exception as err:
             return _failed(group, target.name, str(err), before.get(target.name))
-        assert found is not None
+        if found is None:  # a target of this backend that is not patched by packages
+            return _failed(group, target.name, "not patched package by package", None)
         doc = target_doc(group, target, found, patched.get(target.name), now)
         if record:
             try:

@@ -1,8 +1,10 @@
 """`[baselines.NAME]`: which pending package updates a group may install, and when it
 reboots. Validation only; the decision itself is patchd.guest.baseline's.
 
-A group names one with `baseline = "NAME"`. Only backends that patch packages (type
-"ssh") accept one: for an image or a site script there is no package list to filter.
+A group names one with `baseline = "NAME"`. Only groups whose targets patchd patches
+package by package accept one (`installs_packages`): a backend of type "ssh", or
+`patch.method = "apt"` (vSphere VMs). For an image, an ESXi host or a site script
+(`patch.method = "command"`) there is no package list to filter.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from patchd.config.messages import unknown
+from patchd.config.schema import GroupModel
 from patchd.config.types import STRICT, Duration
 
 # A glob of package names (fnmatch: * ? [..]); no spaces, no version.
@@ -45,20 +48,38 @@ class BaselineModel(BaseModel):
     security_max_age: Duration = timedelta(days=14)
 
 
-# Backend types whose targets are patched package by package, so a baseline applies.
+# Backend types whose targets are always patched package by package.
 PACKAGE_BACKENDS = ("ssh",)
+# Patch methods with which patchd installs packages itself (a backend's check_group
+# allows them only where it can: the vSphere VM flow, not its ESXi hosts).
+PACKAGE_METHODS = ("apt",)
+
+
+def installs_packages(backend_type: str, method: str) -> bool:
+    """Whether a group of a backend of `backend_type`, patching with `method`, has its
+    targets patched package by package (so a baseline, compliance and package plans
+    apply). Told from the config alone, so that no backend is connected to find out."""
+    return backend_type in PACKAGE_BACKENDS or method in PACKAGE_METHODS
 
 
 def baseline_problem(
-    name: str, known: list[str], backend: str, backend_type: str | None
+    name: str, known: list[str], group: GroupModel, backend_type: str | None
 ) -> str | None:
-    """Why a group of `backend` (of `backend_type`, None when unknown) cannot name the
+    """Why `group` (of a backend of `backend_type`, None when unknown) cannot name the
     baseline `name`, or None."""
+    backend, method = group.backend, group.patch.method
     if name not in known:
         return unknown("baseline", name, known)
-    if backend_type is not None and backend_type not in PACKAGE_BACKENDS:
+    if backend_type is not None and not installs_packages(backend_type, method):
+        if group.select.get("kind") == "host":  # vSphere's ESXi hosts: no fix but removal
+            fix = "ESXi hosts (select.kind = 'host') have no package list: remove the baseline"
+        else:
+            fix = 'set patch.method = "apt" (VMs with a guest table) or remove the baseline'
         return (
-            f"only used with a backend that installs packages (type"
-            f" {' or '.join(PACKAGE_BACKENDS)}); backend {backend!r} is {backend_type!r}"
+            "only used where patchd installs packages itself: a backend of type"
+            f" {' or '.join(PACKAGE_BACKENDS)}, or patch.method ="
+            f" {' or '.join(repr(m) for m in PACKAGE_METHODS)} (vSphere VMs); backend"
+            f" {backend!r} is {backend_type!r} and this group patches with method"
+            f" {method!r}, which installs nothing patchd could filter; {fix}"
         )
     return None

@@ -255,7 +255,8 @@ class GroupModel(BaseModel):
     patch: PatchModel = PatchModel()
     # "manual": the stage gate also waits for `patchd approve GROUP` (only with after).
     approval: Literal["auto", "manual"] = "auto"
-    # A [baselines.NAME] table: which pending packages the group installs (ssh backends).
+    # A [baselines.NAME] table: which pending packages the group installs (ssh backends,
+    # vSphere VMs with patch.method "apt").
     baseline: str | None = None
 
 

@@ -455,7 +455,7 @@ def _group(
     baseline = None if model.baseline is None else baselines.get(model.baseline)
     if model.baseline is not None:
         kind = None if spec is None else spec.type  # an unknown backend is said above
-        wrong = baseline_problem(model.baseline, list(baselines), model.backend, kind)
+        wrong = baseline_problem(model.baseline, list(baselines), model, kind)
         if wrong is not None:
             b.add((*path, "baseline"), wrong)
     if select is None or len(b.issues) > before:

@@ -59,7 +59,8 @@ def assess(
     now: datetime,
 ) -> Assessment | None:
     """The backend's assessment of `target` under the group's baseline, or None when the
-    backend does not patch packages."""
+    backend does not patch the target's packages (a site script, an image: its
+    check_update says what is pending)."""
     if not isinstance(backend, AssessesPackages):
         return None
     return backend.assess(target, pins, group.patch, group.baseline, journal, now)

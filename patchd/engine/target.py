@@ -235,16 +235,17 @@ def find_update(ctx: TargetContext, target: Target) -> tuple[Update | None, str 
     everything pending) and, when it is not to be installed in this run, why (its
     baseline holds it back, its version is quarantined or not yet verified by the earlier
     stage). A held update is still returned: the target has it waiting."""
+    found = None
     if isinstance(ctx.backend, AssessesPackages):  # packages: the group's baseline decides
         journal = StoreFirstSeen(ctx.store)
         found = _retrying(
             ctx, lambda: assess(ctx.backend, target, ctx.pins, ctx.group, journal, ctx.clock())
         )
-        assert found is not None
+    if found is not None:
         if found.update is None:
             return None, held_summary(found, ctx.group) if found.decision.held else None
         update: Update | None = found.update
-    else:
+    else:  # not patched package by package: the backend's own check
         update = _retrying(ctx, lambda: ctx.backend.check_update(target, ctx.pins, ctx.group.patch))
     if update is None:
         return None, None
@@ -263,7 +264,8 @@ def peek_update(ctx: TargetContext, target: Target) -> Update | None:
         if isinstance(ctx.backend, AssessesPackages):  # what its baseline lets in, as a run
             seen = StoreFirstSeen(ctx.store, record=False)  # a peek journals nothing
             found = assess(ctx.backend, target, ctx.pins, ctx.group, seen, ctx.clock())
-            return None if found is None else found.update
+            if found is not None:
+                return found.update
         return ctx.backend.check_update(target, ctx.pins, ctx.group.patch)
     except Exception:
         return None  # unknown: the metric keeps what it last knew

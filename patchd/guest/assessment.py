@@ -38,7 +38,9 @@ class Assessment:
 
 @runtime_checkable
 class AssessesPackages(Protocol):
-    """A backend that patches packages: it can say what is pending per package."""
+    """A backend that patches packages: it can say what is pending per package. A
+    backend whose targets are not all patched that way (vSphere: VMs with patch.method
+    "apt" are, ESXi hosts and "command" groups are not) answers None for the others."""
 
     def assess(
         self,
@@ -48,5 +50,6 @@ class AssessesPackages(Protocol):
         baseline: BaselineModel | None,
         journal: FirstSeen,
         now: datetime,
-    ) -> Assessment:
-        """Refresh the package lists and assess the target; changes nothing on it."""
+    ) -> Assessment | None:
+        """Refresh the package lists and assess the target; changes nothing on it.
+        None: this target, patched as `patch` says, does not install packages."""

@@ -10,7 +10,7 @@ from datetime import datetime
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from patchd.config.baselines import PACKAGE_BACKENDS, BaselineModel
+from patchd.config.baselines import BaselineModel, installs_packages
 from patchd.config.settings import Settings
 from patchd.metrics.journal import JournalCollector, JournalView
 from patchd.windows import window_now
@@ -88,7 +88,7 @@ class GroupCollector(Collector):
         settings = self.settings()
         for name, group in sorted(settings.groups.items()):
             keep.add_metric([group.backend, name], group.snapshot.keep.total_seconds())
-            if settings.backends[group.backend].type in PACKAGE_BACKENDS:
+            if installs_packages(settings.backends[group.backend].type, group.patch.method):
                 age = (group.baseline or BaselineModel()).security_max_age.total_seconds()
                 if age:
                     overdue.add_metric([group.backend, name], age)

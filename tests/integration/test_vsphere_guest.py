@@ -12,6 +12,8 @@ rolled back with the reason. On a real vCenter the revert puts the disk back.
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,9 +26,13 @@ from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 from patchd.config.settings import Group
 from patchd.config.types import Limit
 from patchd.engine import NullObserver, RunRequest, RunResult, run_group, stage_gate
+from patchd.engine.packages import compliance
 from patchd.guest.packages import identity
+from patchd.metrics.journal import compliance_families
 from patchd.state import SqliteStore, Store
+from tests.conftest import write_config
 from tests.integration.conftest import VcsimProcess
+from tests.integration.daemon_helpers import run_patchd
 from tests.integration.guest_bed import HEALTH_TIMEOUT, Bed, bed, machines
 from tests.integration.vsphere_lab import Sim, start
 
@@ -217,3 +223,96 @@ def test_an_update_that_needs_a_reboot_reboots_the_guest_over_ssh(
     assert bed.wait_running(machine) == "running"
     # Not through vSphere: a guest reboot is the guest's own (vcsim has no RebootGuest).
     assert sim.calls("ResetVM_Task", sim.vm(vm)._moId) == 0
+
+
+def test_a_vm_baseline_holds_back_an_exclude_and_installs_security_only(
+    sim: Sim, bed: Bed, tmp_path: Path
+) -> None:
+    """A VM group under a baseline, through the `patchd` command: plan and compliance
+    name what it holds back and why, and the run installs only what it lets in."""
+    vm, machine = next(iter(sim.vms())), bed.names[-1]
+    point(sim, bed, {vm: machine})
+    t = bed.token()
+    app, sec, kept = f"lab-vmapp-{t}", f"lab-vmsec-{t}", f"lab-vmkept-{t}"
+    bed.repo.good(app, "1.0")
+    bed.repo.security(sec, "1.0")
+    bed.repo.security(kept, "1.0")
+    bed.install([machine], {app: "1.0", sec: "1.0", kept: "1.0"})
+    bed.repo.good(app, "1.1")
+    bed.repo.security(sec, "1.1")
+    bed.repo.security(kept, "1.1")
+    ssh = {"user": "root", "identity_file": bed.key, "known_hosts": bed.known_hosts}
+    vc = sim.config(tmp_path, guest={"ssh": ssh, "lock_timeout": "20s", "reboot_timeout": "120s"})
+    path = write_config(
+        tmp_path / "patchd.toml",
+        {
+            "daemon": {"state_dir": tmp_path / "state"},
+            "windows": {"w": {"days": ["sat"], "duration": "1h"}},
+            "backends": {"vc": {"type": "vsphere", **vc}},
+            "baselines": {"careful": {"security_only": True, "exclude": [kept]}},
+            "groups": {
+                "vms": {
+                    "backend": "vc",
+                    "window": "w",
+                    "select": {"names": [vm]},
+                    "patch": {"method": "apt"},
+                    "baseline": "careful",
+                    "health": {"timeout": "40s", "stable_for": "1s"},
+                }
+            },
+        },
+    )
+
+    def patchd(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_patchd(*args, "-c", str(path))
+
+    shown = patchd("plan", "--json")
+    assert shown.returncode == 0, shown.stderr
+    [target] = json.loads(shown.stdout)["groups"][0]["targets"]
+    assert (target["name"], target["action"], target["ref"]) == (vm, "patch", "packages:apt")
+    assert target["packages"] == [
+        {"package": sec, "installed": "1.0", "version": "1.1", "security": True}
+    ]
+    held = {h["package"]: (h["held"], h["reason"]) for h in target["held"]}
+    assert held == {
+        app: ("not security", "not a security update (Debian:bookworm)"),
+        kept: ("excluded", f"excluded by the baseline ({kept})"),
+    }
+    text = patchd("plan").stdout
+    assert f"      {sec} 1.0 -> 1.1 (security)\n" in text
+    assert f"      held: {kept} 1.1: excluded by the baseline ({kept})\n" in text
+
+    report = patchd("compliance", "--json")
+    assert report.returncode == 1, report.stderr  # a security update it lets in is pending
+    [doc] = json.loads(report.stdout)["targets"]
+    assert (doc["target"], doc["baseline"]) == (vm, "careful")
+    assert doc["pending"] == {"security": 2, "other": 1} and doc["held"] == 2
+    assert doc["allowed_security"] == 1
+
+    run = patchd("run", "vms", "--now")
+    assert run.returncode == 0, run.stdout + run.stderr
+    installed = {p: bed.installed(machine, p) for p in (app, sec, kept)}
+    assert installed == {app: "1.0", sec: "1.1", kept: "1.0"}  # the exclude never installed
+    assert sim.snapshots(vm) == []  # committed
+
+    report = patchd("compliance", "--json")
+    assert report.returncode == 0, report.stdout + report.stderr
+    [doc] = json.loads(report.stdout)["targets"]
+    assert doc["pending"] == {"security": 1, "other": 1} and doc["allowed_security"] == 0
+    left = {u["package"]: u["held"] for u in doc["updates"]}
+    assert left == {app: "not security", kept: "excluded"}
+    assert doc["last_patched"] is not None
+    assert f"{kept} 1.0 -> 1.1 (security)  held: excluded by the baseline ({kept})" in (
+        patchd("compliance").stdout
+    )
+    # The metrics the daemon exports from what compliance recorded, per VM.
+    recorded = SqliteStore(tmp_path / "state" / "patchd.db")
+    samples = {
+        (f.name, tuple(s.labels.values())): s.value
+        for f in compliance_families(compliance(recorded, "vms"))
+        for s in f.samples
+    }
+    recorded.close()
+    assert samples[("patchd_target_pending_updates", ("vms", vm, "security"))] == 1
+    assert samples[("patchd_target_held_updates", ("vms", vm))] == 2
+    assert samples[("patchd_target_reboot_required", ("vms", vm))] == 0

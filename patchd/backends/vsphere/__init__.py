@@ -12,6 +12,10 @@ mapping onto the contract).
 
 Construction does not connect: the session logs in on first use.
 
+VMs patched with `patch.method = "apt"` are assessed package by package (`assess`, the
+optional AssessesPackages protocol of patchd.guest.assessment), so a group's baseline,
+`plan` and `compliance` apply to them as to the ssh backend's machines.
+
 Besides the Backend protocol it offers `patchd_snapshots()` (every patchd snapshot in the
 vCenter, oldest first) and `oldest_patchd_snapshot_age(now)` (seconds, or None) for the
 metric that shows no patchd snapshot outlives its `snapshot.keep`.
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
@@ -35,6 +39,11 @@ from patchd.backends.vsphere.steps import step
 from patchd.backends.vsphere.tags import Tags
 from patchd.backends.vsphere.vms import VmFlow
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
+
+if TYPE_CHECKING:
+    from patchd.config.baselines import BaselineModel
+    from patchd.guest.assessment import Assessment
+    from patchd.guest.baseline import FirstSeen
 
 __all__ = [
     "LoginFailed",
@@ -99,6 +108,22 @@ class VSphereBackend:
         self, target: Target, pins: Mapping[str, str], patch: PatchModel
     ) -> Update | None:
         return self._flow(target).check_update(target, pins, patch)
+
+    def assess(
+        self,
+        target: Target,
+        pins: Mapping[str, str],
+        patch: PatchModel,
+        baseline: BaselineModel | None,
+        journal: FirstSeen,
+        now: datetime,
+    ) -> Assessment | None:
+        """A VM patched with method "apt": what is pending in its guest and what the
+        group's baseline lets in (patchd.guest.assessment). None for an ESXi host or a
+        "command" group: check_update decides for those."""
+        if target.kind == "host" or patch.method != "apt":
+            return None
+        return self.vms.assess(target, pins, baseline, journal, now)
 
     def describe(self, target: Target) -> Mapping[str, str]:
         return self._flow(target).describe(target)

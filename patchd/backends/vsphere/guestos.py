@@ -9,12 +9,14 @@ filled with the VM's name or guest host name), so a VM that comes back from a re
 another address is still found. A VM with no address yet is "unreachable" (a transient
 state: Tools may not have reported it since the boot).
 
-- check: the pre-check of the VM flow, then the pending set over SSH (`Update.ref`
-  "packages:apt").
+- check / assess: the pre-check of the VM flow, then the pending set over SSH
+  (`Update.ref` "packages:apt"), under the group's baseline (`[baselines.NAME]`: the same
+  held-back reasons, approve_after journal and staged pins as for an ssh machine).
 - snapshot: after the vSphere snapshot, the installed versions of that set are recorded
   in the snapshot's data (what the journal shows the VM was on).
-- apply: install exactly the set; reboot (`systemctl reboot` over SSH) when the guest
-  asks for it or `patch.reboot` is set, and wait for SSH with a new boot id.
+- apply: install exactly the set; reboot (`systemctl reboot` over SSH) as the baseline's
+  `reboot` says (by default when the guest asks for it or `patch.reboot` is set), and
+  wait for SSH with a new boot id.
 - verify: `systemctl is-system-running` says running and the versions are the set's;
   the VM flow then also wants VMware Tools healthy, as for "command".
 - rollback is the VM flow's: revert to the snapshot (the disk as it was, not a downgrade).
@@ -23,6 +25,7 @@ state: Tools may not have reported it since the boot).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from patchd.backends.base import Target, Update
@@ -31,6 +34,9 @@ from patchd.guest.settings import GuestModel
 
 if TYPE_CHECKING:
     from patchd.backends.vsphere.flow import State
+    from patchd.config.baselines import BaselineModel
+    from patchd.guest.assessment import Assessment
+    from patchd.guest.baseline import FirstSeen
     from patchd.guest.ssh import Session
 
 PACKAGES = "packages:"  # the prefix of an Update.ref this module made
@@ -70,6 +76,17 @@ class GuestOs:
 
     def check(self, target: Target, pins: Mapping[str, str]) -> Update | None:
         return self.packages.check(target, pins)
+
+    def assess(
+        self,
+        target: Target,
+        pins: Mapping[str, str],
+        baseline: BaselineModel | None,
+        journal: FirstSeen,
+        now: datetime,
+    ) -> Assessment:
+        """What is pending and what the group's baseline lets in, as for an ssh machine."""
+        return self.packages.assess(target, pins, baseline, journal, now)
 
     def checked(self, target: Target) -> bool:
         """Whether a check of this process found a set for the target (apt in use)."""

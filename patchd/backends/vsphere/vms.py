@@ -1,10 +1,13 @@
 """The VM patch flow: pre-check, snapshot, patch.command, verify by VMware Tools, commit.
 
-- check_update: the group's `patch.version` (or the stage pin of ref "patch") against the
-  VM's `patchd.patch_version` attribute. Without `patch.version` every run patches every
-  selected VM (available = "unversioned", nothing is recorded on commit): a group that
-  names a command but no version gets its command run each window, as a cron'ed update
-  would, rather than silently nothing. When an update is due, the pre-check runs: the VM
+- check_update: with `patch.method = "apt"`, the pre-check, then the guest's pending
+  package set over SSH (guestos.py; `assess` also applies the group's baseline: what it
+  holds back and why, for plan and compliance). Otherwise the group's `patch.version`
+  (or the stage pin of ref "patch") against the VM's `patchd.patch_version` attribute.
+  Without `patch.version` every run patches every selected VM (available =
+  "unversioned", nothing is recorded on commit): a group that names a command but no
+  version gets its command run each window, as a cron'ed update would, rather than
+  silently nothing. When an update is due, the pre-check runs: the VM
   is powered on, its VMware Tools state is known, and no patchd snapshot is left from an
   unfinished run (one not listed in `patchd.kept_snapshots`): such a VM is refused, and
   so reported by `plan` and the run, until that run is rolled back from patchd's journal.
@@ -33,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from patchd import faults, poll
 from patchd.backends.base import (
@@ -67,6 +70,11 @@ from patchd.backends.vsphere.snapshots import (
 )
 from patchd.backends.vsphere.steps import step
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
+
+if TYPE_CHECKING:
+    from patchd.config.baselines import BaselineModel
+    from patchd.guest.assessment import Assessment
+    from patchd.guest.baseline import FirstSeen
 
 __all__ = ["PatchdSnapshot", "VmFlow", "VmState"]
 
@@ -218,11 +226,27 @@ class VmFlow(Flow[VmState]):
     ) -> Update | None:
         if patch.method != "apt":
             return super().check_update(target, pins, patch)
+        return self._prechecked(target).check(target, pins)
+
+    def assess(
+        self,
+        target: Target,
+        pins: Mapping[str, str],
+        baseline: BaselineModel | None,
+        journal: FirstSeen,
+        now: datetime,
+    ) -> Assessment:
+        """patch.method "apt": the guest's pending packages under the group's baseline
+        (held back and why, what a run installs), after the pre-check."""
+        return self._prechecked(target).assess(target, pins, baseline, journal, now)
+
+    def _prechecked(self, target: Target) -> GuestOs:
+        """The guest side, once the VM passed the pre-check (method "apt")."""
         if self.guestos is None:  # check-config refuses this; a config built in code may not
             raise StepFailed(f"{target.name}: method apt needs backends.{self.backend}.guest")
         with step(self.session, f"pre-check of {target.name}"):
             self.precheck(self.read(target.id))
-        return self.guestos.check(target, pins)
+        return self.guestos
 
     def plan_snapshot(self, target: Target, run_id: str) -> Snapshot:
         return Snapshot(target.id, {"kind": "vm", "vm": target.id, "name": snapshot_name(run_id)})
