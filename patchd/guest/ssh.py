@@ -28,6 +28,7 @@ import base64
 import hashlib
 import os
 import shlex
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,26 @@ _OUTPUT_TAIL = 800
 _POLL = 0.05
 _known_hosts_lock = threading.Lock()  # trust-on-first-use appends from several threads
 _SUDO_REFUSALS = ("password is required", "not in the sudoers", "is not allowed to execute")
+_import_lock = threading.Lock()
+
+
+def _paramiko() -> Any:
+    """paramiko, imported without `invoke`.
+
+    paramiko's ssh_config module imports invoke (and with it unittest.mock, yaml and
+    asyncio: about 85 ms, a tenth of `patchd plan` over 12 machines, bench/plan_ssh.py)
+    only for `Match exec` lines; patchd reads no ssh_config, and paramiko takes a
+    missing invoke as "no Match exec". Blocked for paramiko's first import only."""
+    with _import_lock:
+        if "paramiko" not in sys.modules and "invoke" not in sys.modules:
+            sys.modules["invoke"] = None  # type: ignore[assignment]  # import -> ImportError
+            try:
+                import paramiko
+            finally:
+                if sys.modules.get("invoke", False) is None:
+                    del sys.modules["invoke"]
+        import paramiko
+    return paramiko
 
 
 @dataclass(frozen=True)
@@ -112,7 +133,7 @@ class Session:
             )
 
     def _private_key(self) -> Any:
-        import paramiko
+        paramiko = _paramiko()
 
         path = self.key_path()
         try:
@@ -123,11 +144,11 @@ class Session:
             raise AuthFailed(f"{self.name}: cannot load the SSH key {path}: {reason}") from None
 
     def _policy(self) -> Any:
-        import paramiko
+        paramiko = _paramiko()
 
         session = self
 
-        class Policy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
+        class Policy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,name-defined]
             def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
                 session._unknown_key(hostname, key)
 
@@ -159,7 +180,7 @@ class Session:
         """Connect and log in; raises Unreachable, HostKeyRejected or AuthFailed."""
         if self.active():
             return self
-        import paramiko
+        paramiko = _paramiko()
 
         settings = self.settings
         client = paramiko.SSHClient()

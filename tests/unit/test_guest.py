@@ -393,3 +393,20 @@ print(sdk("ssh://engine.example").api.client.SSHHTTPAdapter.__name__)
     (tmp_path / "bad").chmod(0o600)
     with pytest.raises(TransientError, match="is not a private key"):
         SSHBackend("m", {"ssh": {"identity_file": str(tmp_path / "bad")}}).ping()
+
+
+def test_paramiko_loads_without_invoke_and_invoke_stays_importable() -> None:
+    """paramiko's optional invoke (ssh_config `Match exec`, which patchd never reads) costs a
+    tenth of a `patchd plan`: kept out of paramiko's first import, and only of that."""
+    script = """
+import sys
+from patchd.guest.ssh import _paramiko
+paramiko = _paramiko()
+print(paramiko.SSHClient.__name__, "invoke" in sys.modules)
+import paramiko.config
+print(paramiko.config.invoke is None)
+import invoke
+print(invoke.__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.stdout.split() == ["SSHClient", "False", "True", "invoke"], out.stderr
