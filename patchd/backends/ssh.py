@@ -87,8 +87,8 @@ class SSHConfig(BaseModel):
     # A TOML file of [[hosts]] tables (name, address, labels), read at each discover.
     inventory: FilePath | None = None
     ssh: SshModel
-    package_manager: Literal["apt"] = "apt"
-    # How long an install waits for another apt or dpkg to release the lock.
+    package_manager: Literal["apt", "dnf"] = "apt"
+    # How long an install waits for another apt, dpkg or dnf to release the lock.
     lock_timeout: Duration = timedelta(minutes=5)
     # Longest wait for a machine to go down and come back with a new boot id.
     reboot_timeout: Duration = timedelta(minutes=15)

@@ -166,6 +166,15 @@ def check_group(
     backend: str, config: VSphereConfig, select: VSphereSelect, patch: Any
 ) -> list[tuple[tuple[str, ...], str]]:
     """A vSphere group's patch table against its backend (see patchd.plugins)."""
+    if patch.method == "dnf":
+        # The dnf driver is tested on the ssh backend's machines only (README).
+        return [
+            (
+                ("patch", "method"),
+                'vSphere VMs are patched with "apt" or "command"; dnf patches machines'
+                ' through a backend of type "ssh" with package_manager = "dnf"',
+            )
+        ]
     if patch.method != "apt":
         return []
     problems: list[tuple[tuple[str, ...], str]] = []
