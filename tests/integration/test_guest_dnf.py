@@ -1,0 +1,147 @@
+"""Patching with dnf through the ssh backend, driven by the real engine (run_group), on the
+lab's rpm machine: Debian's real dnf 4.14 and rpm 4.18 with an rpm database and a local rpm
+repository (tests/lab/rpmlab.py). Exact pending sets with security advisories, a good
+update, a failing %post and a broken service (both downgraded back), a reboot asked for by
+`dnf needs-restarting -r`, and a held lock and a versionlock refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from patchd.backends.ssh import SSHSelect
+from patchd.guest.dnf import DnfDriver
+from patchd.guest.errors import PackageManagerError
+from patchd.guest.packages import Pending, identity
+from patchd.guest.ssh import Session
+from patchd.state import Store
+from tests.integration.rpm_bed import RpmBed, rpm_bed, rpm_machines
+from tests.integration.test_guest_patching import group, run, store
+
+__all__ = ["rpm_bed", "rpm_machines", "store"]  # fixtures
+
+# Holds dnf's rpmdb lock as dnf does (its pid in the file, the process alive); see
+# docs/dnf-on-debian.md.
+_HOLD_LOCK = (
+    'python3 -c \'import os,time; open("/var/lib/dnf/rpmdb_lock.pid","w").write('
+    "str(os.getpid())); time.sleep(30)' >/dev/null 2>&1 & echo $!"
+)
+
+
+def test_pending_rpm_updates_are_listed_exactly(rpm_bed: RpmBed) -> None:
+    name = rpm_bed.names[0]
+    t = rpm_bed.token()
+    app, sec, other = f"lab-app-{t}", f"lab-sec-{t}", f"lab-other-{t}"
+    rpm_bed.rpm.good(app, "1.0")
+    rpm_bed.rpm.good(sec, "1.0")
+    rpm_bed.install([name], {app: "1.0-1", sec: "1.0-1"})
+    rpm_bed.rpm.good(app, "1.1")
+    rpm_bed.rpm.security(sec, "1.1")
+    rpm_bed.rpm.good(other, "2.0")  # not installed: not an update of this machine
+    backend = rpm_bed.backend([name])
+    with Session(name, rpm_bed.addresses[name], backend.config.ssh) as session:
+        driver = DnfDriver(session)
+        driver.refresh()
+        assert driver.pending() == [
+            Pending(app, "1.0-1", "1.1-1", False, "lab"),
+            Pending(sec, "1.0-1", "1.1-1", True, f"lab (LAB-SA-{sec}-1.1)"),
+        ]
+    [target] = backend.discover(SSHSelect())
+    update = backend.check_update(target, {}, group("g", [name]).patch)
+    assert update is not None
+    assert update.ref == "packages:dnf"
+    assert update.current == identity({app: "1.0-1", sec: "1.0-1"})
+    assert backend.ledger.get(update.available) == {app: "1.1-1", sec: "1.1-1"}
+    assert update.available == identity({app: "1.1-1", sec: "1.1-1"})
+    assert backend.ledger.get(update.available) == {app: "1.1-1", sec: "1.1-1"}
+    assert rpm_bed.installed(name, app) == "1.0-1"  # a check installs nothing
+
+
+def test_a_good_rpm_update_is_installed(rpm_bed: RpmBed, store: Store) -> None:
+    name = rpm_bed.names[0]
+    pkg = f"lab-good-{rpm_bed.token()}"
+    rpm_bed.rpm.good(pkg, "1.0")
+    rpm_bed.install([name], {pkg: "1.0-1"})
+    rpm_bed.rpm.good(pkg, "1.1")
+    result = run(rpm_bed.backend([name]), store, group("g", [name]))
+    [outcome] = result.outcomes
+    assert outcome.result == "success", outcome.error
+    assert rpm_bed.installed(name, pkg) == "1.1-1"
+    assert rpm_bed.state(name) == "running"
+    assert result.verified == {"packages:dnf": identity({pkg: "1.1-1"})}
+
+
+def test_a_failing_post_scriptlet_is_downgraded_back(rpm_bed: RpmBed, store: Store) -> None:
+    name = rpm_bed.names[0]
+    pkg = f"lab-post-{rpm_bed.token()}"
+    rpm_bed.rpm.good(pkg, "1.0")
+    rpm_bed.install([name], {pkg: "1.0-1"})
+    rpm_bed.rpm.failing_post(pkg, "1.1")
+    [outcome] = run(rpm_bed.backend([name]), store, group("g", [name])).outcomes
+    assert outcome.result == "rolled_back"
+    # dnf -q drops rpm's "warning: %post(...) scriptlet failed" line; this one stays.
+    assert outcome.error == (
+        f"applying: {name}: installing {pkg}=1.1-1: Error in POSTIN scriptlet in rpm package {pkg}"
+    )
+    assert rpm_bed.installed(name, pkg) == "1.0-1"
+    assert rpm_bed.wait_running(name) == "running"
+
+
+def test_a_broken_service_fails_verify_and_is_downgraded_back(
+    rpm_bed: RpmBed, store: Store
+) -> None:
+    name = rpm_bed.names[0]
+    pkg = f"lab-svc-{rpm_bed.token()}"
+    rpm_bed.rpm.service(pkg, "1.0")
+    rpm_bed.install([name], {pkg: "1.0-1"})
+    rpm_bed.rpm.service(pkg, "1.1", healthy=False)
+    [outcome] = run(rpm_bed.backend([name]), store, group("g", [name])).outcomes
+    assert outcome.result == "rolled_back"
+    assert outcome.error is not None
+    assert outcome.error.startswith("verifying:")
+    assert "is-system-running says degraded" in outcome.error
+    assert f"failed units: {pkg}.service" in outcome.error
+    assert rpm_bed.installed(name, pkg) == "1.0-1"
+    assert rpm_bed.wait_running(name) == "running"
+    assert rpm_bed.root(name, "systemctl", "is-active", f"{pkg}.service").stdout.strip() == "active"
+
+
+def test_an_rpm_that_needs_a_reboot_reboots_the_machine(rpm_bed: RpmBed, store: Store) -> None:
+    name = rpm_bed.names[0]
+    pkg = f"lab-kernel-{rpm_bed.token()}"
+    rpm_bed.rpm.good(pkg, "1.0")
+    rpm_bed.install([name], {pkg: "1.0-1"})
+    rpm_bed.rpm.needing_reboot(pkg, "1.1")
+    before = rpm_bed.boot_id(name)
+    [outcome] = run(rpm_bed.backend([name]), store, group("g", [name])).outcomes
+    assert outcome.result == "success", outcome.error
+    rpm_bed.wait_root(name)
+    assert rpm_bed.boot_id(name) != before
+    assert rpm_bed.installed(name, pkg) == "1.1-1"
+    assert rpm_bed.wait_running(name) == "running"
+    again = rpm_bed.root(name, "dnf", "-q", "--disablerepo=*", "needs-restarting", "-r")
+    assert "Reboot should not be necessary" in again.stdout
+
+
+def test_a_held_lock_and_a_versionlock_are_refused(rpm_bed: RpmBed) -> None:
+    name = rpm_bed.names[0]
+    pkg = f"lab-lock-{rpm_bed.token()}"
+    rpm_bed.rpm.good(pkg, "1.0")
+    rpm_bed.install([name], {pkg: "1.0-1"})
+    rpm_bed.rpm.good(pkg, "1.1")
+    backend = rpm_bed.backend([name])
+    with Session(name, rpm_bed.addresses[name], backend.config.ssh) as session:
+        driver = DnfDriver(session, lock_timeout=4)
+        holder = rpm_bed.root(name, "sh", "-c", _HOLD_LOCK).stdout.strip()
+        try:
+            with pytest.raises(PackageManagerError) as err:
+                driver.install({pkg: "1.1-1"})
+            assert "the package manager's lock is still held after 4s (RPMDB already locked" in (
+                str(err.value)
+            )
+        finally:
+            rpm_bed.root(name, "sh", "-c", f"kill {holder}; rm -f /var/lib/dnf/rpmdb_lock.pid")
+        assert rpm_bed.installed(name, pkg) == "1.0-1"
+        rpm_bed.root(name, "dnf", "-q", "versionlock", "add", pkg)
+        with pytest.raises(PackageManagerError, match=f"versionlocked packages .*: {pkg};"):
+            driver.install({pkg: "1.1-1"})
+    assert rpm_bed.installed(name, pkg) == "1.0-1"
