@@ -231,7 +231,7 @@ class PatchModel(BaseModel):
     @classmethod
     def _method(cls, value: object) -> object:
         if value == "yum":
-            raise ValueError('\'yum\' is not a method: use "dnf" (dnf 4 replaced yum)')
+            raise ValueError("'yum' is not a method: use \"dnf\" (dnf 4 replaced yum)")
         if isinstance(value, str) and value not in PATCH_METHODS:
             raise ValueError(f"unknown method {value!r} (use {' or '.join(PATCH_METHODS)})")
         return value
