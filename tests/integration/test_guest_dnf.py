@@ -6,6 +6,9 @@ update, a failing %post and a broken service (both downgraded back), a reboot as
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from patchd.backends.ssh import SSHSelect
@@ -15,6 +18,7 @@ from patchd.guest.packages import Pending, identity
 from patchd.guest.ssh import Session
 from patchd.state import Store
 from tests.integration.rpm_bed import RpmBed, rpm_bed, rpm_machines
+from tests.integration.test_guest_compliance import compliance, config, patchd
 from tests.integration.test_guest_patching import group, run, store
 
 __all__ = ["rpm_bed", "rpm_machines", "store"]  # fixtures
@@ -54,6 +58,54 @@ def test_pending_rpm_updates_are_listed_exactly(rpm_bed: RpmBed) -> None:
     assert update.available == identity({app: "1.1-1", sec: "1.1-1"})
     assert backend.ledger.get(update.available) == {app: "1.1-1", sec: "1.1-1"}
     assert rpm_bed.installed(name, app) == "1.0-1"  # a check installs nothing
+
+
+def test_plan_and_compliance_list_the_exact_pending_rpms(rpm_bed: RpmBed, tmp_path: Path) -> None:
+    name = rpm_bed.names[0]
+    t = rpm_bed.token()
+    app, sec = f"lab-app-{t}", f"lab-sec-{t}"
+    rpm_bed.rpm.good(app, "1.0")
+    rpm_bed.rpm.good(sec, "1.0")
+    rpm_bed.install([name], {app: "1.0-1", sec: "1.0-1"})
+    rpm_bed.rpm.good(app, "1.1")
+    rpm_bed.rpm.security(sec, "1.1")
+    path = config(tmp_path, rpm_bed, [name], {}, package_manager="dnf")
+    proc = patchd(path, "plan", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [target] = json.loads(proc.stdout)["groups"][0]["targets"]
+    assert target["action"] == "patch"
+    assert target["packages"] == [
+        {"package": app, "installed": "1.0-1", "version": "1.1-1", "security": False},
+        {"package": sec, "installed": "1.0-1", "version": "1.1-1", "security": True},
+    ]
+    text = patchd(path, "plan").stdout
+    assert f"      {sec} 1.0-1 -> 1.1-1 (security)\n" in text
+    status, doc = compliance(path)
+    assert (status, doc["pending"]) == (1, {"security": 1, "other": 1}), doc
+    assert rpm_bed.installed(name, app) == "1.0-1"  # neither installs anything
+
+
+def test_a_security_only_run_installs_the_advisory_and_compliance_ends_at_zero(
+    rpm_bed: RpmBed, tmp_path: Path
+) -> None:
+    name = rpm_bed.names[0]
+    t = rpm_bed.token()
+    app, sec = f"lab-app-{t}", f"lab-sec-{t}"
+    rpm_bed.rpm.good(app, "1.0")
+    rpm_bed.rpm.good(sec, "1.0")
+    rpm_bed.install([name], {app: "1.0-1", sec: "1.0-1"})
+    rpm_bed.rpm.good(app, "1.1")
+    rpm_bed.rpm.security(sec, "1.1")
+    baselines = {"sec": {"security_only": True}}
+    path = config(tmp_path, rpm_bed, [name], baselines, package_manager="dnf", baseline="sec")
+    run = patchd(path, "run", "os", "--now")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert rpm_bed.installed(name, sec) == "1.1-1"
+    assert rpm_bed.installed(name, app) == "1.0-1"  # not a security update: left alone
+    code, doc = compliance(path)
+    assert (code, doc["pending"]) == (0, {"security": 0, "other": 1}), doc
+    [left] = doc["updates"]
+    assert (left["package"], left["held"]) == (app, "not security")
 
 
 def test_a_good_rpm_update_is_installed(rpm_bed: RpmBed, store: Store) -> None:
