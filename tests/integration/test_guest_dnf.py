@@ -114,7 +114,9 @@ def test_a_good_rpm_update_is_installed(rpm_bed: RpmBed, store: Store) -> None:
     rpm_bed.rpm.good(pkg, "1.0")
     rpm_bed.install([name], {pkg: "1.0-1"})
     rpm_bed.rpm.good(pkg, "1.1")
-    result = run(rpm_bed.backend([name]), store, group("g", [name]))
+    # As a user with sudo rights (NOPASSWD in the image): every dnf runs under `sudo -n`.
+    backend = rpm_bed.backend([name], user="patchd", sudo=True)
+    result = run(backend, store, group("g", [name]))
     [outcome] = result.outcomes
     assert outcome.result == "success", outcome.error
     assert rpm_bed.installed(name, pkg) == "1.1-1"

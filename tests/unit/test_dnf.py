@@ -4,8 +4,12 @@ a real machine is tested in tests/integration/test_guest_dnf.py."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
+from patchd.backends.ssh import SSHBackend, SSHConfig, SSHSelect
 from patchd.guest.dnf import (
     DnfDriver,
     nevr,
@@ -17,7 +21,7 @@ from patchd.guest.dnf import (
 )
 from patchd.guest.errors import CommandFailed, PackageManagerError
 from patchd.guest.packages import Pending
-from tests.unit.test_guest import _Machine
+from tests.unit.test_guest import _Machine, _ssh
 from tests.unit.test_poll import FakeClock
 
 TABLE = """\
@@ -197,3 +201,14 @@ def test_a_reboot_is_required_when_needs_restarting_says_so() -> None:
     machine = _Machine(fake, {"needs-restarting": [(1, missing)]})
     with pytest.raises(PackageManagerError, match="install dnf-plugins-core"):
         DnfDriver(machine, clock=fake.clock).reboot_required()  # type: ignore[arg-type]
+
+
+def test_an_ssh_backend_with_package_manager_dnf_patches_with_dnf(tmp_path: Path) -> None:
+    ssh = {"identity_file": str(_ssh(tmp_path).identity_file)}
+    hosts = [{"name": "rhel1", "address": "10.0.0.7"}]
+    backend = SSHBackend("m", {"ssh": ssh, "hosts": hosts, "package_manager": "dnf"})
+    assert backend.ref == "packages:dnf"
+    assert isinstance(backend.packages.driver(_Machine(FakeClock(), {})), DnfDriver)  # type: ignore[arg-type]
+    assert backend.describe(backend.discover(SSHSelect())[0])["package_manager"] == "dnf"
+    with pytest.raises(ValidationError, match="'apt' or 'dnf'"):
+        SSHConfig.model_validate({"ssh": ssh, "package_manager": "yum"})
