@@ -1,6 +1,7 @@
-"""The dnf driver (RHEL, Fedora, Rocky, Alma; dnf 4): pending updates from `repoquery
---upgrades` and `updateinfo`, exact installs checked first with `--assumeno`, downgrades,
-`dnf needs-restarting -r`.
+"""The dnf driver (RHEL, Fedora, Rocky, Alma; dnf 4): pending updates from the transaction
+`dnf --assumeno upgrade` would run (upgrades and the new packages they need, as apt's
+simulated dist-upgrade) and `updateinfo`'s security advisories, exact installs checked
+first with `--assumeno`, downgrades, `dnf needs-restarting -r`.
 
 Versions are rpm's EVR as dnf prints them (`1.1-1`, `2:1.1-1` with an epoch); a package
 is named to dnf as NAME-EVR. Every dnf runs non-interactively (-y or --assumeno) in the C
@@ -54,17 +55,6 @@ def split_nevra(text: str) -> tuple[str, str]:
     return name, f"{version}-{release}"
 
 
-def parse_upgrades(output: str) -> dict[str, tuple[str, str]]:
-    """`repoquery --upgrades --qf '%{name}\\t%{evr}\\t%{reponame}'` -> name: (evr, repo).
-    One row per name: a package offered for several arches is one update here."""
-    found: dict[str, tuple[str, str]] = {}
-    for line in output.splitlines():
-        fields = line.split("\t")
-        if len(fields) == 3 and all(fields):
-            found.setdefault(fields[0], (fields[1], fields[2]))
-    return found
-
-
 def parse_advisories(output: str) -> dict[str, list[str]]:
     """`updateinfo list --updates --security` (`ID  Severity/Sec.  NEVRA`) -> package:
     the advisory ids that name it."""
@@ -77,11 +67,12 @@ def parse_advisories(output: str) -> dict[str, list[str]]:
     return found
 
 
-def parse_transaction(output: str) -> dict[str, str | None]:
-    """What a transaction table (`dnf --assumeno install ...`) would do: package -> the
-    EVR it would install, upgrade or downgrade to, or None when it would remove it.
-    Long names make dnf wrap a row: the name alone, the rest on the next line."""
-    found: dict[str, str | None] = {}
+def parse_transaction(output: str) -> dict[str, tuple[str, str] | None]:
+    """What a transaction table (`dnf --assumeno install|upgrade ...`) would do: package
+    -> (EVR, repository) it would install, upgrade or downgrade to, or None when it would
+    remove it. Long names make dnf wrap a row: the name alone, the rest on the next line.
+    One row per name: a package of several arches is one update here."""
+    found: dict[str, tuple[str, str] | None] = {}
     section: bool | None = None  # True: installing rows, False: removing rows
     carried: list[str] = []
     for line in output.splitlines():
@@ -98,7 +89,8 @@ def parse_transaction(output: str) -> dict[str, str | None]:
             carried = words  # a wrapped row: its first part
             continue
         carried = []
-        found[words[0]] = words[2] if section else None  # name, arch, EVR, repo, size
+        # name, arch, EVR, repository, size
+        found.setdefault(words[0], (words[2], words[3]) if section else None)
     return found
 
 
@@ -186,15 +178,25 @@ class DnfDriver:
     def refresh(self) -> None:
         self._dnf(["makecache", "--refresh"], "refreshing the repository metadata (dnf makecache)")
 
+    def _transaction(self, args: Sequence[str], what: str) -> dict[str, tuple[str, str] | None]:
+        """The transaction a dnf command would run, shown and aborted (--assumeno exits 1
+        after the table; 0 with "Nothing to do")."""
+        shown = self._dnf(["--assumeno", *args], what, expect=(0, 1), quiet=False)
+        if shown.status == 1 and "Operation aborted" not in shown.stdout + shown.stderr:
+            raise self._failure(what, shown)
+        return parse_transaction(shown.stdout)
+
     def pending(self) -> list[Pending]:
         # --cacheonly: the metadata refresh() fetched, so listing never downloads again.
-        upgrades = parse_upgrades(
-            self._dnf(
-                ["--cacheonly", "repoquery", "--upgrades", "--latest-limit=1",
-                 "--qf", "%{name}\t%{evr}\t%{reponame}"],
-                "listing pending updates (dnf repoquery --upgrades)",
-            ).stdout
-        )  # fmt: skip
+        # A removal the upgrade would make (an obsoleted package) is not an update: the
+        # install of the set then refuses it (see _refuse_extras).
+        upgrades = {
+            name: row
+            for name, row in self._transaction(
+                ["--cacheonly", "upgrade"], "listing pending updates (dnf --assumeno upgrade)"
+            ).items()
+            if row is not None
+        }
         if not upgrades:
             return []
         advisories = parse_advisories(
@@ -252,18 +254,13 @@ class DnfDriver:
         """Show the transaction first (--assumeno: dnf resolves, prints, aborts with exit
         1). A dependency outside the set (held back by the baseline, or not verified by
         staging) is refused, so an exclude is never installed."""
-        shown = self._dnf(
-            ["--assumeno", "install", *args],
-            f"resolving the install of {describe(versions)}",
-            expect=(0, 1),
-            quiet=False,
+        transaction = self._transaction(
+            ["install", *args], f"resolving the install of {describe(versions)}"
         )
-        if shown.status == 1 and "Operation aborted" not in shown.stdout + shown.stderr:
-            raise self._failure(f"resolving the install of {describe(versions)}", shown)
         extra = {
-            name: evr
-            for name, evr in parse_transaction(shown.stdout).items()
-            if versions.get(name) != evr
+            name: row[0] if row else None
+            for name, row in transaction.items()
+            if row is None or versions.get(name) != row[0]
         }
         if extra:
             raise PackageManagerError(
@@ -280,16 +277,25 @@ class DnfDriver:
 
     def downgrade(self, versions: Versions) -> None:
         """Back to the recorded versions: `dnf install NAME-EVR` goes down as well as up;
-        packages that were not installed before are removed."""
+        then the packages that were not installed before are removed (after the
+        downgrade, so what needed them no longer does). dnf removes the packages that
+        depend on what it removes: a removal that would take one outside the set is
+        refused instead."""
         gone = sorted(name for name, version in versions.items() if version is None)
         back = {name: v for name, v in sorted(versions.items()) if v is not None}
         what = f"downgrading to {describe(versions)}"
-        if gone:
-            self._dnf(["-y", "remove", *gone], what)
         if back:
             # A scriptlet of the old version failing is reported, not retried.
             result = self._dnf(["-y", "install", *(nevr(n, v) for n, v in back.items())], what)
             self._check_scriptlets(what, result)
+        if gone:
+            also = sorted(set(self._transaction(["remove", *gone], what)) - set(gone))
+            if also:
+                raise PackageManagerError(
+                    f"{self.session.name}: {what}: removing {', '.join(gone)} would also"
+                    f" remove {', '.join(also)}, which depend on them; not removed"
+                )
+            self._dnf(["-y", "remove", *gone], what)
 
     def reboot_required(self) -> str | None:
         result = self.session.run(

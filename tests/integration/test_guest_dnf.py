@@ -131,13 +131,38 @@ def test_a_failing_post_scriptlet_is_downgraded_back(rpm_bed: RpmBed, store: Sto
     rpm_bed.install([name], {pkg: "1.0-1"})
     rpm_bed.rpm.failing_post(pkg, "1.1")
     [outcome] = run(rpm_bed.backend([name]), store, group("g", [name])).outcomes
-    assert outcome.result == "rolled_back"
+    assert outcome.result == "rolled_back", outcome.error
     # dnf -q drops rpm's "warning: %post(...) scriptlet failed" line; this one stays.
     assert outcome.error == (
         f"applying: {name}: installing {pkg}=1.1-1: Error in POSTIN scriptlet in rpm package {pkg}"
     )
     assert rpm_bed.installed(name, pkg) == "1.0-1"
     assert rpm_bed.wait_running(name) == "running"
+
+
+def test_a_new_dependency_is_pending_installed_and_removed_again_by_the_rollback(
+    rpm_bed: RpmBed, store: Store
+) -> None:
+    name = rpm_bed.names[0]
+    t = rpm_bed.token()
+    app, dep = f"lab-needs-{t}", f"lab-dep-{t}"
+    rpm_bed.rpm.good(app, "1.0")
+    rpm_bed.install([name], {app: "1.0-1"})
+    rpm_bed.rpm.good(dep, "1.0")  # not installed, and nothing needs it yet
+    rpm_bed.rpm.failing_post(app, "1.1", requires=f"{dep} >= 1.0")
+    backend = rpm_bed.backend([name])
+    with Session(name, rpm_bed.addresses[name], backend.config.ssh) as session:
+        driver = DnfDriver(session)
+        driver.refresh()
+        assert driver.pending() == [
+            Pending(dep, None, "1.0-1", False, "lab"),
+            Pending(app, "1.0-1", "1.1-1", False, "lab"),
+        ]
+    [outcome] = run(backend, store, group("g", [name])).outcomes
+    assert outcome.result == "rolled_back", outcome.error
+    assert outcome.error is not None and "Error in POSTIN scriptlet" in outcome.error
+    assert rpm_bed.installed(name, app) == "1.0-1"
+    assert rpm_bed.installed(name, dep) is None  # new with the update: removed again
 
 
 def test_a_broken_service_fails_verify_and_is_downgraded_back(
@@ -149,7 +174,7 @@ def test_a_broken_service_fails_verify_and_is_downgraded_back(
     rpm_bed.install([name], {pkg: "1.0-1"})
     rpm_bed.rpm.service(pkg, "1.1", healthy=False)
     [outcome] = run(rpm_bed.backend([name]), store, group("g", [name])).outcomes
-    assert outcome.result == "rolled_back"
+    assert outcome.result == "rolled_back", outcome.error
     assert outcome.error is not None
     assert outcome.error.startswith("verifying:")
     assert "is-system-running says degraded" in outcome.error
@@ -185,6 +210,7 @@ def test_a_held_lock_and_a_versionlock_are_refused(rpm_bed: RpmBed) -> None:
     backend = rpm_bed.backend([name])
     with Session(name, rpm_bed.addresses[name], backend.config.ssh) as session:
         driver = DnfDriver(session, lock_timeout=4)
+        driver.refresh()  # as a run does before it installs
         holder = rpm_bed.root(name, "sh", "-c", _HOLD_LOCK).stdout.strip()
         try:
             with pytest.raises(PackageManagerError) as err:

@@ -90,10 +90,13 @@ class RpmRepo:
         """A clean package named by a security advisory (updateinfo type="security")."""
         return self.publish(name, version, advisory=f"LAB-SA-{name}-{version}")
 
-    def failing_post(self, name: str, version: str) -> Rpm:
+    def failing_post(self, name: str, version: str, requires: str | None = None) -> Rpm:
         """Its %post fails: rpm keeps the new version installed, dnf exits 0."""
         return self.publish(
-            name, version, post=f"echo '{name} {version}: %post fails on purpose' >&2\nexit 1"
+            name,
+            version,
+            post=f"echo '{name} {version}: %post fails on purpose' >&2\nexit 1",
+            requires=requires,
         )
 
     def service(self, name: str, version: str, healthy: bool = True) -> Rpm:
@@ -138,6 +141,7 @@ class RpmRepo:
         post: str | None = None,
         preun: str | None = None,
         advisory: str | None = None,
+        requires: str | None = None,
     ) -> Rpm:
         """Build NAME-VERSION-1.noarch.rpm in a machine, add it and reindex."""
         files = {f"/usr/share/{name}/version": f"{version}\n", **(files or {})}
@@ -157,6 +161,7 @@ class RpmRepo:
                 f"Summary: patchd lab package {name}",
                 "License: MIT",
                 "BuildArch: noarch",
+                *([f"Requires: {requires}"] if requires else []),
                 "%description",
                 f"patchd lab package {name}.",
                 "%install",

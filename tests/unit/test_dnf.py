@@ -16,7 +16,6 @@ from patchd.guest.dnf import (
     parse_advisories,
     parse_installed,
     parse_transaction,
-    parse_upgrades,
     split_nevra,
 )
 from patchd.guest.errors import CommandFailed, PackageManagerError
@@ -52,6 +51,24 @@ Total download size: 18 k
 Operation aborted.
 """
 
+UPGRADE = """\
+Dependencies resolved.
+================================================================================
+ Package            Architecture   Version            Repository          Size
+================================================================================
+Upgrading:
+ hello-lab          noarch         1.1-1              lab                6.0 k
+ liblab             noarch         1:1.1-1            lab                5.9 k
+Installing dependencies:
+ libnew             noarch         2.0-1              appstream          5.9 k
+Removing dependent packages:
+ oldlib             noarch         0.9-1              @System              0
+
+Transaction Summary
+================================================================================
+Operation aborted.
+"""
+
 LOCKED = (
     "RPMDB already locked by 20514\n  The application with PID 20514 is: python3\n"
     "    Memory : 7.6 M RSS ( 13 MB VSZ)\n"
@@ -73,22 +90,18 @@ def test_dnf_outputs_are_read_exactly() -> None:
         "openssl-libs",
         "1:3.0.7-25.el9_3",
     )
-    assert parse_upgrades("app\t1.1-1\tlab\nlibx\t2:1.0-1.el9\tbaseos\napp\t1.1-1\tlab\n\n") == {
-        "app": ("1.1-1", "lab"),
-        "libx": ("2:1.0-1.el9", "baseos"),
-    }
     assert parse_advisories(
         "LAB-2026-0001 Important/Sec. hello-lab-1.1-1.noarch\n"
         "RHSA-2024:1 Moderate/Sec.  openssl-libs-1:3.0.7-25.el9_3.x86_64\n"
         "RHSA-2024:2 Low/Sec.       hello-lab-1.1-1.noarch\n"
     ) == {"hello-lab": ["LAB-2026-0001", "RHSA-2024:2"], "openssl-libs": ["RHSA-2024:1"]}
     assert parse_transaction(TABLE) == {
-        "a-very-long-package-name-for-wrapping-tests": "1.0-1",
-        "app": "1.1-1",
-        "liblab": "1:1.1-1",
-        "an-even-longer-package-name-that-dnf-wraps-onto-two-lines-in-its-table": "2.0-3",
+        "a-very-long-package-name-for-wrapping-tests": ("1.0-1", "lab"),
+        "app": ("1.1-1", "lab"),
+        "liblab": ("1:1.1-1", "lab"),
+        "an-even-longer-package-name-that-dnf-wraps-onto-two-lines-in-its-table": ("2.0-3", "lab"),
         "oldlib": None,
-        "tool": "0.9-1",
+        "tool": ("0.9-1", "lab"),
     }
     assert parse_transaction("Dependencies resolved.\nNothing to do.\nComplete!\n") == {}
     assert parse_installed("app\t1.0-1\npackage nothere is not installed\nkernel\t5.14-1\n"
@@ -100,16 +113,24 @@ def test_pending_names_the_repository_and_the_security_advisory() -> None:
     machine = _Machine(
         fake,
         {
-            "repoquery": [(0, "hello-lab\t1.1-1\tlab\nliblab\t1.1-1\tlab\n")],
+            "--assumeno": [(1, UPGRADE)],
             "updateinfo": [(0, "LAB-2026-0001 Important/Sec. hello-lab-1.1-1.noarch\n")],
             "rpm": [(0, "hello-lab\t1.0-1\nliblab\t1.0-1\n")],
         },
     )
     assert DnfDriver(machine).pending() == [  # type: ignore[arg-type]
         Pending("hello-lab", "1.0-1", "1.1-1", True, "lab (LAB-2026-0001)"),
-        Pending("liblab", "1.0-1", "1.1-1", False, "lab"),
+        Pending("liblab", "1.0-1", "1:1.1-1", False, "lab"),
+        Pending("libnew", None, "2.0-1", False, "appstream"),  # a new dependency
     ]
-    assert [key for _, key in machine.asked] == ["repoquery", "updateinfo", "rpm"]
+    assert [key for _, key in machine.asked] == ["--assumeno", "updateinfo", "rpm"]
+    machine = _Machine(fake, {"--assumeno": [(0, "Dependencies resolved.\nNothing to do.\n")]})
+    assert DnfDriver(machine).pending() == []  # type: ignore[arg-type]
+    machine = _Machine(
+        fake, {"--assumeno": [(1, "Error: Cache-only enabled but no cache for 'lab'")]}
+    )
+    with pytest.raises(CommandFailed, match="no cache for 'lab'"):
+        DnfDriver(machine).pending()  # type: ignore[arg-type]
 
 
 def test_dnf_waits_for_its_lock_until_lock_timeout() -> None:
@@ -212,3 +233,26 @@ def test_an_ssh_backend_with_package_manager_dnf_patches_with_dnf(tmp_path: Path
     assert backend.describe(backend.discover(SSHSelect())[0])["package_manager"] == "dnf"
     with pytest.raises(ValidationError, match="'apt' or 'dnf'"):
         SSHConfig.model_validate({"ssh": ssh, "package_manager": "yum"})
+
+
+def test_a_rollback_downgrades_first_and_never_removes_outside_the_set() -> None:
+    fake = FakeClock()
+    removing = (
+        "Dependencies resolved.\n" + "=" * 80 + "\nRemoving:\n"
+        " libnew             noarch             2.0-1              @lab            0\n"
+        "Removing dependent packages:\n"
+        " tool               noarch             3.0-1              @lab            0\n"
+        "\nTransaction Summary\n" + "=" * 80 + "\nOperation aborted.\n"
+    )
+    machine = _Machine(fake, {"-y": [(0, "")], "--assumeno": [(1, removing)]})
+    with pytest.raises(PackageManagerError) as err:
+        DnfDriver(machine, clock=fake.clock).downgrade({"app": "1.0-1", "libnew": None})  # type: ignore[arg-type]
+    assert str(err.value) == (
+        "web1: downgrading to app=1.0-1, libnew=(absent): removing libnew would also remove"
+        " tool, which depend on them; not removed"
+    )
+    assert [key for _, key in machine.asked] == ["-y", "--assumeno"]  # app went back first
+    alone = removing.replace(" tool ", " libnew ")
+    machine = _Machine(fake, {"-y": [(0, "")], "--assumeno": [(1, alone)]})
+    DnfDriver(machine, clock=fake.clock).downgrade({"app": "1.0-1", "libnew": None})  # type: ignore[arg-type]
+    assert [key for _, key in machine.asked] == ["-y", "--assumeno", "-y"]
