@@ -1,17 +1,21 @@
-"""Patching with dnf through the ssh backend, driven by the real engine (run_group), on the
-lab's rpm machine: Debian's real dnf 4.14 and rpm 4.18 with an rpm database and a local rpm
-repository (tests/lab/rpmlab.py). Exact pending sets with security advisories, a good
-update, a failing %post and a broken service (both downgraded back), a reboot asked for by
-`dnf needs-restarting -r`, and a held lock and a versionlock refused."""
+"""Patching with dnf through the ssh backend, driven by the real engine (run_group) and the
+`patchd` command, on the lab's rpm machines: Debian's real dnf 4.14 and rpm 4.18 with an
+rpm database and a local rpm repository (tests/lab/rpmlab.py). Exact pending sets with
+security advisories (plan, compliance, a security-only run), a good update (through
+sudo), a failing %post, a new dependency and a broken service (downgraded back), a reboot
+asked for by `dnf needs-restarting -r`, a held lock and a versionlock refused, and
+production installing the versions staging verified."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from patchd.backends.ssh import SSHSelect
+from patchd.engine import stage_gate
 from patchd.guest.dnf import DnfDriver
 from patchd.guest.errors import PackageManagerError
 from patchd.guest.packages import Pending, identity
@@ -225,3 +229,26 @@ def test_a_held_lock_and_a_versionlock_are_refused(rpm_bed: RpmBed) -> None:
         with pytest.raises(PackageManagerError, match=f"versionlocked packages .*: {pkg};"):
             driver.install({pkg: "1.1-1"})
     assert rpm_bed.installed(name, pkg) == "1.0-1"
+
+
+def test_production_installs_the_rpm_versions_staging_verified(
+    rpm_bed: RpmBed, store: Store
+) -> None:
+    staging_host, prod_host = rpm_bed.names[0], rpm_bed.names[1]
+    pkg = f"lab-stage-{rpm_bed.token()}"
+    rpm_bed.rpm.good(pkg, "1.0")
+    rpm_bed.install([staging_host, prod_host], {pkg: "1.0-1"})
+    rpm_bed.rpm.good(pkg, "1.1")
+    staging, production = group("staging", [staging_host]), group("prod", [prod_host], "staging")
+    first = run(rpm_bed.backend([staging_host, prod_host]), store, staging)
+    assert [o.result for o in first.outcomes] == ["success"]
+    rpm_bed.rpm.good(pkg, "1.2")  # the repository moves on after staging verified 1.1
+    gate = stage_gate(production, store, datetime.now(UTC))
+    assert gate.open, gate.reason
+    assert gate.pins == {"packages:dnf": identity({pkg: "1.1-1"})}
+    # A fresh backend, as after a restart: the pin resolves through the ledger.
+    backend = rpm_bed.backend([staging_host, prod_host])
+    [outcome] = run(backend, store, production, gate.pins).outcomes
+    assert outcome.result == "success", outcome.error
+    assert rpm_bed.installed(prod_host, pkg) == "1.1-1"  # not 1.2, the newest
+    assert rpm_bed.installed(staging_host, pkg) == "1.1-1"

@@ -25,7 +25,7 @@ the apt repository's server at /rpm.
 
 Environment:
   PATCHD_LAB_MACHINES      how many machines (default 4)
-  PATCHD_LAB_RPM_MACHINES  how many rpm machines (default 1; 0 when PATCHD_LAB_MACHINES=0);
+  PATCHD_LAB_RPM_MACHINES  how many rpm machines (default 2; 0 when PATCHD_LAB_MACHINES=0);
                            rpmN listens on NET.(200+N)
   PATCHD_LAB_MACHINE_NET   the first three octets of their addresses (default 127.0.10):
                            machine N listens on NET.N. Two labs on one host need two nets.
@@ -127,7 +127,7 @@ class Bed:
         self.cgroup = f"patchd-machines-{lab_id}"
         self.cache = _cache_dir()
         self.count = int(os.environ.get("PATCHD_LAB_MACHINES") or 4)
-        rpm_default = "1" if self.count else "0"
+        rpm_default = "2" if self.count else "0"
         self.rpm_count = int(os.environ.get("PATCHD_LAB_RPM_MACHINES") or rpm_default)
         self.net = os.environ.get("PATCHD_LAB_MACHINE_NET") or "127.0.10"
         self.keys = self.dir / "keys"
