@@ -41,7 +41,8 @@ _NO_MATCH = re.compile(r"^Error: Unable to find a match: (.+)$", re.M)
 _FILTERED = re.compile(
     r"^All matches were filtered out by exclude filtering for argument: (.+)$", re.M
 )
-_EPOCH = re.compile(r"^(.+)-\d+:[^-]+-[^-]+$")  # versionlock's NAME-EPOCH:VERSION-RELEASE.*
+# `dnf versionlock list`: NAME-EPOCH:VERSION-RELEASE.* (a "!" in front: a version excluded)
+_EPOCH = re.compile(r"^!?(.+)-\d+:[^-]+-[^-]+$")
 
 
 def nevr(name: str, version: str) -> str:

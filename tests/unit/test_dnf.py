@@ -175,7 +175,8 @@ def test_an_install_outside_the_set_or_of_a_locked_package_is_refused() -> None:
     assert [key for _, key in machine.asked] == ["versionlock", "--assumeno"]  # never installed
     driver.install({"app": "1.1-1", "liblab": "1:1.1-1"})
     assert [key for _, key in machine.asked][-2:] == ["--assumeno", "-y"]
-    machine = _Machine(fake, {"versionlock": [(0, "app-0:1.0-1.*\n")]})
+    machine = _Machine(fake, {"versionlock": [(0, "!tool-2:3.0-1.*\napp-0:1.0-1.*\n")]})
+    assert DnfDriver(machine).locked() == {"app", "tool"}  # type: ignore[arg-type]
     with pytest.raises(PackageManagerError, match=r"versionlocked packages .*: app; patchd"):
         DnfDriver(machine, clock=fake.clock).install({"app": "1.1-1"})  # type: ignore[arg-type]
 
