@@ -45,7 +45,7 @@ def _iso(value: datetime | None) -> str | None:
 
 def package_groups(settings: Settings, names: Sequence[str]) -> list[str]:
     """Those of `names` whose targets patchd patches package by package (what compliance
-    is about: ssh machines, vSphere VMs with patch.method "apt"), told by the config, so
+    is about: ssh machines, vSphere VMs with patch.method "apt" or "dnf"), told by the config, so
     that no other backend is connected to find out."""
     groups = [settings.groups[name] for name in names]
     return [

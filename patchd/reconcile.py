@@ -136,9 +136,7 @@ def reconcile(
                 row.run_id, row.target, row.name, TargetState.OUT_OF_SERVICE, clock(),
                 step="reconcile", phase="done", error=f"reconcile: {err}",
             )  # fmt: skip
-            done.append(
-                Reconciled(row.run_id, row.name, was, TargetState.OUT_OF_SERVICE, str(err))
-            )
+            done.append(Reconciled(row.run_id, row.name, was, TargetState.OUT_OF_SERVICE, str(err)))
             continue
         except Exception as err:
             store.record(

@@ -16,10 +16,10 @@ A target is a machine of the backend's inventory (`hosts`, or an `inventory` TOM
   (in memory, and in the `ledger` file when set, so pins resolve after a restart).
 - snapshot: record the installed version of every package the set changes (and run the
   site's `snapshot_command`, e.g. an LVM snapshot, when set). Nothing is copied.
-- apply: install exactly the set (refused, nothing changed, when apt would pull in a
-  package outside it); reboot as the baseline's `reboot` says (by default when the
-  machine asks, /var/run/reboot-required, or `patch.reboot` is set), and wait until SSH
-  answers with a new boot id.
+- apply: install exactly the set (refused, nothing changed, when apt or dnf would pull in
+  a package outside it); reboot as the baseline's `reboot` says (by default when the
+  machine asks: /var/run/reboot-required with apt, `dnf needs-restarting -r` with dnf;
+  or `patch.reboot` is set), and wait until SSH answers with a new boot id.
 - verify: the installed versions are the set's, and `systemctl is-system-running` says
   running (degraded fails with the failed units named).
 - rollback: DOWNGRADE exactly the packages whose installed version differs from the
@@ -87,8 +87,8 @@ class SSHConfig(BaseModel):
     # A TOML file of [[hosts]] tables (name, address, labels), read at each discover.
     inventory: FilePath | None = None
     ssh: SshModel
-    package_manager: Literal["apt"] = "apt"
-    # How long an install waits for another apt or dpkg to release the lock.
+    package_manager: Literal["apt", "dnf"] = "apt"
+    # How long an install waits for another apt, dpkg or dnf to release the lock.
     lock_timeout: Duration = timedelta(minutes=5)
     # Longest wait for a machine to go down and come back with a new boot id.
     reboot_timeout: Duration = timedelta(minutes=15)

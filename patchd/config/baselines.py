@@ -3,7 +3,7 @@ reboots. Validation only; the decision itself is patchd.guest.baseline's.
 
 A group names one with `baseline = "NAME"`. Only groups whose targets patchd patches
 package by package accept one (`installs_packages`): a backend of type "ssh", or
-`patch.method = "apt"` (vSphere VMs). For an image, an ESXi host or a site script
+`patch.method = "apt"` or `"dnf"` (vSphere VMs). For an image, an ESXi host or a site script
 (`patch.method = "command"`) there is no package list to filter.
 """
 
@@ -52,7 +52,7 @@ class BaselineModel(BaseModel):
 PACKAGE_BACKENDS = ("ssh",)
 # Patch methods with which patchd installs packages itself (a backend's check_group
 # allows them only where it can: the vSphere VM flow, not its ESXi hosts).
-PACKAGE_METHODS = ("apt",)
+PACKAGE_METHODS = ("apt", "dnf")
 
 
 def installs_packages(backend_type: str, method: str) -> bool:
@@ -71,10 +71,12 @@ def baseline_problem(
     if name not in known:
         return unknown("baseline", name, known)
     if backend_type is not None and not installs_packages(backend_type, method):
-        if group.select.get("kind") == "host":  # vSphere's ESXi hosts: no fix but removal
+        if backend_type != "vsphere":
+            fix = "remove the baseline"
+        elif group.select.get("kind") == "host":  # vSphere's ESXi hosts: no fix but removal
             fix = "ESXi hosts (select.kind = 'host') have no package list: remove the baseline"
         else:
-            fix = 'set patch.method = "apt" (VMs with a guest table) or remove the baseline'
+            fix = 'set patch.method = "apt" or "dnf" (VMs with a guest table) or remove it'
         return (
             "only used where patchd installs packages itself: a backend of type"
             f" {' or '.join(PACKAGE_BACKENDS)}, or patch.method ="

@@ -205,7 +205,7 @@ class HealthModel(BaseModel):
     prometheus: PrometheusCheckModel | None = None
 
 
-PATCH_METHODS = ("apt", "command")
+PATCH_METHODS = ("apt", "dnf", "command")
 
 
 class PatchModel(BaseModel):
@@ -215,9 +215,9 @@ class PatchModel(BaseModel):
 
     # "command": run patch.command (the site's script); "apt": patchd installs the
     # pending package set itself over SSH (vSphere VMs with a [backends.NAME.guest]
-    # table; the ssh backend always does). Which backend allows which method is checked
-    # with the group (patchd.config.settings).
-    method: Literal["apt", "command"] = "command"
+    # table; the ssh backend always does); "dnf": the same with dnf, ssh backends only.
+    # Which backend allows which method is checked with the group (patchd.config.settings).
+    method: Literal["apt", "dnf", "command"] = "command"
     # argv run on the patchd host, no shell; placeholders {name} {moid} {uuid} {ip}
     # {hostname} are filled per target.
     command: Annotated[list[str], Field(min_length=1)] | None = None
@@ -230,11 +230,8 @@ class PatchModel(BaseModel):
     @field_validator("method", mode="before")
     @classmethod
     def _method(cls, value: object) -> object:
-        if value in ("dnf", "yum"):
-            raise ValueError(
-                f"{value!r} is not supported: no dnf driver ships, since it could not be"
-                ' tested for real (see README); use "command" with your own script'
-            )
+        if value == "yum":
+            raise ValueError("'yum' is not a method: use \"dnf\" (dnf 4 replaced yum)")
         if isinstance(value, str) and value not in PATCH_METHODS:
             raise ValueError(f"unknown method {value!r} (use {' or '.join(PATCH_METHODS)})")
         return value

@@ -228,9 +228,7 @@ def _refused(what: str, err: ControlError) -> int:
     )
 
 
-def _clear_in_journal(
-    settings: Settings, group: str, version: str | None
-) -> dict[str, Any] | int:
+def _clear_in_journal(settings: Settings, group: str, version: str | None) -> dict[str, Any] | int:
     """No daemon runs: clear in the journal itself, audited with the caller's uid."""
     me = Peer(os.getuid(), os.getpid(), os.getgid())
     journal = settings.daemon.state_dir / "patchd.db"

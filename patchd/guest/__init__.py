@@ -4,6 +4,7 @@
 - `ssh`: one connection to one machine: host-key checks, argv commands, timeouts.
 - `packages`: the package-manager driver interface and the identity of a package set.
 - `apt`: the Debian/Ubuntu driver.
+- `dnf`: the RHEL-family driver (dnf 4), for ssh backends with `package_manager = "dnf"`.
 - `system`: boot id, reboot and wait, `systemctl is-system-running`.
 - `patcher`: the package-set steps (assess under a baseline and check with stage pins,
   record, install and reboot, verify) and the ledger of package sets.

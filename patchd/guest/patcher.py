@@ -1,6 +1,6 @@
 """Patching one machine's packages to an exact set: the steps every backend that patches an
-operating system over SSH shares (the plain `ssh` backend, and the vSphere VM flow with
-`patch.method = "apt"`).
+operating system over SSH shares (the plain `ssh` backend with apt or dnf, and the vSphere
+VM flow with `patch.method = "apt"`).
 
 - `assess` / `check`: refresh, simulate the full upgrade, take the pending set of exact
   versions that the group's baseline lets in (patchd.guest.baseline; `assess` also says
@@ -116,6 +116,7 @@ class PackagePatcher:
     ) -> None:
         self.connect = connect
         self.ledger = Ledger(ledger)
+        self.package_manager = package_manager
         self.ref = f"packages:{package_manager}"
         self.lock_timeout = lock_timeout
         self.reboot_timeout = reboot_timeout
@@ -123,6 +124,10 @@ class PackagePatcher:
         self._lock = threading.Lock()
 
     def driver(self, session: Session) -> Any:
+        if self.package_manager == "dnf":
+            from patchd.guest.dnf import DnfDriver
+
+            return DnfDriver(session, self.lock_timeout)
         from patchd.guest.apt import AptDriver
 
         return AptDriver(session, self.lock_timeout)

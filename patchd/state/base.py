@@ -225,9 +225,7 @@ class Store(Protocol):
         """Queued messages, soonest due first (then in the order queued); only those due by
         `by` (that instant included) if given; at most `limit`."""
 
-    def notification_retry(
-        self, outbox_id: int, attempts: int, due: datetime, error: str
-    ) -> None:
+    def notification_retry(self, outbox_id: int, attempts: int, due: datetime, error: str) -> None:
         """Record a failed attempt: the message is tried again at `due`."""
 
     def notification_done(self, outbox_id: int) -> None:

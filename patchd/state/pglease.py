@@ -25,6 +25,7 @@ class LeaseDatabase(Protocol):
 
     def lease_transaction(self, work: Callable[[psycopg.Connection[Any]], T]) -> T: ...
 
+
 LEASE = "leader"
 
 _VIEW = (

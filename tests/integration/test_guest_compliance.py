@@ -24,7 +24,12 @@ __all__ = ["bed", "machines"]  # fixtures
 
 
 def config(
-    tmp_path: Path, bed: Bed, names: list[str], baselines: dict[str, Any], **group: Any
+    tmp_path: Path,
+    bed: Bed,
+    names: list[str],
+    baselines: dict[str, Any],
+    package_manager: str = "apt",
+    **group: Any,
 ) -> Path:
     return write_config(
         tmp_path / "patchd.toml",
@@ -34,6 +39,7 @@ def config(
             "backends": {
                 "machines": {
                     "type": "ssh",
+                    "package_manager": package_manager,
                     "hosts": [{"name": n, "address": bed.addresses[n]} for n in names],
                     "ssh": {
                         "user": "root",

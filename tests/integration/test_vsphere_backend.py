@@ -457,8 +457,16 @@ def test_hosts_roll_per_cluster_never_two_in_maintenance_mode(
     log = tmp_path / "hosts.log"
     patch = PatchModel(
         command=tool(
-            "host", sim.process.url, "{moid}", "{name}", "--sleep", "0.2", "--log", str(log),
-            "--meet", "60",
+            "host",
+            sim.process.url,
+            "{moid}",
+            "{name}",
+            "--sleep",
+            "0.2",
+            "--log",
+            str(log),
+            "--meet",
+            "60",
         ),
         version="8.0u3",
     )

@@ -24,7 +24,8 @@
 #                      .venv/bin/python if present, else python3; without pyVmomi the
 #                      probe falls back to a SOAP request with curl)
 #   PATCHD_LAB_SKIP_APT=1  never run apt-get (fail if a package is missing)
-#   PATCHD_LAB_MACHINES, PATCHD_LAB_MACHINE_NET, PATCHD_LAB_CACHE: see tests/lab/machines.py
+#   PATCHD_LAB_MACHINES, PATCHD_LAB_RPM_MACHINES, PATCHD_LAB_MACHINE_NET, PATCHD_LAB_CACHE:
+#                      see tests/lab/machines.py (rpm machines: tests/lab/rpmlab.py)
 #                      (PATCHD_LAB_MACHINES=0: no machines)
 #
 # It never talks to the system Docker engine: dockerd gets its own data-root,

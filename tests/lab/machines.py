@@ -18,8 +18,15 @@ The rootfs (mmdebstrap, ~70 s) is cached as a tarball in PATCHD_LAB_CACHE (defau
 /var/cache/patchd-lab), shared by every lab dir on the host; its file name carries a hash
 of the recipe, so a changed recipe builds a new one.
 
+Beside them run the rpm machines (rpm1...; tests/lab/rpmlab.py): the same Debian with
+Debian's dnf, rpm and createrepo-c, a second image variant whose rootfs is cached too, so
+only its first build costs an mmdebstrap; they install from an rpm repository served by
+the apt repository's server at /rpm.
+
 Environment:
   PATCHD_LAB_MACHINES      how many machines (default 4)
+  PATCHD_LAB_RPM_MACHINES  how many rpm machines (default 2; 0 when PATCHD_LAB_MACHINES=0);
+                           rpmN listens on NET.(200+N)
   PATCHD_LAB_MACHINE_NET   the first three octets of their addresses (default 127.0.10):
                            machine N listens on NET.N. Two labs on one host need two nets.
   PATCHD_LAB_CACHE         where the rootfs tarball is kept (default /var/cache/patchd-lab,
@@ -41,6 +48,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import rpmlab  # noqa: E402 (the lab's own module, beside this file)
+
 SUITE = "bookworm"
 PACKAGES = "openssh-server,systemd,systemd-sysv,dbus,python3,python3-venv,sudo"
 RECIPE_VERSION = "1"  # bump to rebuild every cached rootfs
@@ -49,7 +59,8 @@ BOOT_TIMEOUT = 120
 SSH_PORT = 22
 MACHINE_PREFIX = "machine"
 
-INIT = r"""#!/bin/sh
+INIT = (
+    r"""#!/bin/sh
 # patchd lab: runs before systemd on every boot of a machine (the container's entrypoint).
 set -eu
 # A fresh boot id per boot: the kernel's is the host's, shared and unchanged by a restart.
@@ -71,8 +82,11 @@ for user in root patchd nosudo; do
 done
 printf 'deb [trusted=yes] %s/main ./\ndeb [trusted=yes] %s/security ./\n' \
     "$LAB_APT_URL" "$LAB_APT_URL" > /etc/apt/sources.list.d/lab.list
-exec /sbin/init
 """
+    + rpmlab.INIT
+    + """exec /sbin/init
+"""
+)
 
 DOCKERFILE = """FROM {base}
 COPY lab-init /usr/local/sbin/lab-init
@@ -113,20 +127,31 @@ class Bed:
         self.cgroup = f"patchd-machines-{lab_id}"
         self.cache = _cache_dir()
         self.count = int(os.environ.get("PATCHD_LAB_MACHINES") or 4)
+        rpm_default = "2" if self.count else "0"
+        self.rpm_count = int(os.environ.get("PATCHD_LAB_RPM_MACHINES") or rpm_default)
         self.net = os.environ.get("PATCHD_LAB_MACHINE_NET") or "127.0.10"
         self.keys = self.dir / "keys"
         self.known_hosts = self.dir / "known_hosts"
         self.repo = self.dir / "apt"
+        self.rpm_repo = self.repo / "rpm"
         self.apt_pid = self.dir / "apt.pid"
         self.apt_addr = self.dir / "apt.addr"
         self.apt_log = self.dir / "apt.log"
         self.env_file = self.dir / "env"
 
     # --- names ---------------------------------------------------------------------
-    def names(self) -> list[str]:
+    def apt_names(self) -> list[str]:
         return [f"{MACHINE_PREFIX}{i}" for i in range(1, self.count + 1)]
 
+    def rpm_names(self) -> list[str]:
+        return [f"{rpmlab.PREFIX}{i}" for i in range(1, self.rpm_count + 1)]
+
+    def names(self) -> list[str]:
+        return self.apt_names() + self.rpm_names()
+
     def address(self, name: str) -> str:
+        if name.startswith(rpmlab.PREFIX):
+            return f"{self.net}.{rpmlab.ADDRESS_BASE + int(name.removeprefix(rpmlab.PREFIX))}"
         return f"{self.net}.{int(name.removeprefix(MACHINE_PREFIX))}"
 
     def docker(
@@ -228,8 +253,8 @@ class Bed:
             self.sock.unlink()
 
     # --- images --------------------------------------------------------------------
-    def rootfs(self) -> Path:
-        key = hashlib.sha256(f"{RECIPE_VERSION} {SUITE} {PACKAGES}".encode()).hexdigest()[:12]
+    def rootfs(self, packages: str = PACKAGES) -> Path:
+        key = hashlib.sha256(f"{RECIPE_VERSION} {SUITE} {packages}".encode()).hexdigest()[:12]
         tarball = self.cache / f"debian-{SUITE}-machine-{key}.tar"
         if tarball.exists():
             return tarball
@@ -251,7 +276,7 @@ class Bed:
                         "mmdebstrap",
                         "--variant=minbase",
                         "--format=tar",
-                        f"--include={PACKAGES}",
+                        f"--include={packages}",
                         SUITE,
                         str(partial),
                         "-",
@@ -267,22 +292,39 @@ class Bed:
             log(f"rootfs built in {time.monotonic() - t0:.0f}s")
         return tarball
 
-    def image(self) -> str:
-        tarball = self.rootfs()
+    def image(self, packages: str = PACKAGES) -> str:
+        tarball = self.rootfs(packages)
         base = f"patchd-lab/debian-rootfs:{tarball.stem.rsplit('-', 1)[-1]}"
         if self.docker("image", "inspect", base, check=False).returncode:
             t0 = time.monotonic()
             self.docker("import", str(tarball), base)
             log(f"imported {base} in {time.monotonic() - t0:.1f}s")
         dockerfile = DOCKERFILE.format(base=base)
-        tag = hashlib.sha256((dockerfile + INIT).encode()).hexdigest()[:12]
-        image = f"patchd-lab/debian-machine:{tag}"
+        return self.build("debian-machine", dockerfile, {"lab-init": INIT})
+
+    def rpm_image(self) -> str:
+        """The apt machine's recipe on a rootfs with dnf and rpm, plus rpmlab's layer."""
+        t0 = time.monotonic()
+        machine = self.image(f"{PACKAGES},{rpmlab.EXTRA_PACKAGES}")
+        image = self.build(
+            "debian-rpm-machine",
+            rpmlab.dockerfile(machine),
+            {"lab-system.spec": rpmlab.LAB_SYSTEM_SPEC},
+        )
+        log(f"rpm machine image {image} ready in {time.monotonic() - t0:.1f}s")
+        return image
+
+    def build(self, name: str, dockerfile: str, files: dict[str, str]) -> str:
+        """An image built once per recipe: its tag is the hash of the Dockerfile and files."""
+        recipe = dockerfile + "".join(files[k] for k in sorted(files))
+        image = f"patchd-lab/{name}:{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
         if self.docker("image", "inspect", image, check=False).returncode:
             ctx = self.dir / "build"
             shutil.rmtree(ctx, ignore_errors=True)
             ctx.mkdir(parents=True)
             (ctx / "Dockerfile").write_text(dockerfile)
-            (ctx / "lab-init").write_text(INIT)
+            for file, text in files.items():
+                (ctx / file).write_text(text)
             self.docker("build", "--network", "none", "-t", image, str(ctx))
         return image
 
@@ -341,11 +383,16 @@ class Bed:
         return addr
 
     # --- machines ------------------------------------------------------------------
-    def start_machines(self, image: str, apt_addr: str) -> None:
+    def start_machines(self, images: dict[str, str], apt_addr: str) -> None:
+        """Start every machine not running yet; `images`: name -> image."""
         running = set(self.docker("ps", "--format", "{{.Names}}").stdout.split())
-        for name in self.names():
+        for name, image in images.items():
             if name in running:
                 continue
+            extra = []
+            if name.startswith(rpmlab.PREFIX):
+                self.rpm_repo.mkdir(parents=True, exist_ok=True)
+                extra = ["-v", f"{self.rpm_repo}:{rpmlab.MOUNT}"]
             self.docker("rm", "-f", name, check=False)
             addr = self.address(name)
             if _port_open(addr, SSH_PORT):
@@ -386,6 +433,7 @@ class Bed:
                 f"{self.keys / name}:/lab:ro",
                 "--stop-signal",
                 "SIGRTMIN+3",
+                *extra,
                 "--entrypoint",
                 "/usr/local/sbin/lab-init",
                 image,
@@ -406,8 +454,11 @@ class Bed:
     def write_env(self, apt_addr: str) -> None:
         values = {
             "PATCHD_LAB_MACHINES_DOCKER_HOST": f"unix://{self.sock}",
-            "PATCHD_LAB_MACHINE_NAMES": " ".join(self.names()),
-            "PATCHD_LAB_MACHINE_ADDRESSES": " ".join(self.address(n) for n in self.names()),
+            "PATCHD_LAB_MACHINE_NAMES": " ".join(self.apt_names()),
+            "PATCHD_LAB_MACHINE_ADDRESSES": " ".join(self.address(n) for n in self.apt_names()),
+            "PATCHD_LAB_RPM_MACHINE_NAMES": " ".join(self.rpm_names()),
+            "PATCHD_LAB_RPM_MACHINE_ADDRESSES": " ".join(self.address(n) for n in self.rpm_names()),
+            "PATCHD_LAB_RPM_DIR": str(self.rpm_repo),
             "PATCHD_LAB_MACHINE_SSH_PORT": str(SSH_PORT),
             "PATCHD_LAB_MACHINE_KEY": str(self.keys / "id_ed25519"),
             "PATCHD_LAB_MACHINE_KNOWN_HOSTS": str(self.known_hosts),
@@ -417,7 +468,7 @@ class Bed:
         self.env_file.write_text("".join(f"export {k}='{v}'\n" for k, v in values.items()))
 
     def up(self) -> None:
-        if self.count == 0:
+        if self.count == 0 and self.rpm_count == 0:
             log("PATCHD_LAB_MACHINES=0: no machines")
             self.env_file.unlink(missing_ok=True)
             return
@@ -426,12 +477,16 @@ class Bed:
         self.make_keys()
         apt_addr = self.start_apt()
         self.start_engine()
-        image = self.image()
-        self.start_machines(image, apt_addr)
+        images = dict.fromkeys(self.apt_names(), self.image())
+        if self.rpm_count:
+            images.update(dict.fromkeys(self.rpm_names(), self.rpm_image()))
+        self.start_machines(images, apt_addr)
         self.wait_ssh()
         self.write_env(apt_addr)
+        rpm = f" and {self.rpm_count} rpm machines" if self.rpm_count else ""
         log(
-            f"{self.count} machines on {self.net}.1-{self.count} up in {time.monotonic() - t0:.1f}s"
+            f"{self.count} machines on {self.net}.1-{self.count}{rpm}"
+            f" up in {time.monotonic() - t0:.1f}s"
         )
 
     def down(self) -> None:
@@ -448,7 +503,7 @@ class Bed:
     def status(self) -> bool:
         ok = True
         pid = self.engine_pid()
-        if self.count == 0 and not pid:
+        if self.count + self.rpm_count == 0 and not pid:
             return True
         up = bool(pid) and self.ping()
         print(f"{'machines':<9} {'up' if up else 'down':<5} pid {pid or '-':<8} unix://{self.sock}")

@@ -91,7 +91,7 @@ def test_a_vm_group_patched_with_apt_takes_a_baseline(tmp_path: Path) -> None:
     [
         (
             {"select": {"folder": "/DC0/vm"}, "patch": {"command": ["/usr/local/bin/up"]}},
-            'filter; set patch.method = "apt" (VMs with a guest table) or remove the baseline',
+            'filter; set patch.method = "apt" or "dnf" (VMs with a guest table) or remove it',
         ),
         (
             {"select": {"kind": "host", "folder": "/DC0/host"}},
@@ -108,7 +108,7 @@ def test_a_group_that_installs_no_packages_refuses_a_baseline(
     text = str(err.value)
     assert (
         "groups.g.baseline: only used where patchd installs packages itself: a backend of"
-        " type ssh, or patch.method = 'apt' (vSphere VMs); backend 'vc' is 'vsphere' and"
+        " type ssh, or patch.method = 'apt' or 'dnf' (vSphere VMs); backend 'vc' is 'vsphere' and"
         " this group patches with method 'command'" in text
     )
     assert fix in text
@@ -130,8 +130,9 @@ def _backend(tmp_path: Path, machine: _Machine) -> VSphereBackend:
     backend.vms.read = lambda moid: on  # type: ignore[method-assign]
     guestos = backend.vms.guestos
     assert guestos is not None
-    guestos.packages.connect = lambda target: machine  # type: ignore[assignment,return-value]
-    guestos.packages.driver = lambda session: machine  # type: ignore[method-assign]
+    patcher = guestos.patchers["apt"]
+    patcher.connect = lambda target: machine  # type: ignore[assignment,return-value]
+    patcher.driver = lambda session: machine  # type: ignore[method-assign]
     return backend
 
 
@@ -152,7 +153,7 @@ def test_a_vm_is_assessed_under_its_baseline_as_an_ssh_machine_is(tmp_path: Path
     assert found.reboot_required == "/var/run/reboot-required"
     # The run installs that set, with the baseline's reboot policy.
     assert backend.vms.guestos is not None
-    plan = backend.vms.guestos.packages.plan(VM, found.update.available)
+    plan = backend.vms.guestos.patchers["apt"].plan(VM, found.update.available)
     assert plan.versions == {"libssl3": "3.0.15"} and plan.baseline == baseline
     # ESXi hosts and "command" groups are not patched package by package.
     assert backend.assess(HOST, {}, APT, baseline, Journal(), T0) is None

@@ -12,7 +12,7 @@ mapping onto the contract).
 
 Construction does not connect: the session logs in on first use.
 
-VMs patched with `patch.method = "apt"` are assessed package by package (`assess`, the
+VMs patched with `patch.method = "apt"` or `"dnf"` are assessed package by package (`assess`, the
 optional AssessesPackages protocol of patchd.guest.assessment), so a group's baseline,
 `plan` and `compliance` apply to them as to the ssh backend's machines.
 
@@ -38,6 +38,7 @@ from patchd.backends.vsphere.snapshots import PatchdSnapshot
 from patchd.backends.vsphere.steps import step
 from patchd.backends.vsphere.tags import Tags
 from patchd.backends.vsphere.vms import VmFlow
+from patchd.config.baselines import PACKAGE_METHODS
 from patchd.config.schema import HealthModel, PatchModel, SnapshotModel
 
 if TYPE_CHECKING:
@@ -118,12 +119,12 @@ class VSphereBackend:
         journal: FirstSeen,
         now: datetime,
     ) -> Assessment | None:
-        """A VM patched with method "apt": what is pending in its guest and what the
-        group's baseline lets in (patchd.guest.assessment). None for an ESXi host or a
+        """A VM patched with method "apt" or "dnf": what is pending in its guest and what
+        the group's baseline lets in (patchd.guest.assessment). None for an ESXi host or a
         "command" group: check_update decides for those."""
-        if target.kind == "host" or patch.method != "apt":
+        if target.kind == "host" or patch.method not in PACKAGE_METHODS:
             return None
-        return self.vms.assess(target, pins, baseline, journal, now)
+        return self.vms.assess(target, pins, baseline, journal, now, patch.method)
 
     def describe(self, target: Target) -> Mapping[str, str]:
         return self._flow(target).describe(target)

@@ -67,7 +67,7 @@ class VSphereConfig(BaseModel):
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     retry_backoff: Duration = timedelta(seconds=1)
     # How patchd logs in to the VMs' operating systems (SSH) for groups with
-    # patch.method = "apt"; not needed for "command".
+    # patch.method = "apt" or "dnf"; not needed for "command".
     guest: GuestModel | None = None
 
     @field_validator("host")
@@ -166,7 +166,7 @@ def check_group(
     backend: str, config: VSphereConfig, select: VSphereSelect, patch: Any
 ) -> list[tuple[tuple[str, ...], str]]:
     """A vSphere group's patch table against its backend (see patchd.plugins)."""
-    if patch.method != "apt":
+    if patch.method not in ("apt", "dnf"):
         return []
     problems: list[tuple[tuple[str, ...], str]] = []
     if select.kind == "host":
@@ -175,12 +175,15 @@ def check_group(
         problems.append(
             (
                 ("patch", "method"),
-                f'"apt" logs in to the VMs over SSH: backend {backend!r} needs a'
+                f'"{patch.method}" logs in to the VMs over SSH: backend {backend!r} needs a'
                 f" [backends.{backend}.guest] table with its ssh keys",
             )
         )
     if patch.command is not None:
         problems.append(
-            (("patch", "command"), 'not used with method = "apt": patchd installs the packages')
+            (
+                ("patch", "command"),
+                f'not used with method = "{patch.method}": patchd installs the packages',
+            )
         )
     return problems

@@ -1,5 +1,5 @@
-"""The VM flow's `patch.method = "apt"`: the VM's own operating system is patched by patchd
-over SSH, between the vSphere snapshot and its commit or revert.
+"""The VM flow's `patch.method = "apt"` or `"dnf"`: the VM's own operating system is
+patched by patchd over SSH, between the vSphere snapshot and its commit or revert.
 
 The package steps are patchd.guest.patcher's, shared with the plain `ssh` backend (the same
 exact package sets, ledger and stage pins: production installs what staging verified).
@@ -9,9 +9,10 @@ filled with the VM's name or guest host name), so a VM that comes back from a re
 another address is still found. A VM with no address yet is "unreachable" (a transient
 state: Tools may not have reported it since the boot).
 
-- check / assess: the pre-check of the VM flow, then the pending set over SSH
-  (`Update.ref` "packages:apt"), under the group's baseline (`[baselines.NAME]`: the same
-  held-back reasons, approve_after journal and staged pins as for an ssh machine).
+- check / assess: the pre-check of the VM flow, then the pending set over SSH with the
+  group's method's driver (`Update.ref` "packages:apt" or "packages:dnf"; the ref picks
+  the driver for the later steps), under the group's baseline (`[baselines.NAME]`: the
+  same held-back reasons, approve_after journal and staged pins as for an ssh machine).
 - snapshot: after the vSphere snapshot, the installed versions of that set are recorded
   in the snapshot's data (what the journal shows the VM was on).
 - apply: install exactly the set; reboot (`systemctl reboot` over SSH) as the baseline's
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from patchd.guest.ssh import Session
 
 PACKAGES = "packages:"  # the prefix of an Update.ref this module made
+METHODS = ("apt", "dnf")  # the patch.method values this module patches with
 
 
 class GuestOs:
@@ -49,12 +51,17 @@ class GuestOs:
         self.backend = backend
         self.guest = guest
         self.read = read
-        self.packages = PackagePatcher(
-            self.connect,
-            ledger=guest.ledger,
-            lock_timeout=guest.lock_timeout.total_seconds(),
-            reboot_timeout=guest.reboot_timeout.total_seconds(),
-        )
+        # One per package manager: the method is a group's, the guest table the backend's.
+        self.patchers = {
+            manager: PackagePatcher(
+                self.connect,
+                ledger=guest.ledger,
+                lock_timeout=guest.lock_timeout.total_seconds(),
+                reboot_timeout=guest.reboot_timeout.total_seconds(),
+                package_manager=manager,
+            )
+            for manager in METHODS
+        }
 
     def address(self, state: State) -> str:
         from patchd.guest.errors import Unreachable
@@ -74,35 +81,41 @@ class GuestOs:
 
         return Session(target.name, self.address(self.read(target.id)), self.guest.ssh)
 
-    def check(self, target: Target, pins: Mapping[str, str]) -> Update | None:
-        return self.packages.check(target, pins)
+    def check(self, target: Target, pins: Mapping[str, str], method: str) -> Update | None:
+        return self.patchers[method].check(target, pins)
 
     def assess(
         self,
         target: Target,
         pins: Mapping[str, str],
+        method: str,
         baseline: BaselineModel | None,
         journal: FirstSeen,
         now: datetime,
     ) -> Assessment:
         """What is pending and what the group's baseline lets in, as for an ssh machine."""
-        return self.packages.assess(target, pins, baseline, journal, now)
+        return self.patchers[method].assess(target, pins, baseline, journal, now)
 
     def checked(self, target: Target) -> bool:
-        """Whether a check of this process found a set for the target (apt in use)."""
-        return self.packages.pending_for(target)
+        """Whether a check of this process found a set for the target (apt or dnf in use)."""
+        return any(p.pending_for(target) for p in self.patchers.values())
 
     def record(self, target: Target) -> dict[str, str | None]:
+        patcher = next(p for p in self.patchers.values() if p.pending_for(target))
         with self.connect(target) as session:
-            return self.packages.record(target, session)
+            return patcher.record(target, session)
+
+    def _by_ref(self, update: Update) -> PackagePatcher:
+        return self.patchers[update.ref.removeprefix(PACKAGES)]
 
     def install(
         self, target: Target, update: Update, snapshot: Mapping[str, Any], reboot: bool
     ) -> None:
-        self.packages.install(target, update, snapshot.get("recorded") or {}, reboot)
+        self._by_ref(update).install(target, update, snapshot.get("recorded") or {}, reboot)
 
     def verify(self, target: Target, update: Update, timeout: float) -> None:
-        self.packages.verify(target, update, timeout)
+        self._by_ref(update).verify(target, update, timeout)
 
     def forget(self, target: Target) -> None:
-        self.packages.forget(target)
+        for patcher in self.patchers.values():
+            patcher.forget(target)

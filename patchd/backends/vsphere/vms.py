@@ -61,7 +61,7 @@ from patchd.backends.vsphere.flow import (
     Kind,
     snapshot_name,
 )
-from patchd.backends.vsphere.guestos import PACKAGES, GuestOs
+from patchd.backends.vsphere.guestos import METHODS, PACKAGES, GuestOs
 from patchd.backends.vsphere.snapshots import (
     PatchdSnapshot,
     SnapshotNode,
@@ -145,7 +145,7 @@ class VmFlow(Flow[VmState]):
         super().__init__(backend, session, config)
         # vm moid -> names of the patchd snapshots this process is working with now.
         self._active: dict[str, set[str]] = {}
-        # patch.method = "apt": the guest's packages over SSH (guestos.py).
+        # patch.method = "apt" or "dnf": the guest's packages over SSH (guestos.py).
         self.guestos = GuestOs(backend, config.guest, self.read) if config.guest else None
 
     # --- reading ------------------------------------------------------------------------
@@ -224,9 +224,9 @@ class VmFlow(Flow[VmState]):
     def check_update(
         self, target: Target, pins: Mapping[str, str], patch: PatchModel
     ) -> Update | None:
-        if patch.method != "apt":
+        if patch.method not in METHODS:
             return super().check_update(target, pins, patch)
-        return self._prechecked(target).check(target, pins)
+        return self._prechecked(target, patch.method).check(target, pins, patch.method)
 
     def assess(
         self,
@@ -235,15 +235,16 @@ class VmFlow(Flow[VmState]):
         baseline: BaselineModel | None,
         journal: FirstSeen,
         now: datetime,
+        method: str,
     ) -> Assessment:
-        """patch.method "apt": the guest's pending packages under the group's baseline
-        (held back and why, what a run installs), after the pre-check."""
-        return self._prechecked(target).assess(target, pins, baseline, journal, now)
+        """patch.method "apt" or "dnf": the guest's pending packages under the group's
+        baseline (held back and why, what a run installs), after the pre-check."""
+        return self._prechecked(target, method).assess(target, pins, method, baseline, journal, now)
 
-    def _prechecked(self, target: Target) -> GuestOs:
-        """The guest side, once the VM passed the pre-check (method "apt")."""
+    def _prechecked(self, target: Target, method: str) -> GuestOs:
+        """The guest side, once the VM passed the pre-check (method "apt" or "dnf")."""
         if self.guestos is None:  # check-config refuses this; a config built in code may not
-            raise StepFailed(f"{target.name}: method apt needs backends.{self.backend}.guest")
+            raise StepFailed(f"{target.name}: method {method} needs backends.{self.backend}.guest")
         with step(self.session, f"pre-check of {target.name}"):
             self.precheck(self.read(target.id))
         return self.guestos
@@ -297,13 +298,13 @@ class VmFlow(Flow[VmState]):
             state = self.read(target.id)
             if state.find(name, snapshot.data["moref"]) is None:
                 raise StepFailed(f"{target.name}: snapshot {name} is gone; not patching")
-            if patch.method == "apt" and self.guestos is not None:
+            if patch.method in METHODS and self.guestos is not None:
                 progress.changed = True
                 self.guestos.install(target, update, snapshot.data, patch.reboot)
             elif patch.command:
                 progress.changed = True
                 self.run_patch_command(target, state, update, name, patch)
-            if patch.reboot and patch.method != "apt":
+            if patch.reboot and patch.method not in METHODS:
                 progress.changed = True
                 self._reboot(self.read(target.id))
         self.installed(target, name, update.available)
