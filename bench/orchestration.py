@@ -138,10 +138,14 @@ class BackendCpu:
 
 
 class NullStore:
-    """Only to attribute costs (--store null): a journal that writes nothing."""
+    """Only to attribute costs (--store null): a journal that writes nothing (and reads
+    back nothing: no controls, no earlier runs)."""
+
+    READS_LISTS = ("controls", "runs", "targets", "unfinished_targets", "retained")
 
     def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
+        empty = [] if name in self.READS_LISTS else None
+        return lambda *args, **kwargs: empty
 
 
 def make_group(concurrency: int, targets: int) -> Group:
@@ -293,8 +297,9 @@ def measure(args: argparse.Namespace) -> int:
         if args.store == "postgres":  # SQLite's figure beside it, in the same run
             extra["file"] = one_run(args, state_dir, args.repeat + 1, args.targets, "file")
         if args.breakdown:
-            for n, kind in enumerate(k for k in ("file", "memory", "null") if k != args.store):
-                extra[kind] = one_run(args, state_dir, args.repeat + 1 + n, args.targets, kind)
+            kinds = [k for k in ("file", "memory", "null") if k != args.store and k not in extra]
+            for n, kind in enumerate(kinds):
+                extra[kind] = one_run(args, state_dir, args.repeat + 2 + n, args.targets, kind)
     finally:
         if own_dir:
             shutil.rmtree(state_dir, ignore_errors=True)
