@@ -40,6 +40,7 @@ from psycopg.types.json import Json
 
 from patchd.state import pgjournal, pglease, pgschema, pgsession
 from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
+from patchd.state.groupcommit import GroupCommit, Pending
 from patchd.state.leader import Fence, NotLeader
 from patchd.state.pgcontrols import PostgresControls
 from patchd.state.pgoutbox import Conn, PostgresOutbox, Work
@@ -57,20 +58,19 @@ def _json(value: Mapping[str, Any] | None) -> Json | None:
     return None if value is None else Json(dict(value))
 
 
-class _Write:
+class _Write(Pending):
     """One write waiting for its group commit: a record's `row` (pgjournal.py's one
     statement for a batch of them) or any other `work`."""
 
-    __slots__ = ("done", "error", "row", "work")
+    __slots__ = ("row", "work")
 
     def __init__(self, work: Work, row: pgjournal.Row | None = None) -> None:
+        super().__init__()
         self.work = work
         self.row = row
-        self.done = False
-        self.error: BaseException | None = None
 
 
-class PostgresStore(PostgresOutbox, PostgresControls):
+class PostgresStore(PostgresOutbox, PostgresControls, GroupCommit[_Write]):
     """A thread-safe handle on the shared PostgreSQL state (implements state.base.Store;
     the notifications outbox is pgoutbox.py's, operators' controls pgcontrols.py's)."""
 
@@ -91,9 +91,7 @@ class PostgresStore(PostgresOutbox, PostgresControls):
         self._password = password
         self._clock = clock
         self._sleep = sleep
-        self._lock = threading.Lock()
-        self._queue: list[_Write] = []
-        self._queue_lock = threading.Lock()
+        GroupCommit.__init__(self)  # _lock (also the connection's), _queue
         self._lease_lock = threading.Lock()
         self._conn: Conn | None = None
         self._lease_conn: Conn | None = None
@@ -202,18 +200,12 @@ class PostgresStore(PostgresOutbox, PostgresControls):
 
     def _write(self, work: Work, row: pgjournal.Row | None = None) -> None:
         """Run `work` in a write transaction; return once it is committed (durable).
-        Group commit as in SqliteStore._write. `row`: what `work` writes, for a batch
+        Group commit: groupcommit.py. `row`: what `work` writes, for a batch
         of records only to be written by pgjournal's one statement."""
         if self.readonly:
             raise StoreError(f"state store {self.where} is open read-only")
         entry = _Write(work, row)
-        with self._queue_lock:
-            self._queue.append(entry)
-        with self._lock:
-            if not entry.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._commit_group(batch)
+        self._group_commit(entry)
         if entry.error is not None:
             raise entry.error
 
