@@ -9,7 +9,7 @@ The schema is migrated at open under an advisory lock (pgschema.py).
 Outages: a write or read whose connection breaks (the server restarted, the network
 dropped) is tried again on a new connection until `outage_wait` has passed, then fails
 with a StoreError. A commit whose answer was lost is not guessed at: each write
-transaction also sets a random mark in this handle's row of `write_marks`; after
+transaction also sets a new mark in this handle's row of `write_marks`; after
 reconnecting (and once the old session is gone or idle), the mark says whether it
 committed. So a database restart neither loses a returned write nor writes one twice.
 
@@ -25,6 +25,7 @@ check pglease.py's; the records' statement pgjournal.py's; the outbox pgoutbox.p
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import threading
@@ -100,6 +101,7 @@ class PostgresStore(PostgresOutbox, PostgresControls, GroupCommit[_Write]):
         self._closed = False
         # This handle's row in write_marks (see _transaction); removed at close.
         self._writer = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self._marks = itertools.count(1)  # unique within this handle, whose row it is
         self._session: tuple[int, str] = (0, "")  # the write session: backend pid, start
         self._options = pgsession.options(url)
         with self._lock:
@@ -257,7 +259,7 @@ class PostgresStore(PostgresOutbox, PostgresControls, GroupCommit[_Write]):
                 return  # it committed: done
             unsure.clear()  # it did not: do it again
         conn = self._connection()
-        mark = secrets.token_hex(8)
+        mark = str(next(self._marks))
         rows = [entry.row for entry in batch if entry.row is not None]
         if len(rows) == len(batch) and pgjournal.distinct(rows):
             self._alone(conn, rows, fence, mark, unsure)
