@@ -68,8 +68,8 @@ class GroupCommit(Generic[P]):
                 self._commit_group(batch)
         finally:
             self._lock.release()
+            with self._queue_lock:
+                if self._queue:  # first the oldest waiting: its commit overlaps the rest
+                    self._queue[0].turn.set()
             for done in batch:
                 done.turn.set()
-            with self._queue_lock:
-                if self._queue:
-                    self._queue[0].turn.set()  # the oldest waiting: commit the next batch
