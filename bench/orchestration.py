@@ -163,17 +163,49 @@ def make_group(concurrency: int, targets: int) -> Group:
     )
 
 
-def make_store(kind: str, path: Path, pg_url: str | None = None) -> Any:
+def make_store(kind: str, path: Path, pg_url: str | None = None, fenced: bool = False) -> Any:
     if kind == "postgres":
         from patchd.state.postgres import PostgresStore
 
         assert pg_url is not None
-        return PostgresStore(pg_url)
+        store = PostgresStore(pg_url)
+        if fenced:
+            fence(store)
+        return store
     if kind == "file":
         return SqliteStore(path)
     if kind == "memory":
         return SqliteStore(Path(":memory:"))
     return NullStore()
+
+
+def fence(store: Any) -> None:
+    """As a leader's store: take the lease (`leader`, for 120 s: longer than a run) and
+    fence every write by it, so each write checks the epoch as in `patchd daemon` with
+    [ha]. The lease is given up at the store's close."""
+    from patchd.state.leader import Fence, new_holder
+    from patchd.state.pglease import PgLease
+
+    lease, holder = PgLease(store), new_holder("bench")
+    view = lease.acquire(holder, 120.0)
+    if view.holder != holder:
+        raise SystemExit(
+            f"orchestration: --fenced: the lease of {store.where} is held by {view.holder}"
+            f" for {view.remaining:.0f} s more (an earlier run that did not end?)"
+        )
+    held = Fence(holder, view.epoch)
+
+    def refused(reason: str) -> None:  # the run then ends short of all targets: exit 2
+        print(f"orchestration: --fenced: a write was refused: {reason}", file=sys.stderr)
+
+    store.set_fence(lambda: held, refused)
+    real_close = store.close
+
+    def close() -> None:
+        lease.release(held)
+        real_close()
+
+    store.close = close
 
 
 _observers: dict[str, Any] = {}
@@ -205,7 +237,8 @@ def one_run(
     backend.step_time = args.step_time
     backend.sleep = time.sleep
     meter = BackendCpu(backend)
-    store = make_store(store_kind, state_dir / f"run{index}" / "patchd.db", args.pg_url)
+    path = state_dir / f"run{index}" / "patchd.db"
+    store = make_store(store_kind, path, args.pg_url, args.fenced)
     request = RunRequest(
         # unique across invocations: a PostgreSQL journal outlives this script
         run_id=f"bench-{index}-{os.getpid()}-{time.time_ns()}",
@@ -256,6 +289,12 @@ def main() -> int:
     )
     parser.add_argument("--pg-url", help="with --store postgres (default: the bench bed's)")
     parser.add_argument(
+        "--fenced",
+        action="store_true",
+        help="with --store postgres: hold the leader lease and fence every write by its"
+        " epoch, as a daemon with [ha] does",
+    )
+    parser.add_argument(
         "--breakdown", action="store_true", help="one more run each with --store memory, null"
     )
     args = parser.parse_args()
@@ -272,6 +311,8 @@ def measure(args: argparse.Namespace) -> int:
     own_dir = args.state_dir is None
     state_dir = Path(tempfile.mkdtemp(prefix="patchd-bench-orch-")) if own_dir else args.state_dir
     journal = state_dir if args.store == "file" else args.store
+    if args.fenced and args.store == "postgres":
+        journal = "postgres (fenced by the leader lease)"
     print(
         f"orchestration: {args.targets} targets, concurrency {args.concurrency}, apply step "
         f"{args.step_time * 1000:g} ms (real sleep), observer {args.observer}, journal "
