@@ -35,8 +35,8 @@ commit on PostgreSQL is one statement (state/pgjournal.py); on this shared 2-CPU
 `--store postgres --repeat 3` measured 1.043x and 2.05 ms per target (the SQLite file in
 the same run 1.033x, 1.77 ms), and with `--fenced` 1.040x and 2.22 ms (SQLite 1.031x,
 1.81 ms); the code before (a round trip per statement: BEGIN, the fence, two per record,
-the write mark, COMMIT) measured 1.057x and 3.04 ms just before. The wall figure moves by about 0.01x from run to
-run with the machine's load.
+the write mark, COMMIT) measured 1.057x and 3.04 ms just before. The wall figure moves
+by about 0.01x from run to run with the machine's load.
 
 `--breakdown` runs once more with the journal in memory and once with no journal at all
 (`--store memory|null` by hand), and prints what each layer costs per target.
