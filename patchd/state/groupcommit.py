@@ -7,14 +7,17 @@ thread whose write a commit carried would still queue for the lock, and Python's
 not fair, so a thread that just arrived often takes it first and holds it for a whole
 commit of its own, doubling the carried writers' wait. Here a writer waits on its own
 event instead: the committing thread wakes each writer it carried at once, and after
-releasing the lock wakes the oldest writer still queued to commit the next batch. A
-wait also ends every TICK seconds to try the lock again, so a wake-up that never comes
-(a thread that died while committing, a lock held from outside) delays, never blocks.
+releasing the lock wakes the oldest writer still queued to commit the next batch (so
+does a read, `_exclusive`, after using the connection). A wait also ends every TICK
+seconds to try the lock again, so a wake-up that never comes (a thread that died while
+committing, a lock held from outside) delays, never blocks.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 TICK = 0.1  # seconds
@@ -68,8 +71,19 @@ class GroupCommit(Generic[P]):
                 self._commit_group(batch)
         finally:
             self._lock.release()
-            with self._queue_lock:
-                if self._queue:  # first the oldest waiting: its commit overlaps the rest
-                    self._queue[0].turn.set()
+            self._wake_next()  # first: its commit overlaps the wake-ups below
             for done in batch:
                 done.turn.set()
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The lock, for anything but a group commit (a read): a write that found it
+        taken is woken when it is released, not a TICK later."""
+        with self._lock:
+            yield
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        with self._queue_lock:
+            if self._queue:
+                self._queue[0].turn.set()  # the oldest waiting: commit the next batch

@@ -322,7 +322,7 @@ class PostgresStore(PostgresOutbox, PostgresControls, GroupCommit[_Write]):
         def attempt() -> list[tuple[Any, ...]]:
             return self._connection().execute(sql, args).fetchall()
 
-        with self._lock:
+        with self._exclusive():
             return self._with_retries(attempt)
 
     def _known(self, kind: type[E], value: str) -> E:

@@ -137,7 +137,7 @@ class SqliteStore(GroupCommit[_Write]):
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._exclusive():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
@@ -193,7 +193,7 @@ class SqliteStore(GroupCommit[_Write]):
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         """Run a read; a failure (a closed handle, an I/O error) is a StoreError."""
-        with self._lock:
+        with self._exclusive():
             try:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.Error as err:
