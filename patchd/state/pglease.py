@@ -1,5 +1,5 @@
 """The leader lease in PostgreSQL: the SQL behind leader.LeaseBackend, and the fence check
-that PostgresStore runs first in every write transaction.
+that PostgresStore runs in every write transaction.
 
 Every time is the database's clock (clock_timestamp()), never a node's: nodes whose
 clocks disagree still agree on when a lease expires. Each method is one short transaction.
@@ -57,13 +57,13 @@ _RELEASE = (
     " WHERE name = %s AND holder = %s AND epoch = %s AND expires > clock_timestamp()"
 )
 
-# The fence, first statement of each write transaction. FOR SHARE: a takeover's UPDATE
-# waits until this transaction ends, and any transaction that checks after the takeover
-# committed sees the new epoch. So each write lands either wholly before a takeover (under
-# a valid lease) or is refused.
-_FENCE = (
-    "SELECT 1 FROM ha_lease WHERE name = %s AND holder = %s AND epoch = %s"
-    " AND expires > clock_timestamp() FOR SHARE"
+# The fence, in each write transaction (its first statement, or pgjournal's CTE `f`).
+# FOR SHARE: a takeover's UPDATE waits until this transaction ends, and any transaction
+# that checks after the takeover committed sees the new epoch. So each write lands either
+# wholly before a takeover (under a valid lease) or is refused.
+FENCE_NAMED = (
+    "SELECT 1 FROM ha_lease WHERE name = %(lease)s AND holder = %(holder)s"
+    " AND epoch = %(epoch)s AND expires > clock_timestamp() FOR SHARE"
 )
 
 
@@ -73,11 +73,17 @@ def _view(row: tuple[Any, ...]) -> LeaseView:
 
 def check_fence(conn: psycopg.Connection[Any], fence: Fence, lease: str = LEASE) -> None:
     """Inside a transaction: NotLeader unless the lease still holds `fence`."""
-    if conn.execute(_FENCE, (lease, fence.holder, fence.epoch)).fetchone() is not None:
-        return
+    held = conn.execute(FENCE_NAMED, {"lease": lease, "holder": fence.holder,
+                                      "epoch": fence.epoch}).fetchone()  # fmt: skip
+    if held is None:
+        raise refused(conn, fence, lease)
+
+
+def refused(conn: psycopg.Connection[Any], fence: Fence, lease: str = LEASE) -> NotLeader:
+    """The NotLeader for a write the fence refused, saying who holds the lease now."""
     row = conn.execute(_VIEW, (lease,)).fetchone()
     now = "no lease row" if row is None else _describe(_view(row))
-    raise NotLeader(
+    return NotLeader(
         f"write refused: this node's lease (epoch {fence.epoch}) is no longer valid; {now}"
     )
 

@@ -3,13 +3,13 @@ sharing one database (`[state] url = "postgresql://user@host/db"`).
 
 Durability: each session runs with synchronous_commit=on, so a write method returns only
 after PostgreSQL has its commit on disk. Group commit as in the SQLite store: concurrent
-writes share one transaction. The schema is migrated at open under an advisory lock
-(pgschema.py).
+writes share one transaction; a batch of `record`s only is ONE statement (pgjournal.py).
+The schema is migrated at open under an advisory lock (pgschema.py).
 
 Outages: a write or read whose connection breaks (the server restarted, the network
 dropped) is tried again on a new connection until `outage_wait` has passed, then fails
 with a StoreError. A commit whose answer was lost is not guessed at: each write
-transaction also sets a random mark in this handle's row of `write_marks`; after
+transaction also sets a new mark in this handle's row of `write_marks`; after
 reconnecting (and once the old session is gone or idle), the mark says whether it
 committed. So a database restart neither loses a returned write nor writes one twice.
 
@@ -19,13 +19,13 @@ of a process that lost its lease is refused (leader.NotLeader), nothing of it la
 the leadership is told at once. The lease itself uses a connection of its own, so a
 write waiting out an outage never delays a renewal.
 
-Sessions (their settings, which failures a new one may cure) are pgsession.py's; the
-schema is pgschema.py's; the lease's SQL and the fence check are pglease.py's; the
-notifications outbox is pgoutbox.py's.
+Sessions are pgsession.py's; the schema pgschema.py's; the lease's SQL and the fence
+check pglease.py's; the records' statement pgjournal.py's; the outbox pgoutbox.py's.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import threading
@@ -39,8 +39,9 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.types.json import Json
 
-from patchd.state import pglease, pgschema, pgsession
+from patchd.state import pgjournal, pglease, pgschema, pgsession
 from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
+from patchd.state.groupcommit import GroupCommit, Pending
 from patchd.state.leader import Fence, NotLeader
 from patchd.state.pgcontrols import PostgresControls
 from patchd.state.pgoutbox import Conn, PostgresOutbox, Work
@@ -58,16 +59,19 @@ def _json(value: Mapping[str, Any] | None) -> Json | None:
     return None if value is None else Json(dict(value))
 
 
-class _Write:
-    __slots__ = ("done", "error", "work")
+class _Write(Pending):
+    """One write waiting for its group commit: a record's `row` (pgjournal.py's one
+    statement for a batch of them) or any other `work`."""
 
-    def __init__(self, work: Work) -> None:
+    __slots__ = ("row", "work")
+
+    def __init__(self, work: Work, row: pgjournal.Row | None = None) -> None:
+        super().__init__()
         self.work = work
-        self.done = False
-        self.error: BaseException | None = None
+        self.row = row
 
 
-class PostgresStore(PostgresOutbox, PostgresControls):
+class PostgresStore(PostgresOutbox, PostgresControls, GroupCommit[_Write]):
     """A thread-safe handle on the shared PostgreSQL state (implements state.base.Store;
     the notifications outbox is pgoutbox.py's, operators' controls pgcontrols.py's)."""
 
@@ -88,9 +92,7 @@ class PostgresStore(PostgresOutbox, PostgresControls):
         self._password = password
         self._clock = clock
         self._sleep = sleep
-        self._lock = threading.Lock()
-        self._queue: list[_Write] = []
-        self._queue_lock = threading.Lock()
+        GroupCommit.__init__(self)  # _lock (also the connection's), _queue
         self._lease_lock = threading.Lock()
         self._conn: Conn | None = None
         self._lease_conn: Conn | None = None
@@ -99,6 +101,7 @@ class PostgresStore(PostgresOutbox, PostgresControls):
         self._closed = False
         # This handle's row in write_marks (see _transaction); removed at close.
         self._writer = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self._marks = itertools.count(1)  # unique within this handle, whose row it is
         self._session: tuple[int, str] = (0, "")  # the write session: backend pid, start
         self._options = pgsession.options(url)
         with self._lock:
@@ -197,19 +200,14 @@ class PostgresStore(PostgresOutbox, PostgresControls):
 
     # --- writes ----------------------------------------------------------------------------
 
-    def _write(self, work: Work) -> None:
+    def _write(self, work: Work, row: pgjournal.Row | None = None) -> None:
         """Run `work` in a write transaction; return once it is committed (durable).
-        Group commit as in SqliteStore._write."""
+        Group commit: groupcommit.py. `row`: what `work` writes, for a batch
+        of records only to be written by pgjournal's one statement."""
         if self.readonly:
             raise StoreError(f"state store {self.where} is open read-only")
-        entry = _Write(work)
-        with self._queue_lock:
-            self._queue.append(entry)
-        with self._lock:
-            if not entry.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._commit_group(batch)
+        entry = _Write(work, row)
+        self._group_commit(entry)
         if entry.error is not None:
             raise entry.error
 
@@ -239,6 +237,10 @@ class PostgresStore(PostgresOutbox, PostgresControls):
     def _transaction(self, batch: list[_Write], unsure: list[str]) -> None:
         """One attempt at committing `batch`. `unsure` holds the mark of an earlier attempt
         whose COMMIT got no answer: whether that one landed is read back first."""
+        # The fence first, before waiting on a connection: a leader whose lease may have
+        # run out during an outage stops here, not after outage_wait (also with a lost
+        # COMMIT unresolved: if that one landed, it landed under the lease it checked).
+        fence = self._fence() if self._fence is not None else None
         if unsure:
             mark, pid, started = unsure
             conn = self._connection()
@@ -256,11 +258,12 @@ class PostgresStore(PostgresOutbox, PostgresControls):
             if row is not None and row[0] == mark:
                 return  # it committed: done
             unsure.clear()  # it did not: do it again
-        # The fence first, before waiting on a connection: a leader whose lease may have
-        # run out during an outage stops here, not after outage_wait.
-        fence = self._fence() if self._fence is not None else None
         conn = self._connection()
-        mark = secrets.token_hex(8)
+        mark = str(next(self._marks))
+        rows = [entry.row for entry in batch if entry.row is not None]
+        if len(rows) == len(batch) and pgjournal.distinct(rows):
+            self._alone(conn, rows, fence, mark, unsure)
+            return
         conn.execute("BEGIN")
         try:
             if fence is not None:
@@ -285,6 +288,27 @@ class PostgresStore(PostgresOutbox, PostgresControls):
         conn.execute("COMMIT")
         unsure.clear()
 
+    def _alone(
+        self,
+        conn: Conn,
+        rows: list[pgjournal.Row],
+        fence: Fence | None,
+        mark: str,
+        unsure: list[str],
+    ) -> None:
+        """A batch of records as one statement (its own transaction, pgjournal.py)."""
+        unsure[:] = [mark, str(self._session[0]), self._session[1]]
+        try:
+            held = pgjournal.write_alone(conn, rows, fence, self._writer, mark)
+        except psycopg.Error:
+            if not (conn.broken or conn.closed):
+                unsure.clear()  # the server answered with an error: nothing landed
+            raise
+        unsure.clear()
+        if not held:
+            assert fence is not None
+            raise pglease.refused(conn, fence)
+
     def check_writable(self) -> None:
         def work(conn: Conn, _epoch: int | None) -> None:
             conn.execute(
@@ -298,7 +322,7 @@ class PostgresStore(PostgresOutbox, PostgresControls):
         def attempt() -> list[tuple[Any, ...]]:
             return self._connection().execute(sql, args).fetchall()
 
-        with self._lock:
+        with self._exclusive():
             return self._with_retries(attempt)
 
     def _known(self, kind: type[E], value: str) -> E:
@@ -394,27 +418,11 @@ class PostgresStore(PostgresOutbox, PostgresControls):
         """Append a journal row (with the writer's epoch) and set the target's state, in
         one transaction; `keep` in the same one."""
         state = TargetState(state)  # ValueError for a state the code does not know
-        snap = _json(snapshot)
-        info = _json(detail or {})
+        row = pgjournal.row(run_id, target, name, state.value, at, step, phase, detail or {},
+                            version_from, version_to, snapshot, error)  # fmt: skip
 
         def work(conn: Conn, epoch: int | None) -> None:
-            conn.execute(
-                "INSERT INTO journal (run_id, target, step, phase, at, detail, epoch)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (run_id, target, step, phase, at, info, epoch),
-            )
-            conn.execute(
-                "INSERT INTO targets AS t (run_id, target, name, state, version_from,"
-                " version_to, snapshot, error, updated)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (run_id, target) DO UPDATE SET"
-                " name = excluded.name, state = excluded.state,"
-                " version_from = COALESCE(excluded.version_from, t.version_from),"
-                " version_to = COALESCE(excluded.version_to, t.version_to),"
-                " snapshot = COALESCE(excluded.snapshot, t.snapshot),"
-                " error = COALESCE(excluded.error, t.error), updated = excluded.updated",
-                (run_id, target, name, state.value, version_from, version_to, snap, error, at),
-            )
+            pgjournal.write(conn, [row], epoch)
             if keep is not None:
                 conn.execute(
                     "INSERT INTO retained (backend, target, run_id, description, data, expires)"
@@ -423,7 +431,7 @@ class PostgresStore(PostgresOutbox, PostgresControls):
                      keep.expires),
                 )  # fmt: skip
 
-        self._write(work)
+        self._write(work, row if keep is None else None)
 
     def targets(self, run_id: str) -> list[TargetRow]:
         return self._targets("WHERE run_id = %s ORDER BY seq", (run_id,))

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from patchd.state.base import (
     StoreError,
     TargetRow,
 )
+from patchd.state.groupcommit import GroupCommit, Pending
 from patchd.states import RESTING, RunStatus, TargetState
 
 # Kept for callers of the first store; the version is migrations.CURRENT.
@@ -71,26 +71,23 @@ def _rollback(db: sqlite3.Connection) -> None:
             db.execute("ROLLBACK")
 
 
-class _Write:
+class _Write(Pending):
     """A journal write waiting for the next group commit (see `SqliteStore._write`)."""
 
-    __slots__ = ("done", "error", "work")
+    __slots__ = ("work",)
 
     def __init__(self, work: Callable[[sqlite3.Connection], None]) -> None:
+        super().__init__()
         self.work = work
-        self.done = False
-        self.error: BaseException | None = None
 
 
-class SqliteStore:
+class SqliteStore(GroupCommit[_Write]):
     """A thread-safe handle on the SQLite state file (implements state.base.Store)."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
-        self._lock = threading.Lock()
-        self._queue: list[_Write] = []  # journal writes waiting for a group commit
-        self._queue_lock = threading.Lock()
+        GroupCommit.__init__(self)  # _lock (also the connection's), _queue
         self.version = migrations.CURRENT  # a read-only handle may find an older one
         self._db = self._open_readonly() if readonly else self._open()
 
@@ -140,7 +137,7 @@ class SqliteStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._exclusive():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
@@ -152,20 +149,15 @@ class SqliteStore:
     def _write(self, work: Callable[[sqlite3.Connection], None]) -> None:
         """Run `work` in a write transaction; return once it is committed (on disk).
 
-        Group commit: writes that arrive while another thread commits wait for it, then
-        the first of them commits them all in one transaction and one fsync. Concurrent
-        targets share fsyncs instead of queueing for one each, and every caller still
-        returns only after its own write is durable. If the shared transaction fails,
-        each write is tried again alone, so one bad write fails only its own caller.
+        Group commit (groupcommit.py): writes that arrive while another thread commits
+        wait for it, then one of them commits them all in one transaction and one fsync.
+        Concurrent targets share fsyncs instead of queueing for one each, and every
+        caller still returns only after its own write is durable. If the shared
+        transaction fails, each write is tried again alone, so one bad write fails only
+        its own caller.
         """
         entry = _Write(work)
-        with self._queue_lock:
-            self._queue.append(entry)
-        with self._lock:
-            if not entry.done:  # else a commit by another thread carried it
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._commit_group(batch)
+        self._group_commit(entry)
         if isinstance(entry.error, sqlite3.Error):
             raise StoreError(f"state store {self.path}: {entry.error}") from entry.error
         if entry.error is not None:
@@ -201,7 +193,7 @@ class SqliteStore:
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         """Run a read; a failure (a closed handle, an I/O error) is a StoreError."""
-        with self._lock:
+        with self._exclusive():
             try:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.Error as err:
