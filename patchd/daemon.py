@@ -204,7 +204,8 @@ class Daemon:
             self.ha.stop()
         if self.control is not None:
             self.control.shutdown()
-        self.runtime.close()
+        with self._lock:  # an _arm already past its stop check finishes first
+            self.runtime.close()
         self.metrics_server.shutdown()
         self.log.info("stopped")
         return 0
@@ -273,6 +274,10 @@ class Daemon:
         """(Re)create one date job per window at its next start, the release job and the
         job that retries failed rollbacks."""
         with self._lock:
+            # A job the scheduler let run on after shutdown (it does not wait for them):
+            # nothing is armed once stopping, and the store may be closed.
+            if self.stop.is_set():
+                return
             now = self.clock()
             settings = self.settings
             # A standby schedules nothing that touches targets; it arms on election.
@@ -318,6 +323,8 @@ class Daemon:
         self._arm()
 
     def _release(self) -> None:
+        if self.stop.is_set():
+            return
         try:
             count = self.runtime.release_expired()
             self.log.info("released_expired", count=count)
