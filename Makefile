@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 lint: venv
 	$(VENV)/bin/ruff check patchd tests bench
+	$(VENV)/bin/ruff format --check patchd tests bench
 	$(VENV)/bin/mypy --strict patchd
 
 lab-up: venv

@@ -126,9 +126,7 @@ def idle_config(workdir: Path, env: dict[str, str]) -> Path:
                 # its start loads the key (the backend's check), nothing more.
                 "lab-ssh": {
                     "type": "ssh",
-                    "hosts": [
-                        {"name": f"m{i}", "address": f"192.0.2.{i}"} for i in range(1, 13)
-                    ],
+                    "hosts": [{"name": f"m{i}", "address": f"192.0.2.{i}"} for i in range(1, 13)],
                     "ssh": {
                         "identity_file": ssh_key(workdir),
                         "known_hosts": workdir / "known_hosts",

@@ -251,7 +251,10 @@ def test_quarantine_list_and_clear_work_without_a_daemon_and_clear_is_audited(
     store = SqliteStore(tmp_path / "state" / "patchd.db")
     [audit] = store.audit_trail()
     assert (audit.uid, audit.user, audit.action, audit.group) == (
-        os.getuid(), pwd.getpwuid(os.getuid()).pw_name, "quarantine-clear", "web"
+        os.getuid(),
+        pwd.getpwuid(os.getuid()).pw_name,
+        "quarantine-clear",
+        "web",
     )
     assert audit.detail["cleared"] == 1 and "no daemon was running" in audit.detail["because"]
     assert [q.version for q in quarantined(store, ["web"]).values()] == ["v3"]

@@ -182,9 +182,7 @@ def test_old_failures_and_groups_no_longer_configured_are_left_to_a_person(
     assert retries.pending(store, elsewhere, row.updated, policy) == []
 
 
-def test_a_target_a_later_run_worked_on_is_not_retried(
-    runtime: Runtime, fake: FakeBackend
-) -> None:
+def test_a_target_a_later_run_worked_on_is_not_retried(runtime: Runtime, fake: FakeBackend) -> None:
     row = failed_row(runtime, fake)
     del fake.failures[("c00", "rollback")]
     fake.publish("app", "v3")  # the next window's run patches c00 to v3

@@ -65,9 +65,7 @@ def config(state: Path) -> dict[str, Any]:
             }
         },
         "backends": {"d": {"type": "docker"}},
-        "groups": {
-            f"g_{name}": {"backend": "d", "window": name} for name in ("cut", "frz", "dst")
-        },
+        "groups": {f"g_{name}": {"backend": "d", "window": name} for name in ("cut", "frz", "dst")},
     }
 
 
