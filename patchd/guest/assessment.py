@@ -40,7 +40,7 @@ class Assessment:
 class AssessesPackages(Protocol):
     """A backend that patches packages: it can say what is pending per package. A
     backend whose targets are not all patched that way (vSphere: VMs with patch.method
-    "apt" are, ESXi hosts and "command" groups are not) answers None for the others."""
+    "apt" or "dnf" are, ESXi hosts and "command" groups are not) answers None for the others."""
 
     def assess(
         self,

@@ -1,6 +1,6 @@
 """Patching one machine's packages to an exact set: the steps every backend that patches an
 operating system over SSH shares (the plain `ssh` backend with apt or dnf, and the vSphere
-VM flow with `patch.method = "apt"`).
+VM flow with `patch.method = "apt"` or `"dnf"`).
 
 - `assess` / `check`: refresh, simulate the full upgrade, take the pending set of exact
   versions that the group's baseline lets in (patchd.guest.baseline; `assess` also says

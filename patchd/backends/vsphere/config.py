@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, FilePath, field_validator, model_validator
 
+from patchd.config.baselines import PACKAGE_METHODS
 from patchd.config.secret_files import SecretFile
 from patchd.config.types import STRICT, CredentialName, Duration
 from patchd.guest.settings import GuestModel
@@ -166,7 +167,7 @@ def check_group(
     backend: str, config: VSphereConfig, select: VSphereSelect, patch: Any
 ) -> list[tuple[tuple[str, ...], str]]:
     """A vSphere group's patch table against its backend (see patchd.plugins)."""
-    if patch.method not in ("apt", "dnf"):
+    if patch.method not in PACKAGE_METHODS:
         return []
     problems: list[tuple[tuple[str, ...], str]] = []
     if select.kind == "host":

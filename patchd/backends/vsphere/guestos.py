@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from patchd.backends.base import Target, Update
+from patchd.config.baselines import PACKAGE_METHODS
 from patchd.guest.patcher import PackagePatcher
 from patchd.guest.settings import GuestModel
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from patchd.guest.ssh import Session
 
 PACKAGES = "packages:"  # the prefix of an Update.ref this module made
-METHODS = ("apt", "dnf")  # the patch.method values this module patches with
+METHODS = PACKAGE_METHODS  # the patch.method values this module patches with
 
 
 class GuestOs:

@@ -1,6 +1,6 @@
 """The VM patch flow: pre-check, snapshot, patch.command, verify by VMware Tools, commit.
 
-- check_update: with `patch.method = "apt"`, the pre-check, then the guest's pending
+- check_update: with `patch.method = "apt"` or `"dnf"`, the pre-check, then the guest's pending
   package set over SSH (guestos.py; `assess` also applies the group's baseline: what it
   holds back and why, for plan and compliance). Otherwise the group's `patch.version`
   (or the stage pin of ref "patch") against the VM's `patchd.patch_version` attribute.
