@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NoReturn
 
 from patchd import poll
 from patchd.guest.errors import CommandFailed, PackageManagerError
-from patchd.guest.packages import Pending, Versions, describe
+from patchd.guest.packages import Pending, Versions, describe, run_locked
 from patchd.guest.ssh import Result, Session
 
 _ENV = {"DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C", "APT_LISTCHANGES_FRONTEND": "none"}
@@ -28,7 +27,14 @@ _INTERRUPTED = "dpkg was interrupted"
 _HELD = "Held packages were changed"
 _MISSING = re.compile(r"Version '([^']*)' for '([^']*)' was not found")
 _DPKG_ERRORS = re.compile(r"^(dpkg: error processing .*|.*returned error exit status \d+)$", re.M)
-_LOCK_RETRY = 2.0  # seconds between attempts while another process holds a lock
+
+
+def _held_by(result: Result) -> str | None:
+    """Who holds apt's or dpkg's lock ("" when apt does not say), None if not locked."""
+    text = result.stderr + result.stdout
+    if not any(sign in text for sign in _LOCKED):
+        return None
+    return next((ln.strip() for ln in text.splitlines() if "held by" in ln), "")
 
 
 def is_security(source: str) -> bool:
@@ -70,30 +76,12 @@ class AptDriver:
     # --- running apt -------------------------------------------------------------------
     def _apt(self, argv: Sequence[str], what: str) -> Result:
         """Run an apt-get that takes a lock; wait for the lock up to lock_timeout."""
-        deadline = self.clock.deadline(self.lock_timeout)
         words = [argv[0], "-q", "-o", f"DPkg::Lock::Timeout={int(self.lock_timeout)}", *argv[1:]]
-        locked = ""  # what the last attempt said while the lock was held
-
-        def attempt() -> Result | None:
-            nonlocal locked
-            result = self.session.run(words, sudo=True, env=_ENV, check=False)
-            if result.status == 0:
-                return result
-            text = result.stderr + result.stdout
-            if any(sign in text for sign in _LOCKED):
-                locked = text
-                return None
-            raise self._failure(what, result)
-
-        def expired() -> NoReturn:
-            holder = next((ln for ln in locked.splitlines() if "held by" in ln), "")
-            raise PackageManagerError(
-                f"{self.session.name}: {what}: the package manager's lock is still held"
-                f" after {self.lock_timeout:g}s ({holder.strip() or 'another apt or dpkg'});"
-                " nothing was changed"
-            )
-
-        return poll.until(attempt, deadline, expired, _LOCK_RETRY, self.clock)
+        return run_locked(
+            self.session, words, what, env=_ENV, lock_timeout=self.lock_timeout,
+            clock=self.clock, held_by=_held_by, failure=self._failure,
+            anyone="another apt or dpkg",
+        )  # fmt: skip
 
     def _failure(self, what: str, result: Result) -> Exception:
         # dpkg runs under apt's pseudo-terminal: its lines end in \r\n.

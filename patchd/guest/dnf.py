@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NoReturn
 
 from patchd import poll
 from patchd.guest.errors import CommandFailed, PackageManagerError
-from patchd.guest.packages import Pending, Versions, describe
+from patchd.guest.packages import Pending, Versions, describe, run_locked
 from patchd.guest.ssh import Result, Session
 
 _ENV = {"LC_ALL": "C"}
 _EXIT_ON_LOCK = "--setopt=exit_on_lock=True"
-_LOCK_RETRY = 2.0  # seconds between attempts while another dnf holds its lock
 _LOCKED = re.compile(r"^(\S+ already locked by \d+)", re.M)  # "RPMDB already locked by 812"
 _LOCKED_STATUS = 200
 # Transaction table sections (dnf's --assumeno output): rows a transaction installs, and
@@ -43,6 +41,13 @@ _FILTERED = re.compile(
 )
 # `dnf versionlock list`: NAME-EPOCH:VERSION-RELEASE.* (a "!" in front: a version excluded)
 _EPOCH = re.compile(r"^!?(.+)-\d+:[^-]+-[^-]+$")
+
+
+def _held_by(result: Result) -> str | None:
+    """Who holds the rpmdb lock (dnf with exit_on_lock exits 200 and says), None if the
+    lock was not the problem."""
+    locked = _LOCKED.search(result.stderr + result.stdout)
+    return locked.group(1) if result.status == _LOCKED_STATUS and locked else None
 
 
 def nevr(name: str, version: str) -> str:
@@ -128,29 +133,12 @@ class DnfDriver:
     ) -> Result:
         """Run a dnf command that takes a lock; wait for the lock up to lock_timeout.
         `quiet=False` keeps the transaction table (-q drops it)."""
-        deadline = self.clock.deadline(self.lock_timeout)
         words = ["dnf", *(["-q"] if quiet else []), _EXIT_ON_LOCK, *args]
-        holder = ""
-        ok = set(expect)
-
-        def attempt() -> Result | None:
-            nonlocal holder
-            result = self.session.run(words, sudo=True, env=_ENV, check=False)
-            if result.status in ok:
-                return result
-            locked = _LOCKED.search(result.stderr + result.stdout)
-            if result.status == _LOCKED_STATUS and locked:
-                holder = locked.group(1)
-                return None
-            raise self._failure(what, result)
-
-        def expired() -> NoReturn:
-            raise PackageManagerError(
-                f"{self.session.name}: {what}: the package manager's lock is still held"
-                f" after {self.lock_timeout:g}s ({holder or 'another dnf'}); nothing was changed"
-            )
-
-        return poll.until(attempt, deadline, expired, _LOCK_RETRY, self.clock)
+        return run_locked(
+            self.session, words, what, env=_ENV, lock_timeout=self.lock_timeout,
+            clock=self.clock, held_by=_held_by, failure=self._failure,
+            anyone="another dnf", ok=expect,
+        )  # fmt: skip
 
     def _failure(self, what: str, result: Result) -> Exception:
         text = result.stderr + "\n" + result.stdout

@@ -9,9 +9,15 @@ identity names exactly the set production may install.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
+
+from patchd import poll
+from patchd.guest.errors import PackageManagerError
+
+if TYPE_CHECKING:
+    from patchd.guest.ssh import Result, Session
 
 # A version map: package -> version, None for "not installed".
 Versions = Mapping[str, str | None]
@@ -44,6 +50,50 @@ def describe(versions: Versions) -> str:
     return ", ".join(
         f"{name}={version or '(absent)'}" for name, version in sorted(versions.items())
     )
+
+
+LOCK_RETRY = 2.0  # seconds between attempts while another process holds the lock
+
+
+def run_locked(
+    session: Session,
+    words: Sequence[str],
+    what: str,
+    *,
+    env: Mapping[str, str],
+    lock_timeout: float,
+    clock: poll.Clock,
+    held_by: Callable[[Result], str | None],
+    failure: Callable[[str, Result], Exception],
+    anyone: str,
+    ok: Iterable[int] = (0,),
+) -> Result:
+    """Run a package manager's command that takes the machine's package lock (with sudo
+    when the session has it). While another process holds the lock (`held_by` names it,
+    "" when the answer does not say who, None when the lock was not the problem), try
+    again every LOCK_RETRY seconds up to `lock_timeout`, then refuse: nothing changed.
+    Any other failure is `failure(what, result)` at once."""
+    accepted = set(ok)
+    holder = ""
+
+    def attempt() -> Result | None:
+        nonlocal holder
+        result = session.run(words, sudo=True, env=env, check=False)
+        if result.status in accepted:
+            return result
+        found = held_by(result)
+        if found is None:
+            raise failure(what, result)
+        holder = found
+        return None
+
+    def expired() -> NoReturn:
+        raise PackageManagerError(
+            f"{session.name}: {what}: the package manager's lock is still held"
+            f" after {lock_timeout:g}s ({holder or anyone}); nothing was changed"
+        )
+
+    return poll.until(attempt, clock.deadline(lock_timeout), expired, LOCK_RETRY, clock)
 
 
 class PackageDriver(Protocol):
