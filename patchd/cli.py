@@ -31,9 +31,10 @@ EXIT_CONFIG = 2
 EXIT_REFUSED = 3
 
 _DESCRIPTION = """\
-patchd patches fleets safely: Docker containers, vSphere VMs and ESXi hosts, only inside
-the maintenance windows of its TOML config. Each target is snapshotted, patched, checked
-and rolled back by itself when the check fails; staging groups go before production.
+patchd patches fleets safely: Docker containers, vSphere VMs and ESXi hosts, and Linux
+machines over SSH (apt, dnf), only inside the maintenance windows of its TOML config. Each
+target is snapshotted, patched, checked and rolled back by itself when the check fails;
+staging groups go before production with exactly the versions staging verified.
 """
 
 _CONFIG_HELP = f"""\

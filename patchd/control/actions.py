@@ -22,7 +22,7 @@ from patchd.config import Settings
 from patchd.control.client import daemon_running
 from patchd.control.live import LiveState
 from patchd.control.protocol import ProtocolError, Verb
-from patchd.control.server import ControlServer, Peer, serve_control
+from patchd.control.server import ControlServer, Peer, SocketBusy, serve_control
 from patchd.durations import parse_duration
 from patchd.engine.controls import (
     PAUSE,
@@ -70,14 +70,17 @@ def open_control(daemon: Steered, settings: Settings) -> ControlServer | None:
     made is logged and patchd goes on without it: patching matters more than steering."""
     path = settings.daemon.control_socket
     logger = log.get("patchd.control")
+    busy = (f"another patchd daemon serves {path}: this one serves no control socket (give"
+            " each daemon on this host its own daemon.control_socket)")  # fmt: skip
     if daemon_running(path):
-        logger.error("control_socket_busy", socket=str(path),
-                     problem=f"another patchd daemon answers on {path}: this one serves no"
-                     " control socket (set daemon.control_socket)")  # fmt: skip
+        logger.error("control_socket_busy", socket=str(path), problem=busy)
         return None
     actions = Actions(daemon)
     try:
         server = serve_control(path, settings.daemon.control_group, actions.dispatch, actions.audit)
+    except SocketBusy:  # one starting at the same instant
+        logger.error("control_socket_busy", socket=str(path), problem=busy)
+        return None
     except OSError as err:
         logger.error("control_socket_failed", socket=str(path), error=str(err))
         return None
@@ -184,8 +187,16 @@ class Actions:
                 gate = stage_gate(group, store, now)
                 if not gate.open and gate.reason.startswith("awaiting approval"):
                     waiting[group.name] = gate.reason
-        live = {"pid": os.getpid(), "at": now.isoformat(), "runs": daemon.live.snapshot(now),
-                "waiting": waiting}  # fmt: skip
+        ha = daemon.runtime.ha  # leadership: this node's name and role; else None
+        role = None if ha is None else "leader" if ha.may_act() else "standby"
+        live = {
+            "pid": os.getpid(),
+            "at": now.isoformat(),
+            "runs": daemon.live.snapshot(now),
+            "waiting": waiting,
+            "node": None if ha is None else ha.node,
+            "role": role,
+        }
         return {"live": live, "journal": reports.status(settings, store, now)}
 
     def do_pause(self, body: dict[str, Any], peer: Peer) -> dict[str, Any]:

@@ -85,7 +85,8 @@ class LiveState(BaseObserver):
 
 def render_live(doc: dict[str, Any]) -> str:
     """The live part of `patchd status` (the journal's part follows it)."""
-    lines = [f"daemon pid {doc['pid']}: live state at {doc['at']}"]
+    role = f" (node {doc['node']}, {doc['role']})" if doc.get("role") else ""
+    lines = [f"daemon pid {doc['pid']}{role}: live state at {doc['at']}"]
     for run in doc["runs"]:
         lines.append(
             f"  run {run['run_id'] or '(starting)'} of {run['group']}: {run['seconds']:.0f}s,"

@@ -8,10 +8,16 @@ refused, is logged and written to the journal's audit trail with who asked what.
 
 One thread sleeps in select() until a client connects or the server shuts down (no
 polling loop); each connection is served in a thread of its own.
+
+One socket path, one daemon: the server holds an exclusive flock on `PATH.lock` for as
+long as it serves. Two daemons started at the same instant both find no daemon answering
+on the path; without the lock the second would unlink the first's socket and bind its
+own, and the first would remove the second's file when it stops.
 """
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import os
 import pwd
@@ -31,6 +37,10 @@ from patchd.control.protocol import ProtocolError, Verb, encode, parse_body, rou
 from patchd.serving import SelectServing
 
 MAX_BODY = 64 * 1024
+
+
+class SocketBusy(OSError):
+    """Another live process serves (or is binding) this control socket path."""
 
 
 @dataclass(frozen=True)
@@ -147,13 +157,18 @@ class ControlServer(SelectServing, ThreadingMixIn, UnixStreamServer):
         self.dispatch = dispatch
         self.audit = audit
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise OSError(f"control socket {path}: a file that is not a socket is there")
-            path.unlink()  # left by a patchd that did not stop cleanly
-        super().__init__(str(path), _Handler)
-        os.chmod(path, 0o660)
-        self.regroup(group)
+        self._lock_fd = _lock(path)
+        try:
+            if path.exists() or path.is_symlink():
+                if not stat.S_ISSOCK(path.lstat().st_mode):
+                    raise OSError(f"control socket {path}: a file that is not a socket is there")
+                path.unlink()  # left by a patchd that did not stop cleanly (we hold the lock)
+            super().__init__(str(path), _Handler)
+            os.chmod(path, 0o660)
+            self.regroup(group)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def regroup(self, group: str) -> None:
         """Give the socket file to `group` (at start, and when a reload changes it)."""
@@ -176,6 +191,20 @@ class ControlServer(SelectServing, ThreadingMixIn, UnixStreamServer):
         super().shutdown()
         with suppress(OSError):
             self.path.unlink()
+        with suppress(OSError):
+            os.close(self._lock_fd)  # the lock file stays: removing it would race a new holder
+
+
+def _lock(path: Path) -> int:
+    """Hold `PATH.lock` exclusively (SocketBusy if another process does)."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SocketBusy(f"control socket {path}: another process holds {lock_path}") from None
+    return fd
 
 
 def serve_control(path: Path, group: str, dispatch: Dispatch, audit: Audit) -> ControlServer:

@@ -200,7 +200,9 @@ def test_kill_9_of_the_leader_mid_rollout(
         # `patchd status` on b (through its daemon) names the leader from the lease row.
         shown = run_patchd("status", "--json", "-c", str(tmp_path / "b" / "patchd.toml"))
         assert shown.returncode == 0, shown.stderr
-        assert json.loads(shown.stdout)["leader"]["node"] == "a"
+        doc = json.loads(shown.stdout)
+        assert doc["leader"]["node"] == "a"
+        assert (doc["live"]["node"], doc["live"]["role"]) == ("b", "standby")  # who answered
         wait_until(
             lambda: len(list(gate.glob("*.probing"))) == 2,
             300,

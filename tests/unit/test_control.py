@@ -27,7 +27,7 @@ from patchd import log
 from patchd.cli import main
 from patchd.control.client import ControlError, NoDaemon, request
 from patchd.control.protocol import VERBS, ProtocolError, parse_body, route
-from patchd.control.server import Peer, may_steer, serve_control
+from patchd.control.server import Peer, SocketBusy, may_steer, serve_control
 from patchd.daemon import Daemon
 from patchd.engine.controls import Quarantine, pause_of, quarantine, quarantined
 from patchd.observers import BaseObserver
@@ -128,6 +128,35 @@ def test_a_refused_peer_is_audited_and_nothing_is_dispatched(
     assert not path.exists()
     with pytest.raises(NoDaemon):
         request(path, "status")
+
+
+def test_one_socket_path_serves_one_daemon_even_when_both_start_at_once(
+    tmp_path: Path,
+) -> None:
+    # Two daemons started at the same instant both find nobody answering on the path
+    # (the check open_control makes first); the second must not replace the first's socket.
+    log.setup("json", "error", sys.__stderr__)
+    path = tmp_path / "c.sock"
+
+    def serve(name: str) -> Any:
+        def dispatch(verb: Any, body: Any, peer: Peer) -> tuple[int, dict[str, Any]]:
+            return 200, {"ok": True, "server": name}
+
+        return serve_control(path, "root", dispatch, lambda *a: None)
+
+    first = serve("first")
+    try:
+        with pytest.raises(SocketBusy, match="another process holds"):
+            serve("second")
+        assert request(path, "status")["server"] == "first"  # its socket is still there
+    finally:
+        first.shutdown()
+    assert not path.exists()
+    again = serve("again")  # the lock went with the first: a restart serves at once
+    try:
+        assert request(path, "status")["server"] == "again"
+    finally:
+        again.shutdown()
 
 
 # --- the verbs, against a daemon ------------------------------------------------------------
@@ -405,3 +434,12 @@ def test_unknown_groups_and_runs_going_on(
     code, out = cli("trigger", "web")
     assert code == 3 and "going on already" in out
     gate.set()
+
+
+def test_the_live_status_names_the_node_and_its_role_with_leadership() -> None:
+    from patchd.control.live import render_live
+
+    doc: dict[str, Any] = {"pid": 7, "at": "T", "runs": [], "waiting": {}}
+    assert render_live({**doc, "node": None, "role": None}).startswith("daemon pid 7: live")
+    shown = render_live({**doc, "node": "b", "role": "standby"})
+    assert shown.startswith("daemon pid 7 (node b, standby): live state at T")
