@@ -26,9 +26,10 @@ cannot be written is still reported, with that error.
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -194,6 +195,10 @@ def run_group(request: RunRequest) -> RunResult:
     running: dict[Future[TargetOutcome], Target] = {}
     busy: dict[str | None, int] = dict.fromkeys(limits, 0)
     failures = 0
+    # (ref, version) pairs whose success already superseded the older quarantines: the
+    # next target passing the same version has nothing to supersede (a read per target
+    # would be a database round trip in this loop, on every target's path).
+    superseded: set[tuple[str, str]] = set()
     status = RunStatus.COMPLETED
     journal_error: str | None = None
     stopped = "patchd is stopping"
@@ -211,6 +216,9 @@ def run_group(request: RunRequest) -> RunResult:
             req.stop.wait(seconds)
 
     shut: GateResult | None = None  # the gate's last answer while it holds starts
+    # Finished targets arrive here (a done callback), so waiting for the next one costs
+    # the same with 50 running as with 1 (concurrent.futures.wait locks every future).
+    done: queue.SimpleQueue[Future[TargetOutcome]] = queue.SimpleQueue()
     with ThreadPoolExecutor(max_workers=max(1, sum(limits.values()))) as pool:
         while True:
             if status == RunStatus.COMPLETED:
@@ -230,7 +238,8 @@ def run_group(request: RunRequest) -> RunResult:
             if status == RunStatus.COMPLETED:
                 ready: list[Target] = []
                 slots = dict(busy)
-                for target in list(pending):
+                full = all(slots[part] >= limits[part] for part in limits)
+                for target in [] if full else list(pending):
                     if slots[target.partition] >= limits[target.partition]:
                         continue
                     deps = [d for d in target.depends_on if d in names_in_run]
@@ -266,18 +275,15 @@ def run_group(request: RunRequest) -> RunResult:
                     for target in ready:
                         pending.remove(target)
                         busy[target.partition] += 1
-                        running[pool.submit(patch_target, ctx, target)] = target
+                        future = pool.submit(patch_target, ctx, target)
+                        running[future] = target
+                        future.add_done_callback(done.put)
             if not running:
                 if held:
                     pause(req.gate_recheck)
                     continue
                 break
-            finished, _ = wait(
-                running,
-                timeout=req.gate_recheck if held else None,
-                return_when=FIRST_COMPLETED,
-            )
-            for future in finished:
+            for future in _finished(done, req.gate_recheck if held else None):
                 target = running.pop(future)
                 busy[target.partition] -= 1
                 outcome = future.result()
@@ -288,8 +294,11 @@ def run_group(request: RunRequest) -> RunResult:
                 if outcome.quarantine and outcome.update is not None:
                     bad = _quarantine(req, outcome)
                     ctx.quarantined[(bad.ref, bad.version)] = bad
+                    superseded = {key for key in superseded if key[0] != bad.ref}
                 elif outcome.result == TargetResult.SUCCESS and outcome.update is not None:
-                    _supersede(req, outcome.update)
+                    passed = (outcome.update.ref, outcome.update.available)
+                    if passed not in superseded and _supersede(req, outcome.update):
+                        superseded.add(passed)
                 record(outcome)
     reason = {
         RunStatus.HALTED: f"error budget spent: {failures} failed (max_errors {max_errors})",
@@ -306,6 +315,22 @@ def run_group(request: RunRequest) -> RunResult:
         update = None if status == RunStatus.STOPPED else peek_update(ctx, target)
         record(TargetOutcome(target, TargetResult.PENDING, update=update, error=reason))
     return _finish(req, status, [results[t.name] for t in targets], error=journal_error)
+
+
+def _finished(
+    done: queue.SimpleQueue[Future[TargetOutcome]], timeout: float | None
+) -> list[Future[TargetOutcome]]:
+    """The targets that finished: waits for the first (up to `timeout`; none then),
+    takes every other one already there."""
+    try:
+        found = [done.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            found.append(done.get_nowait())
+        except queue.Empty:
+            return found
 
 
 def _quarantine(req: RunRequest, outcome: TargetOutcome) -> Quarantine:
@@ -328,11 +353,15 @@ def _quarantine(req: RunRequest, outcome: TargetOutcome) -> Quarantine:
     return held
 
 
-def _supersede(req: RunRequest, update: Update) -> None:
+def _supersede(req: RunRequest, update: Update) -> bool:
     """A version passed: older quarantined versions of its ref are superseded (the
-    journal can say so later if it cannot now: the next success writes it again)."""
-    with suppress(StoreError):
+    journal can say so later if it cannot now: the next success writes it again).
+    False when the store could not be read or written."""
+    try:
         supersede(req.store, req.group.name, update.ref, update.available)
+    except StoreError:
+        return False
+    return True
 
 
 def _finish(

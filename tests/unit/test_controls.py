@@ -107,6 +107,30 @@ def test_a_newer_version_that_passes_supersedes_the_quarantine_and_the_gauge_dro
     assert {t.version for t in backend.targets.values()} == {"v3"}
 
 
+def test_a_run_reads_the_quarantines_to_supersede_once_per_passing_version(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Superseding is a read of the group's quarantines (and a write when one is open):
+    # once per version that passes in a run, not once per target (on PostgreSQL each
+    # read is a round trip in the loop that starts the targets).
+    quarantine(store, Quarantine("web", "app", "v1", T0, "c09", "unhealthy on v1"))
+    reads: list[str] = []
+    controls = store.controls
+
+    def counted(kind: str, group: str | None = None) -> object:
+        reads.append(kind)
+        return controls(kind, group)
+
+    monkeypatch.setattr(store, "controls", counted)
+    backend = fleet(6)
+    result = run(backend, store, group())
+    assert {o.result for o in result.outcomes} == {TargetResult.SUCCESS}
+    assert len(reads) == 2  # the run's quarantine list, then one supersede
+    monkeypatch.undo()
+    [held] = quarantined(store, ["web"]).values()
+    assert held.superseded_by == "v2"
+
+
 def test_only_the_same_ref_supersedes(store: Store) -> None:
     quarantine(store, Quarantine("web", "app", "v2", T0, "c1", "broken"))
     quarantine(store, Quarantine("web", "db", "v7", T0, "c2", "broken"))
