@@ -47,7 +47,7 @@ from patchd.config.settings import Group
 from patchd.engine.controls import Quarantine
 from patchd.engine.packages import StoreFirstSeen, assess, held_summary
 from patchd.guest.assessment import AssessesPackages
-from patchd.state.base import Keep, Store, StoreError
+from patchd.state.base import Keep, Store, StoreError, Then
 from patchd.states import FAILED_RESULTS, PROVEN, TargetResult, TargetState
 
 T = TypeVar("T")
@@ -157,11 +157,21 @@ class _Journal:
         self.recorded = TargetState.PENDING  # the last state the store took
         self.failed = False  # a write to the store failed
 
-    def move(self, state: TargetState, step: str, phase: str, **fields: Any) -> None:
-        if self.state not in TRANSITIONS[state]:
-            raise IllegalTransition(f"{self.target.name}: {self.state} -> {state}")
+    def move(
+        self, state: TargetState, step: str, phase: str, then: Then | None = None, **fields: Any
+    ) -> None:
+        """Journal a step (and `then`, the next step's intent, in the same write)."""
+        steps = [(state, step, phase)] + (
+            [] if then is None else [(then.state, then.step, then.phase)]
+        )
+        before = self.state
+        for moved, _, _ in steps:
+            if before not in TRANSITIONS[moved]:
+                raise IllegalTransition(f"{self.target.name}: {before} -> {moved}")
+            before = moved
         ctx = self.ctx
-        faults.hit(f"journal.before.{state}")
+        for moved, _, _ in steps:
+            faults.hit(f"journal.before.{moved}")
         try:
             ctx.store.record(
                 ctx.run_id,
@@ -171,14 +181,16 @@ class _Journal:
                 ctx.clock(),
                 step=step,
                 phase=phase,
+                then=then,
                 **fields,
             )
         except StoreError:
             self.failed = True
             raise
-        self.state = self.recorded = state
-        faults.hit(f"journal.after.{state}")
-        ctx.observer.step(ctx.run_id, ctx.group, self.target, state, step=step, phase=phase)
+        self.state = self.recorded = before
+        for moved, step_, phase_ in steps:
+            faults.hit(f"journal.after.{moved}")
+            ctx.observer.step(ctx.run_id, ctx.group, self.target, moved, step=step_, phase=phase_)
 
     def move_anyway(self, state: TargetState, step: str, phase: str, **fields: Any) -> None:
         """Journal a step whose side effect must happen even if the write fails.
@@ -321,13 +333,13 @@ def _patch_target(ctx: TargetContext, target: Target) -> TargetOutcome:
         _act(ctx, "snapshot")
         snapshot = _retrying(ctx, lambda: backend.snapshot(target, snapshot, ctx.group.snapshot))
         faults.hit("engine.after_snapshot")
-        journal.move(S.SNAPSHOTTED, "snapshot", "done", snapshot=snapshot.data)
-        journal.move(S.APPLYING, "apply", "intent")
+        # Each step's end goes with the next step's intent: nothing is done between them.
+        applying = Then(S.APPLYING, "apply")
+        journal.move(S.SNAPSHOTTED, "snapshot", "done", applying, snapshot=snapshot.data)
         _act(ctx, "apply")
         _retrying(ctx, lambda: backend.apply(target, update, snapshot, ctx.group.patch))
         faults.hit("engine.after_apply")
-        journal.move(S.APPLIED, "apply", "done")
-        journal.move(S.VERIFYING, "verify", "intent")
+        journal.move(S.APPLIED, "apply", "done", Then(S.VERIFYING, "verify"))
         _act(ctx, "verify")
         _retrying(ctx, lambda: backend.verify(target, update, ctx.group.health))
         faults.hit("engine.during_verify")

@@ -20,6 +20,7 @@ from patchd.state.base import (
     RunRow,
     StoreError,
     TargetRow,
+    Then,
 )
 from patchd.state.sqlite import SCHEMA_VERSION, SqliteStore
 
@@ -50,5 +51,6 @@ __all__ = [
     "StoreError",
     "StoreProtocol",
     "TargetRow",
+    "Then",
     "open_store",
 ]

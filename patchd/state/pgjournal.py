@@ -1,8 +1,9 @@
 """The PostgreSQL store's hot write: the journal rows and target states of `record`
 (PostgresStore.record), a whole group-commit batch of them in ONE statement.
 
-Why: a rollout writes 8 journal rows per target, and with psycopg each statement costs
-the client tens of microseconds of CPU whether or not it waits for the answer. A batch as
+Why: a rollout writes 8 journal rows (in 6 writes) per target, and with psycopg each
+statement costs the client tens of microseconds of CPU whether or not it waits for the
+answer. A batch as
 its own transaction (BEGIN, the fence check, a journal insert and a targets upsert per
 row, the write mark, COMMIT) is 4 + 2N statements; here it is one: the rows go as arrays,
 unnested once, inserted into the journal and upserted into targets by data-modifying
@@ -42,7 +43,7 @@ from patchd.state.leader import Fence
 class Row:
     """One `record` call: a journal row and the target's new state, as the JSON object
     the statement reads (made in the caller's thread: a detail that is not JSON fails
-    that caller, not its batch)."""
+    that caller, not its batch); with `then`, two objects, the second the next step's."""
 
     run_id: str
     target: str
@@ -62,12 +63,20 @@ def row(
     version_to: str | None,
     snapshot: Mapping[str, Any] | None,
     error: str | None,
+    then: tuple[str, str, str] | None = None,
 ) -> Row:
+    """`then`: the (state, step, phase) of a second journal row after this one."""
     doc = {"run_id": run_id, "target": target, "name": name, "state": state,
            "at": at.isoformat(), "step": step, "phase": phase, "detail": dict(detail),
            "version_from": version_from, "version_to": version_to,
            "snapshot": None if snapshot is None else dict(snapshot), "error": error}  # fmt: skip
-    return Row(run_id, target, json.dumps(doc))
+    text = json.dumps(doc)
+    if then is not None:
+        # The targets row is upserted once per target, from its last object: that one
+        # carries the first one's fields too, so it leaves what the two would in turn.
+        doc.update(state=then[0], step=then[1], phase=then[2], detail={})
+        text += "," + json.dumps(doc)
+    return Row(run_id, target, text)
 
 
 # One parameter for the whole batch: a JSON array of Row.doc (json.dumps is one C call; an
@@ -85,11 +94,14 @@ _JOURNAL = (
     " SELECT run_id, target, step, phase, at, detail, %(epoch)s::bigint FROM rows ORDER BY ord)"
 )
 # As SqliteStore.record: a version, snapshot or error given once stays unless replaced.
+# A target's last row only (a record with `then` has two): an upsert may not touch a row
+# twice in one statement.
 _TARGETS = (
     "t AS (INSERT INTO targets AS t (run_id, target, name, state, version_from, version_to,"
     " snapshot, error, updated)"
     " SELECT run_id, target, name, state, version_from, version_to, snapshot, error, at"
-    " FROM rows ORDER BY ord"
+    " FROM (SELECT DISTINCT ON (run_id, target) * FROM rows ORDER BY run_id, target, ord DESC)"
+    " AS last ORDER BY ord"
     " ON CONFLICT (run_id, target) DO UPDATE SET"
     " name = excluded.name, state = excluded.state,"
     " version_from = COALESCE(excluded.version_from, t.version_from),"

@@ -40,7 +40,7 @@ import psycopg
 from psycopg.types.json import Json
 
 from patchd.state import pgjournal, pglease, pgschema, pgsession
-from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow
+from patchd.state.base import Keep, RetainedRow, RunRow, StoreError, TargetRow, Then
 from patchd.state.groupcommit import GroupCommit, Pending
 from patchd.state.leader import Fence, NotLeader
 from patchd.state.pgcontrols import PostgresControls
@@ -414,12 +414,14 @@ class PostgresStore(PostgresOutbox, PostgresControls, GroupCommit[_Write]):
         error: str | None = None,
         detail: Mapping[str, Any] | None = None,
         keep: Keep | None = None,
+        then: Then | None = None,
     ) -> None:
         """Append a journal row (with the writer's epoch) and set the target's state, in
-        one transaction; `keep` in the same one."""
+        one transaction; `keep` and `then` in the same one."""
         state = TargetState(state)  # ValueError for a state the code does not know
+        after = None if then is None else (TargetState(then.state).value, then.step, then.phase)
         row = pgjournal.row(run_id, target, name, state.value, at, step, phase, detail or {},
-                            version_from, version_to, snapshot, error)  # fmt: skip
+                            version_from, version_to, snapshot, error, after)  # fmt: skip
 
         def work(conn: Conn, epoch: int | None) -> None:
             pgjournal.write(conn, [row], epoch)

@@ -30,6 +30,7 @@ from patchd.state.base import (
     RunRow,
     StoreError,
     TargetRow,
+    Then,
 )
 from patchd.state.groupcommit import GroupCommit, Pending
 from patchd.states import RESTING, RunStatus, TargetState
@@ -284,33 +285,40 @@ class SqliteStore(GroupCommit[_Write]):
         error: str | None = None,
         detail: Mapping[str, Any] | None = None,
         keep: Keep | None = None,
+        then: Then | None = None,
     ) -> None:
         """Append a journal row and set the target's state, in one transaction.
 
         Fields given as None keep their previous value. `keep` is recorded in the same
-        transaction, so a commit and what it kept are never journaled apart.
+        transaction, so a commit and what it kept are never journaled apart; so is
+        `then`, the next step's row.
         """
         state = TargetState(state)  # ValueError for a state the code does not know
         snap = None if snapshot is None else json.dumps(dict(snapshot))
         info = json.dumps(dict(detail or {}))
+        rows = [(state.value, step, phase, info, version_from, version_to, snap, error)]
+        if then is not None:
+            rows.append((TargetState(then.state).value, then.step, then.phase, "{}", None,
+                         None, None, None))  # fmt: skip
 
         def work(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO journal (run_id, target, step, phase, at, detail)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, target, step, phase, _ts(at), info),
-            )
-            db.execute(
-                "INSERT INTO targets (run_id, target, name, state, version_from, version_to,"
-                " snapshot, error, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (run_id, target) DO UPDATE SET"
-                " name = excluded.name, state = excluded.state,"
-                " version_from = COALESCE(excluded.version_from, version_from),"
-                " version_to = COALESCE(excluded.version_to, version_to),"
-                " snapshot = COALESCE(excluded.snapshot, snapshot),"
-                " error = COALESCE(excluded.error, error), updated = excluded.updated",
-                (run_id, target, name, state.value, version_from, version_to, snap, error, _ts(at)),
-            )
+            for now, step_, phase_, info_, v_from, v_to, snap_, error_ in rows:
+                db.execute(
+                    "INSERT INTO journal (run_id, target, step, phase, at, detail)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, target, step_, phase_, _ts(at), info_),
+                )
+                db.execute(
+                    "INSERT INTO targets (run_id, target, name, state, version_from,"
+                    " version_to, snapshot, error, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (run_id, target) DO UPDATE SET"
+                    " name = excluded.name, state = excluded.state,"
+                    " version_from = COALESCE(excluded.version_from, version_from),"
+                    " version_to = COALESCE(excluded.version_to, version_to),"
+                    " snapshot = COALESCE(excluded.snapshot, snapshot),"
+                    " error = COALESCE(excluded.error, error), updated = excluded.updated",
+                    (run_id, target, name, now, v_from, v_to, snap_, error_, _ts(at)),
+                )
             if keep is not None:
                 db.execute(
                     "INSERT INTO retained (backend, target, run_id, description, data, expires)"

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from patchd.state import Keep, StoreError, StoreProtocol
+from patchd.state import Keep, StoreError, StoreProtocol, Then
 from patchd.states import RESTING, RunStatus, TargetState
 from tests.store.conftest import Harness
 
@@ -347,6 +347,38 @@ def test_targets_and_journal_keep_the_order_written(store: StoreProtocol) -> Non
     ]  # fmt: skip
     assert store.targets("other") == []
     assert store.journal("r1", "nobody") == []
+
+
+def test_a_step_and_the_next_steps_intent_are_one_write(store: StoreProtocol) -> None:
+    # As the engine writes them: the snapshot's end with the apply's intent, from many
+    # threads at once (so that the group commit carries several such pairs in a batch).
+    store.start_run("r1", "web", None, T0)
+    names = [f"t{i:02d}" for i in range(16)]
+    for name in names:
+        store.record("r1", name, name, S.SNAPSHOTTING, at(1), step="snapshot",
+                     phase="intent", version_from="1", version_to="2")  # fmt: skip
+
+    def pair(name: str) -> None:
+        store.record("r1", name, name, S.SNAPSHOTTED, at(2), step="snapshot", phase="done",
+                     snapshot={"id": name}, then=Then(S.APPLYING, "apply"))  # fmt: skip
+
+    threads = [threading.Thread(target=pair, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rows = {r.target: r for r in store.targets("r1")}
+    assert [r.target for r in store.targets("r1")] == names  # first recorded first
+    for name in names:
+        row = rows[name]
+        assert row.state == S.APPLYING
+        assert (row.snapshot, row.version_from, row.version_to) == ({"id": name}, "1", "2")
+        assert row.updated == at(2)
+        assert store.journal("r1", name) == [
+            ("snapshot", "intent", at(1)), ("snapshot", "done", at(2)),
+            ("apply", "intent", at(2)),
+        ]  # fmt: skip
+    assert store.unfinished_targets()[0].state == S.APPLYING
 
 
 def test_times_come_back_in_utc(store: StoreProtocol) -> None:

@@ -82,8 +82,8 @@ def test_every_point_is_reached_somewhere_in_the_code() -> None:
     source = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     named = set(re.findall(r'faults\.hit\("([a-z_.]+)"\)', source))
     journal = {p for p in faults.POINTS if p.startswith("journal.")}
-    assert 'faults.hit(f"journal.before.{state}")' in source
-    assert 'faults.hit(f"journal.after.{state}")' in source
+    assert 'faults.hit(f"journal.before.{moved}")' in source
+    assert 'faults.hit(f"journal.after.{moved}")' in source
     assert named | journal == faults.POINTS
 
 

@@ -45,7 +45,8 @@ class BrokenStore(SqliteStore):
             self._db.execute(f"PRAGMA query_only = {int(refuse)}")
 
     def record(self, run_id: str, target: str, name: str, state: str, *a: Any, **kw: Any) -> None:
-        if self.breaks(name, state):
+        then = kw.get("then")  # the next step's row goes in the same write
+        if self.breaks(name, state) or (then is not None and self.breaks(name, then.state)):
             self.breaks = lambda n, s: False  # once: a later write after repair succeeds
             self.refuse_writes()
         super().record(run_id, target, name, state, *a, **kw)
