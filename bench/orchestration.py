@@ -31,16 +31,17 @@ are printed side by side (target on PostgreSQL: wall <= 1.05x, engine CPU <= 3 m
 target). The CPU figure is this process's only: the PostgreSQL server's own CPU is not in
 it (the server is another process, as it would be for patchd). `--fenced` also takes the
 leader lease and fences every write by its epoch, as a daemon with [ha] does. Each group
-commit on PostgreSQL is one statement (state/pgjournal.py); on this shared 2-CPU machine
-(2026-12-02, load average 0.5-0.8, the bed's PostgreSQL on the same machine),
-`--store postgres --repeat 3` measured 1.043x and 2.05 ms per target (the SQLite file in
-the same run 1.033x, 1.77 ms), and with `--fenced` 1.040x and 2.22 ms (SQLite 1.031x,
-1.81 ms); the code before (a round trip per statement: BEGIN, the fence, two per record,
-the write mark, COMMIT) measured 1.057x and 3.04 ms just before. The wall figure moves
-by about 0.01x from run to run with the machine's load, and more between hours on this
-VM: an hour later, same code, load 0.1-0.7, `--repeat 5` measured 1.073x (runs
-1.063-1.097x) and 2.60 ms (the SQLite file 1.045x, 2.29 ms), so the 1.05x target is met
-only on some runs; the CPU target is met on all.
+commit on PostgreSQL is one statement (state/pgjournal.py). Measured on this shared 2-CPU
+VM (2026-12-02, the bed's PostgreSQL on the same machine), `--store postgres --repeat 5
+--fenced`: 1.038x (runs 1.037-1.041x) and 2.65 ms per target, the SQLite file in the
+same run 1.033x and 2.59 ms. The same command an hour before, on the code before three
+changes, measured 1.072x and 4.34 ms (SQLite 3.35 ms): the run loop read the group's
+quarantines from the store after every successful target (now once per version that
+passes), waited with concurrent.futures.wait (which locks every running future at each
+completion; now a queue fed by done callbacks), and the journal took 8 writes per target
+(now 6: a step's end and the next step's intent are one transaction). The wall figure
+moves by about 0.01x with the machine's load, and more between VMs: the CPU figure on
+this VM was about twice that of an earlier session's VM for the same code.
 
 `--breakdown` runs once more with the journal in memory and once with no journal at all
 (`--store memory|null` by hand), and prints what each layer costs per target.
