@@ -38,7 +38,7 @@ test: venv
 	PATCHD_LAB_PYTHON=$(PY) tests/lab/lab.sh up || status=$$?; \
 	if [ $$status -eq 0 ]; then \
 		$(MAKE) --no-print-directory lint || status=$$?; \
-		$(PY) -m pytest $(PYTEST_ARGS) || status=$$?; \
+		$(PY) -m pytest --durations=30 $(PYTEST_ARGS) || status=$$?; \
 	fi; \
 	if [ -z "$$PATCHD_LAB_KEEP" ]; then tests/lab/lab.sh down || true; fi; \
 	exit $$status
