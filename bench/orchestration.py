@@ -33,8 +33,8 @@ it (the server is another process, as it would be for patchd). `--fenced` also t
 leader lease and fences every write by its epoch, as a daemon with [ha] does. Each group
 commit on PostgreSQL is one statement (state/pgjournal.py). Measured on this shared 2-CPU
 VM (2026-12-02, the bed's PostgreSQL on the same machine), `--store postgres --repeat 5
---fenced`: 1.038x (runs 1.037-1.041x) and 2.65 ms per target, the SQLite file in the
-same run 1.033x and 2.59 ms. The same command an hour before, on the code before three
+--fenced`: 1.043x (runs 1.035-1.046x) and 2.61 ms per target, the SQLite file in the
+same run 1.031x and 2.47 ms. The same command an hour before, on the code before three
 changes, measured 1.072x and 4.34 ms (SQLite 3.35 ms): the run loop read the group's
 quarantines from the store after every successful target (now once per version that
 passes), waited with concurrent.futures.wait (which locks every running future at each

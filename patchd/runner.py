@@ -64,8 +64,9 @@ def new_run_id(now: datetime) -> str:
 
 
 def hand_over(*paths: Path) -> None:
-    """Give files root has just created in the state directory to the directory's owner
-    (the service user): else the service can no longer open its journal or locks."""
+    """Give files root has just created in a directory of patchd's (the state directory,
+    the control socket's) to the directory's owner (the service user): else the service
+    can no longer open its journal or locks."""
     if os.geteuid() != 0:
         return
     for path in paths:

@@ -34,6 +34,7 @@ from typing import Any
 
 from patchd import log
 from patchd.control.protocol import ProtocolError, Verb, encode, parse_body, route
+from patchd.runner import hand_over
 from patchd.serving import SelectServing
 
 MAX_BODY = 64 * 1024
@@ -196,9 +197,14 @@ class ControlServer(SelectServing, ThreadingMixIn, UnixStreamServer):
 
 
 def _lock(path: Path) -> int:
-    """Hold `PATH.lock` exclusively (SocketBusy if another process does)."""
+    """Hold `PATH.lock` exclusively (SocketBusy if another process does). The file stays;
+    one root creates is given to the directory's owner, as the journal's are (a daemon
+    run as root once must not leave a lock the service user cannot open)."""
     lock_path = path.with_name(path.name + ".lock")
+    new = not lock_path.exists()
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if new:
+        hand_over(lock_path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

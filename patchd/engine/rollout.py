@@ -238,8 +238,7 @@ def run_group(request: RunRequest) -> RunResult:
             if status == RunStatus.COMPLETED:
                 ready: list[Target] = []
                 slots = dict(busy)
-                full = all(slots[part] >= limits[part] for part in limits)
-                for target in [] if full else list(pending):
+                for target in list(pending):
                     if slots[target.partition] >= limits[target.partition]:
                         continue
                     deps = [d for d in target.depends_on if d in names_in_run]

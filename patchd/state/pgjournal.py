@@ -36,7 +36,9 @@ from typing import Any
 import psycopg
 
 from patchd.state import pglease
+from patchd.state.base import Then
 from patchd.state.leader import Fence
+from patchd.states import TargetState
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +65,9 @@ def row(
     version_to: str | None,
     snapshot: Mapping[str, Any] | None,
     error: str | None,
-    then: tuple[str, str, str] | None = None,
+    then: Then | None = None,
 ) -> Row:
-    """`then`: the (state, step, phase) of a second journal row after this one."""
+    """`then`: a second journal row after this one (Store.record's)."""
     doc = {"run_id": run_id, "target": target, "name": name, "state": state,
            "at": at.isoformat(), "step": step, "phase": phase, "detail": dict(detail),
            "version_from": version_from, "version_to": version_to,
@@ -74,7 +76,8 @@ def row(
     if then is not None:
         # The targets row is upserted once per target, from its last object: that one
         # carries the first one's fields too, so it leaves what the two would in turn.
-        doc.update(state=then[0], step=then[1], phase=then[2], detail={})
+        doc.update(state=TargetState(then.state).value, step=then.step, phase=then.phase,
+                   detail={})  # fmt: skip
         text += "," + json.dumps(doc)
     return Row(run_id, target, text)
 

@@ -419,9 +419,8 @@ class PostgresStore(PostgresOutbox, PostgresControls, GroupCommit[_Write]):
         """Append a journal row (with the writer's epoch) and set the target's state, in
         one transaction; `keep` and `then` in the same one."""
         state = TargetState(state)  # ValueError for a state the code does not know
-        after = None if then is None else (TargetState(then.state).value, then.step, then.phase)
         row = pgjournal.row(run_id, target, name, state.value, at, step, phase, detail or {},
-                            version_from, version_to, snapshot, error, after)  # fmt: skip
+                            version_from, version_to, snapshot, error, then)  # fmt: skip
 
         def work(conn: Conn, epoch: int | None) -> None:
             pgjournal.write(conn, [row], epoch)

@@ -11,7 +11,10 @@ import grp
 import io
 import os
 import pwd
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -157,6 +160,34 @@ def test_one_socket_path_serves_one_daemon_even_when_both_start_at_once(
         assert request(path, "status")["server"] == "again"
     finally:
         again.shutdown()
+
+
+def test_a_lock_root_leaves_is_the_service_users_to_take() -> None:
+    # A daemon run as root once (by hand, to try it) leaves the socket's lock file behind:
+    # the service user must still be able to take it.
+    if os.geteuid() != 0:
+        pytest.skip("needs root, as the suite runs on the test bed")
+    service = 65534  # nobody
+    top = Path(tempfile.mkdtemp(prefix="patchd-lock-", dir="/tmp"))  # tmp_path: root's 0700
+    top.chmod(0o755)
+    run = top / "run"
+    run.mkdir()
+    os.chown(run, service, service)
+    path = run / "c.sock"
+    server = serve_control(path, "root", lambda *a: (200, {}), lambda *a: None)
+    server.shutdown()
+    lock = run / "c.sock.lock"
+    assert (lock.stat().st_uid, lock.stat().st_gid) == (service, service)
+    take = (
+        "import fcntl, os, sys; os.setgid(65534); os.setuid(65534);"
+        f" fd = os.open({str(lock)!r}, os.O_RDWR);"
+        " fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('taken')"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", take], capture_output=True, text=True)
+    finally:
+        shutil.rmtree(top)
+    assert done.stdout.strip() == "taken", done.stderr
 
 
 # --- the verbs, against a daemon ------------------------------------------------------------
